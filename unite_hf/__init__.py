@@ -1,3 +1,24 @@
-"""unite_hf: universal knowledge (genes) from Mixture-of-Experts LLMs, grown into small dense models."""
+"""unite_hf: universal knowledge (genes) from Mixture-of-Experts LLMs, grown into small dense models.
+
+>>> from unite_hf import extract_universal_knowledge, UniteGene
+>>> gene = extract_universal_knowledge(moe, tokenizer=tok, calibration="wikitext2", rank=512)
+>>> gene.save_pretrained("mixtral-gene")
+"""
 
 __version__ = "0.1.0"
+
+from .calibration import CalibrationSet, load_calibration  # noqa: E402
+from .decomposition import DECOMPOSITIONS, Decomposition, decompose, register_decomposition  # noqa: E402
+from .fusion import FUSIONS, fuse_block, register_fusion  # noqa: E402
+from .gene import GeneConfig, GeneFormatError, UniteGene  # noqa: E402
+from .importance import ExpertImportance, compute_expert_importance, compute_routing_frequency  # noqa: E402
+from .io import CorruptedFileError  # noqa: E402
+from .methods.unite import extract_universal_knowledge  # noqa: E402
+from .sources import MoESource, UnsupportedSourceError, get_source, register_layout  # noqa: E402
+
+__all__ = [
+    "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
+    "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "UnsupportedSourceError", "__version__",
+    "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
+    "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",
+]

@@ -1,0 +1,310 @@
+"""The gene: the reusable knowledge extracted from a MoE source, as a Hub-shareable checkpoint.
+
+On disk (a folder, or a Hub model repo)::
+
+    gene_config.json           GeneConfig: provenance, shapes, ranks, file checksums (written last)
+    gene.safetensors           per projection: core, U_L, U_out, U_in, spectral energy, fused biases;
+                               expert importance (Fisher) and routing frequency
+    source_weights.safetensors non-FFN weights copied from the source (embeddings, attention, norms,
+                               shared experts, dense layers, untied lm_head), under their source names
+    README.md                  model card
+
+Tensor keys in ``gene.safetensors``: ``ffn.{proj}.core|layer_factor|out_factor|in_factor``,
+``ffn.{proj}.spectral_energy.{layer,out,in}``, ``ffn.{proj}.fused_bias``, ``importance.fisher``,
+``importance.frequency``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .decomposition import Decomposition
+from .io import (
+    CorruptedFileError, atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors_checked,
+)
+from .sources import PROJECTIONS
+
+GENE_FORMAT_VERSION = 1
+CONFIG_NAME = "gene_config.json"
+GENE_WEIGHTS_NAME = "gene.safetensors"
+SOURCE_WEIGHTS_NAME = "source_weights.safetensors"
+CARD_NAME = "README.md"
+GENE_FILES = (CONFIG_NAME, GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME)
+
+
+class GeneFormatError(ValueError):
+    """The folder or repo is not a gene this version of unite_hf can read."""
+
+
+@dataclass
+class GeneConfig:
+    """Provenance and shape of a gene. Everything a target builder or a reader of the card needs."""
+
+    method: str = "unite"
+    format_version: int = GENE_FORMAT_VERSION
+    library_version: str = __version__
+    # source
+    source_id: str | None = None
+    source_revision: str | None = None
+    source_model_type: str | None = None
+    source_config: dict[str, Any] = field(default_factory=dict)
+    source_layout: str = ""
+    num_layers: int = 0
+    moe_layers: list[int] = field(default_factory=list)
+    dense_layers: list[int] = field(default_factory=list)
+    num_experts: int = 0
+    hidden_size: int = 0
+    expert_intermediate_size: int = 0
+    projections: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    has_bias: bool = False
+    custom_gating: bool = False
+    shared_experts: list[str] = field(default_factory=list)
+    # calibration and method
+    calibration: str = ""
+    num_sequences: int = 0
+    seq_len: int = 0
+    seed: int = 0
+    fisher_labels: str = "empirical"
+    fusion: str = "fisher"
+    decomposition: str = "tucker"
+    ranks: dict[str, list[int]] = field(default_factory=dict)
+    relative_error: dict[str, float] = field(default_factory=dict)
+    retained_energy: dict[str, dict[str, float]] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GeneConfig":
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > GENE_FORMAT_VERSION or version < 1:
+            raise GeneFormatError(
+                f"gene format version {version!r} is not supported by unite_hf {__version__} "
+                f"(reads versions 1..{GENE_FORMAT_VERSION}); upgrade unite_hf."
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in data.items() if key in known})
+
+
+class UniteGene:
+    """Shared FFN bases and cores of a MoE source, with the non-FFN weights and provenance.
+
+    Build one with :func:`unite_hf.extract_universal_knowledge`; load one with
+    :meth:`from_pretrained`. Inspection API:
+
+    - :attr:`moe_layers`: source layer indices that hold experts, in order;
+    - :attr:`importance`: float tensor ``[len(moe_layers), num_experts]`` (Fisher scores);
+    - :meth:`fused_weight`: a layer's fused projection rebuilt from the decomposition, ``(out, in)``.
+    """
+
+    def __init__(
+        self,
+        config: GeneConfig,
+        decompositions: dict[str, Decomposition],
+        importance: torch.Tensor,
+        frequency: torch.Tensor,
+        source_state_dict: dict[str, torch.Tensor],
+        fused_biases: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        self.config = config
+        self.decompositions = decompositions
+        self._importance = importance
+        self._frequency = frequency
+        self.source_state_dict = source_state_dict
+        self.fused_biases = fused_biases or {}
+
+    # -- inspection ------------------------------------------------------------------------------
+    @property
+    def moe_layers(self) -> list[int]:
+        return list(self.config.moe_layers)
+
+    @property
+    def importance(self) -> torch.Tensor:
+        """Fisher score per expert, ``[len(moe_layers), num_experts]``."""
+        return self._importance.float()
+
+    @property
+    def frequency(self) -> torch.Tensor:
+        """Routing frequency per expert, ``[len(moe_layers), num_experts]``, rows summing to 1."""
+        return self._frequency.float()
+
+    @property
+    def spectral_energy(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``proj -> mode -> cumulative energy`` per rank (paper A.5 rank heuristic)."""
+        return {proj: dict(dec.spectral_energy) for proj, dec in self.decompositions.items()}
+
+    @property
+    def ranks(self) -> dict[str, tuple[int, int, int]]:
+        return {proj: dec.ranks for proj, dec in self.decompositions.items()}
+
+    def _row(self, layer: int) -> int:
+        if layer not in self.config.moe_layers:
+            raise KeyError(f"layer {layer} holds no experts; the gene's MoE layers are {self.config.moe_layers}")
+        return self.config.moe_layers.index(layer)
+
+    def _decomposition(self, proj: str) -> Decomposition:
+        if proj not in self.decompositions:
+            raise KeyError(f"unknown projection {proj!r}; this gene has {sorted(self.decompositions)}")
+        return self.decompositions[proj]
+
+    def fused_weight(self, layer: int, proj: str) -> torch.Tensor:
+        """The fused ``proj`` matrix of source ``layer``, rebuilt from the decomposition, ``(out, in)``."""
+        return self._decomposition(proj).reconstruct_layer(self._row(layer))
+
+    def fused_bias(self, layer: int, proj: str) -> torch.Tensor | None:
+        self._decomposition(proj)
+        bias = self.fused_biases.get(proj)
+        return None if bias is None else bias[self._row(layer)]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (
+            f"UniteGene(source={c.source_id!r}, moe_layers={c.moe_layers}, experts={c.num_experts}, "
+            f"fusion={c.fusion!r}, decomposition={c.decomposition!r}, ranks={c.ranks})"
+        )
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def gene_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors: dict[str, torch.Tensor] = {}
+        for proj, dec in self.decompositions.items():
+            tensors.update(dec.state_dict(f"ffn.{proj}"))
+        for proj, bias in self.fused_biases.items():
+            tensors[f"ffn.{proj}.fused_bias"] = bias
+        tensors["importance.fisher"] = self._importance
+        tensors["importance.frequency"] = self._frequency
+        return tensors
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the gene to a folder. Each file is written atomically and the config, which holds
+        the other files' checksums, goes last: an interrupted save never leaves a gene that loads."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a folder")
+        metadata = {"format": "pt", "unite_gene_format": str(GENE_FORMAT_VERSION)}
+        config = dataclasses.replace(self.config, library_version=__version__, files={})
+        # tensors are validated (finite) before the first byte is written
+        for name, tensors in ((GENE_WEIGHTS_NAME, self.gene_state_dict()), (SOURCE_WEIGHTS_NAME, self.source_state_dict)):
+            for key, tensor in tensors.items():
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise ValueError(f"refusing to save the gene: {name} tensor {key!r} contains NaN or Inf")
+        config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(self.gene_state_dict(), directory / GENE_WEIGHTS_NAME, metadata)
+        config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
+            dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
+        )
+        atomic_write_text(render_gene_card(config), directory / CARD_NAME)
+        atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
+        self.config = config
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        verify_checksums: bool = True,
+    ) -> "UniteGene":
+        """Load a gene from a local folder or a Hub repo id (safetensors only, checksums verified)."""
+        directory = Path(path_or_repo_id)
+        if not directory.is_dir():
+            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
+        import json
+
+        try:
+            config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as err:
+            raise CorruptedFileError(f"{config_path} is not valid JSON: {err}") from err
+        for name in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME):
+            if name not in config.files:
+                raise GeneFormatError(f"{config_path} records no checksum for {name}; the save did not complete.")
+        gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
+        source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
+        try:
+            decompositions = {
+                proj: Decomposition.from_state_dict(gene_tensors, f"ffn.{proj}", config.decomposition,
+                                                    config.relative_error.get(proj, float("nan")))
+                for proj in config.projections
+            }
+            fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
+                            if f"ffn.{proj}.fused_bias" in gene_tensors}
+            return cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
+                       source_tensors, fused_biases)
+        except (KeyError, ValueError) as err:
+            raise GeneFormatError(f"{directory / GENE_WEIGHTS_NAME} does not hold a complete gene: {err}") from err
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload UNITE gene",
+        create_pr: bool = False,
+    ):
+        """Save to a temporary folder and upload it as one commit; returns the commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message, create_pr=create_pr)
+
+
+def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, allow_patterns=list(GENE_FILES)))
+    except HFValidationError as err:
+        raise GeneFormatError(f"{repo_id!r} is neither a local gene folder nor a valid Hub repo id") from err
+
+
+def render_gene_card(config: GeneConfig) -> str:
+    """The gene's model card, from the template in ``model_cards/gene.md``."""
+    from .cards import render_card
+
+    energy_rows = "\n".join(
+        f"| {proj} | {tuple(config.ranks.get(proj, []))} | {config.relative_error.get(proj, float('nan')):.4f} | "
+        + " | ".join(f"{config.retained_energy.get(proj, {}).get(mode, float('nan')):.4f}" for mode in ("layer", "out", "in"))
+        + " |"
+        for proj in config.projections
+    )
+    return render_card(
+        "gene.md",
+        card_data={"library_name": "unite_hf", "tags": ["unite", "learngene", "gene", "moe"],
+                   "base_model": config.source_id or None},
+        source_id=config.source_id or "unknown",
+        source_revision=config.source_revision or "unknown",
+        source_model_type=config.source_model_type or "unknown",
+        moe_layers=config.moe_layers,
+        num_experts=config.num_experts,
+        calibration=config.calibration,
+        num_sequences=config.num_sequences,
+        seq_len=config.seq_len,
+        seed=config.seed,
+        fisher_labels=config.fisher_labels,
+        fusion=config.fusion,
+        decomposition=config.decomposition,
+        energy_rows=energy_rows,
+        library_version=config.library_version,
+    )

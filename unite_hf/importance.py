@@ -1,0 +1,410 @@
+"""Expert importance: the exact per-sequence Fisher of UNITE (paper Eq. 2) and routing frequency.
+
+For expert i of MoE layer l the Fisher is
+
+    F[l, i] = 1/N * sum_n || d/d theta_{l,i}  log p(y_n | x_n) ||^2
+
+where the sample unit is one calibration sequence: ``log p(y_n|x_n)`` is the sum of its next-token
+log-likelihoods, and ``theta_{l,i}`` are all of the expert's parameters (gate, up, down and biases).
+``y_n`` is the observed next tokens ("empirical" labels) or tokens sampled from the model's own
+predictive distribution ("sampled" labels, the true Fisher).
+
+How it is computed without a backward pass per sequence: every expert projection is a linear map,
+``out = x @ W.T``, so sequence n's weight gradient is ``G_n.T @ X_n`` (output gradients times
+inputs, over the tokens of n routed to the expert). A custom autograd function sees ``X`` in the
+forward and ``G`` in the backward of one ordinary batched pass, and reduces them to per-sequence
+squared norms on the spot; the expert weights never receive a ``.grad``. Sequences in a batch do not
+interact (attention is causal within a sequence, routing is per token), so summing the per-sequence
+losses and back-propagating once gives every sequence's gradient separately.
+
+Hook points, one per expert layout (:data:`PROBES`):
+
+- fused 3D experts: a registered ``ExpertsInterface`` implementation (``"unite_probe"``) runs the
+  experts through the probe;
+- ``nn.ModuleList`` experts: each expert's ``nn.Linear`` forward is routed through the probe. These
+  experts only see gathered token rows, which cannot be traced back to their sequence, so this
+  layout runs one sequence per pass (exact, slower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+from .calibration import CalibrationSet
+from .sources import FusedExpertsBlock, MoEBlock, MoESource, ModuleListExpertsBlock, get_source
+
+LABEL_MODES: tuple[str, ...] = ("empirical", "sampled")
+PROBE_IMPLEMENTATION = "unite_probe"
+
+
+@dataclass
+class ExpertImportance:
+    """Per-expert statistics of one calibration pass; rows follow ``moe_layers``."""
+
+    moe_layers: list[int]
+    fisher: torch.Tensor  # (len(moe_layers), E) float64, mean over sequences of squared grad norms
+    frequency: torch.Tensor  # (len(moe_layers), E) float64, share of routed (token, slot) pairs
+    num_sequences: int
+    labels: str = "empirical"
+    # (layer, proj) -> (E, out, in) elementwise mean squared gradient; only when asked for
+    fisher_diag: dict[tuple[int, str], torch.Tensor] | None = None
+    fisher_diag_bias: dict[tuple[int, str], torch.Tensor] | None = None
+
+    def row(self, layer: int) -> int:
+        return self.moe_layers.index(layer)
+
+
+# -- per-sequence gradient statistics of one linear map -------------------------------------------------
+
+class _GradientSink:
+    """Accumulates what one expert's linear maps contribute to the Fisher statistics."""
+
+    def __init__(self, fisher: torch.Tensor, diag: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None):
+        self.fisher = fisher  # (E,) float64 running sum over sequences
+        self.diag = diag  # expert -> (weight accumulator view (out, in), bias accumulator view or None)
+
+    def __call__(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
+        x, grad = x.float(), grad.float()
+        if self.diag is None:
+            sq_norm = _per_sequence_sq_norm(x, grad, seq_ids)
+            if has_bias:
+                sq_norm = sq_norm + _per_sequence_bias_sq_norm(grad, seq_ids)
+            self.fisher[expert] += sq_norm.sum().double()
+            return
+        weight_acc, bias_acc = self.diag(expert)
+        for seq in torch.unique(seq_ids):
+            rows = seq_ids == seq
+            weight_grad = grad[rows].T @ x[rows]  # (out, in): this sequence's weight gradient
+            weight_acc += weight_grad.square()
+            total = weight_grad.square().sum()
+            if has_bias:
+                bias_grad = grad[rows].sum(0)
+                if bias_acc is not None:
+                    bias_acc += bias_grad.square()
+                total = total + bias_grad.square().sum()
+            self.fisher[expert] += total.double()
+
+
+_GRAM_LIMIT = 4096  # tokens per call up to which the pairwise-Gram form is used
+
+
+def _per_sequence_sq_norm(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """Squared Frobenius norms of ``G_n.T @ X_n`` for every token group n, without forming them.
+
+    ``||G_n.T X_n||^2 = sum_{t,s in n} (g_t . g_s)(x_t . x_s)``: the pairwise form costs
+    ``tokens^2 * (in + out)`` instead of ``out * in`` per sequence.
+    """
+    num_tokens = x.shape[0]
+    if num_tokens <= _GRAM_LIMIT:
+        same_sequence = seq_ids[:, None] == seq_ids[None, :]
+        return ((x @ x.T) * (grad @ grad.T) * same_sequence).sum()[None]
+    return torch.stack([(grad[seq_ids == s].T @ x[seq_ids == s]).square().sum() for s in torch.unique(seq_ids)])
+
+
+def _per_sequence_bias_sq_norm(grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    sums = torch.zeros(int(seq_ids.max()) + 1, grad.shape[1], dtype=grad.dtype, device=grad.device)
+    return sums.index_add_(0, seq_ids, grad).square().sum()[None]
+
+
+class _ProbedLinear(torch.autograd.Function):
+    """``x @ W.T + b`` whose backward hands (x, grad_out) to a sink and gives W no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seq_ids, expert, sink):  # noqa: D102
+        ctx.save_for_backward(x, weight, seq_ids)
+        ctx.expert, ctx.sink, ctx.has_bias = expert, sink, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: D102
+        x, weight, seq_ids = ctx.saved_tensors
+        ctx.sink(ctx.expert, x, grad_out, seq_ids, ctx.has_bias)
+        return grad_out @ weight.to(grad_out.dtype), None, None, None, None, None
+
+
+class _BlockProbe:
+    """The statistics of one MoE block during a calibration pass."""
+
+    def __init__(self, block: MoEBlock, diagonal: bool) -> None:
+        self.block = block
+        num_experts = block.num_experts
+        self.fisher = torch.zeros(num_experts, dtype=torch.float64)
+        self.routed = torch.zeros(num_experts, dtype=torch.float64)
+        self.seq_ids: torch.Tensor | None = None  # token row -> sequence, set per batch
+        self.diag_weights: dict[str, torch.Tensor] = {}
+        self.diag_biases: dict[str, torch.Tensor] = {}
+        self.sinks: dict[str, _GradientSink] = {}
+        for name, param in self._parameters().items():
+            diag = None
+            if diagonal:
+                self.diag_weights[name] = torch.zeros(param.shape, dtype=torch.float32)
+                bias = self._bias_parameters().get(name)
+                if bias is not None:
+                    self.diag_biases[name] = torch.zeros(bias.shape, dtype=torch.float32)
+                diag = functools.partial(self._diag_views, name)
+            self.sinks[name] = _GradientSink(self.fisher, diag)
+
+    # The probe accumulates in the parameters' own stored layout, so the layout's view logic turns
+    # accumulators into per-projection matrices exactly as it does weights.
+    def _parameters(self) -> dict[str, torch.Tensor]:
+        block = self.block
+        if isinstance(block, FusedExpertsBlock):
+            return {"first": block.first_parameter, "down": block.experts.down_proj}
+        return {proj: torch.stack([block.linear(e, proj).weight for e in range(block.num_experts)])
+                for proj in block.projection_names()}
+
+    def _bias_parameters(self) -> dict[str, torch.Tensor | None]:
+        block = self.block
+        if not block.has_bias:
+            return {}
+        if isinstance(block, FusedExpertsBlock):
+            first = block.experts.gate_up_proj_bias if block.has_gate else block.experts.up_proj_bias
+            return {"first": first, "down": block.experts.down_proj_bias}
+        return {proj: torch.stack([block.linear(e, proj).bias for e in range(block.num_experts)])
+                for proj in block.projection_names()}
+
+    def _diag_views(self, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = self.diag_weights[name][expert]
+        bias = self.diag_biases[name][expert] if name in self.diag_biases else None
+        if isinstance(self.block, FusedExpertsBlock) and self.block.is_transposed:
+            weight = weight.T
+        return weight, bias
+
+    def linear(self, name: str, expert: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               seq_ids: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference-only pass: routing statistics
+            return F.linear(x, weight, bias)
+        return _ProbedLinear.apply(x, weight, bias, seq_ids, expert, self.sinks[name])
+
+    def diagonal(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Per-projection ``(E, out, in)`` and ``(E, out)`` diagonal-Fisher sums."""
+        block = self.block
+        weights: dict[str, list[torch.Tensor]] = {p: [] for p in block.projection_names()}
+        biases: dict[str, list[torch.Tensor]] = {p: [] for p in block.projection_names()}
+        for e in range(block.num_experts):
+            if isinstance(block, FusedExpertsBlock):
+                bias = {n: self.diag_biases[n][e] for n in self.diag_biases}
+                views = block.expert_views(self.diag_weights["first"][e], self.diag_weights["down"][e],
+                                           bias.get("first"), bias.get("down"))
+            else:
+                views = {p: self.diag_weights[p][e] for p in block.projection_names()}
+                views.update({f"{p}_bias": self.diag_biases[p][e] for p in self.diag_biases})
+                views = _Namespace(views)
+            for p in block.projection_names():
+                weights[p].append(getattr(views, p))
+                if block.has_bias:
+                    biases[p].append(getattr(views, f"{p}_bias"))
+        return ({p: torch.stack(v) for p, v in weights.items()},
+                {p: torch.stack(v) for p, v in biases.items() if v})
+
+
+class _Namespace:
+    def __init__(self, values: dict[str, torch.Tensor]) -> None:
+        self.__dict__.update(values)
+
+
+# -- hook points, one per expert layout -------------------------------------------------------------------
+
+def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The eager fused-experts forward, with every projection routed through the block's probe."""
+    probe: _BlockProbe = self._unite_probe
+    block: FusedExpertsBlock = probe.block  # type: ignore[assignment]
+    num_experts = block.num_experts
+    valid = top_k_index < num_experts  # expert-parallel sentinels carry index num_experts
+    probe.routed += torch.bincount(top_k_index[valid].flatten(), minlength=num_experts).double()
+    seq_ids = probe.seq_ids
+    if seq_ids is None or seq_ids.numel() != hidden_states.shape[0]:
+        seq_ids = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
+    experts = block.experts
+    first_param = block.first_parameter
+    final = torch.zeros_like(hidden_states)
+    for expert in torch.unique(top_k_index[valid]).tolist():
+        token_idx, slot = torch.where(top_k_index == expert)
+        x = hidden_states[token_idx]
+        weights = block.expert(expert)
+        first_weight = first_param[expert].T if block.is_transposed else first_param[expert]
+        first_bias = None
+        if block.has_bias:
+            first_bias = (experts.gate_up_proj_bias if block.has_gate else experts.up_proj_bias)[expert]
+        h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
+        h = experts._apply_gate(h) if block.has_gate else experts.act_fn(h)
+        out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
+        out = out * top_k_weights[token_idx, slot, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_experts_forward)
+
+
+@contextlib.contextmanager
+def _probe_fused(block: FusedExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
+    experts = block.experts
+    previous = experts.config._experts_implementation
+    experts._unite_probe = probe
+    experts.config._experts_implementation = PROBE_IMPLEMENTATION
+    try:
+        yield
+    finally:
+        experts.config._experts_implementation = previous
+        del experts._unite_probe
+
+
+@contextlib.contextmanager
+def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
+    patched: list[nn.Linear] = []
+
+    def probed_forward(linear: nn.Linear, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        if name == block.projection_names()[0]:
+            probe.routed[expert] += flat.shape[0]
+        seq_ids = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)  # one sequence per pass
+        return probe.linear(name, expert, flat, linear.weight, linear.bias, seq_ids).reshape(*x.shape[:-1], -1)
+
+    try:
+        for expert in range(block.num_experts):
+            for proj in block.projection_names():
+                linear = block.linear(expert, proj)
+                linear.forward = functools.partial(probed_forward, linear, proj, expert)
+                patched.append(linear)
+        yield
+    finally:
+        for linear in patched:
+            del linear.forward
+
+
+# layout name -> (context manager installing the probe, whether a pass may hold several sequences)
+PROBES: dict[str, tuple[Callable[[MoEBlock, _BlockProbe], contextlib.AbstractContextManager], bool]] = {
+    FusedExpertsBlock.layout: (_probe_fused, True),
+    ModuleListExpertsBlock.layout: (_probe_module_list, False),
+}
+
+
+# -- the calibration pass -----------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _calibration_mode(model: nn.Module, need_grad: bool) -> Iterator[None]:
+    """Freeze every parameter and, for Fisher, make activations require grad from the embeddings on,
+    so one backward reaches every expert without allocating a single weight gradient."""
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    handle = None
+    model.eval()  # no dropout or router jitter: the Fisher of the deployed model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if need_grad:
+        handle = model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for name, p in model.named_parameters():
+            p.requires_grad_(requires_grad[name])
+        model.train(was_training)
+
+
+def _sequence_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, labels: str,
+                             generator: torch.Generator | None) -> torch.Tensor:
+    """Sum over sequences of sum over positions of log p(y_t | x_<t); targets per ``labels``."""
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    if labels == "empirical":
+        targets = input_ids[:, 1:]
+    else:
+        probs = log_probs.detach().exp().reshape(-1, log_probs.shape[-1])
+        targets = torch.multinomial(probs.cpu(), 1, generator=generator).reshape(input_ids[:, 1:].shape)
+        targets = targets.to(input_ids.device)
+    return log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+
+
+def compute_expert_importance(
+    model: nn.Module,
+    calibration: CalibrationSet | torch.Tensor,
+    *,
+    source: MoESource | None = None,
+    fisher: bool = True,
+    labels: str = "empirical",
+    diagonal: bool = False,
+    batch_size: int = 8,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> ExpertImportance:
+    """Fisher scores (exact, per calibration sequence) and routing frequencies of every expert.
+
+    Args:
+        model: a MoE causal LM (any layout :func:`unite_hf.sources.get_source` reads).
+        calibration: a :class:`CalibrationSet` or an input_ids tensor ``[N, T]``.
+        fisher: compute the Fisher (one forward and backward per batch); with ``False`` only routing
+            frequencies are collected, in inference mode.
+        labels: ``"empirical"`` (observed next tokens) or ``"sampled"`` (drawn from the model, the
+            true Fisher; seeded by ``seed``).
+        diagonal: also accumulate the elementwise diagonal Fisher per projection (memory: one
+            float32 copy of all expert weights).
+        batch_size: sequences per pass. ModuleList experts always use one sequence per pass.
+    """
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    input_ids = calibration.input_ids if isinstance(calibration, CalibrationSet) else calibration
+    if input_ids.ndim != 2 or input_ids.numel() == 0:
+        raise ValueError(f"calibration input_ids must be a non-empty [N, T] tensor, got shape {tuple(input_ids.shape)}")
+    source = source or get_source(model)
+    install, multi_sequence = PROBES[source.layout]
+    if not multi_sequence:
+        batch_size = 1
+    probes = [_BlockProbe(block, diagonal and fisher) for block in source.blocks]
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    num_sequences, seq_len = input_ids.shape
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_calibration_mode(model, need_grad=fisher))
+        for block, probe in zip(source.blocks, probes):
+            stack.enter_context(install(block, probe))
+        if not fisher:
+            stack.enter_context(torch.inference_mode())
+        bar = tqdm(total=num_sequences, desc="Fisher" if fisher else "Routing", unit="seq", disable=not show_progress)
+        for start in range(0, num_sequences, batch_size):
+            batch = input_ids[start:start + batch_size].to(device)
+            seq_ids = torch.arange(batch.shape[0], device=device).repeat_interleave(seq_len)
+            for probe in probes:
+                probe.seq_ids = seq_ids
+            logits = model(input_ids=batch, use_cache=False).logits
+            if fisher:
+                _sequence_log_likelihood(logits, batch, labels, generator).backward()
+            bar.update(batch.shape[0])
+        bar.close()
+
+    routed = torch.stack([p.routed for p in probes])
+    importance = ExpertImportance(
+        moe_layers=source.moe_layers,
+        fisher=torch.stack([p.fisher for p in probes]) / num_sequences,
+        frequency=routed / routed.sum(dim=1, keepdim=True).clamp_min(1),
+        num_sequences=num_sequences,
+        labels=labels,
+    )
+    if diagonal and fisher:
+        importance.fisher_diag, importance.fisher_diag_bias = {}, {}
+        for block, probe in zip(source.blocks, probes):
+            weights, biases = probe.diagonal()
+            for proj, value in weights.items():
+                importance.fisher_diag[(block.layer_idx, proj)] = value / num_sequences
+            for proj, value in biases.items():
+                importance.fisher_diag_bias[(block.layer_idx, proj)] = value / num_sequences
+    return importance
+
+
+def compute_routing_frequency(model: nn.Module, calibration: CalibrationSet | torch.Tensor, **kwargs) -> torch.Tensor:
+    """Inference-only routing statistics: ``(len(moe_layers), E)`` share of routed (token, slot) pairs."""
+    return compute_expert_importance(model, calibration, fisher=False, **kwargs).frequency

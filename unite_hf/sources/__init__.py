@@ -1,0 +1,178 @@
+"""Source adapters: read any transformers MoE causal LM through one interface.
+
+>>> source = get_source(model)
+>>> source.moe_layers            # [1, 2, 3] for DeepSeek-V3 with first_k_dense_replace=1
+>>> block = source.block(1)
+>>> block.expert(0).gate         # (I, H) view into the model's parameters
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .base import LAYOUTS, PROJECTIONS, ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
+from .fused import FusedExpertsBlock
+from .module_list import ModuleListExpertsBlock
+
+__all__ = [
+    "LAYOUTS", "PROJECTIONS", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",
+    "ModuleListExpertsBlock", "UnsupportedSourceError", "get_source", "register_layout",
+]
+
+# Where decoder layers keep their FFN, and where MoE blocks keep their router and shared experts.
+FFN_ATTRS: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
+ROUTER_ATTRS: tuple[str, ...] = ("gate", "router")
+SHARED_EXPERT_PREFIX = "shared_expert"  # shared_expert, shared_experts, shared_expert_gate
+LAYER_LIST_PATHS: tuple[str, ...] = ("model.layers", "layers", "model.decoder.layers", "transformer.h", "transformer.layers")
+
+
+@dataclass
+class MoESource:
+    """Everything the extractor reads from a source model."""
+
+    model: nn.Module
+    layers_path: str
+    num_layers: int
+    blocks: list[MoEBlock]
+    dense_layers: list[int] = field(default_factory=list)
+
+    @property
+    def moe_layers(self) -> list[int]:
+        """Source layer indices that hold experts, in order."""
+        return [block.layer_idx for block in self.blocks]
+
+    @property
+    def layout(self) -> str:
+        return self.blocks[0].layout
+
+    @property
+    def num_experts(self) -> int:
+        return self.blocks[0].num_experts
+
+    def block(self, layer_idx: int) -> MoEBlock:
+        for block in self.blocks:
+            if block.layer_idx == layer_idx:
+                return block
+        raise KeyError(f"layer {layer_idx} holds no experts; MoE layers are {self.moe_layers}")
+
+    def routed_prefixes(self) -> tuple[str, ...]:
+        return tuple(prefix for block in self.blocks for prefix in block.routed_prefixes())
+
+    def non_expert_state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights UNITE copies as they are: embeddings, attention, norms, shared experts, dense
+        layers and an untied lm_head; everything except routed experts and routers."""
+        prefixes = self.routed_prefixes()
+        tied = _tied_parameter_names(self.model)
+        return {
+            name: tensor
+            for name, tensor in self.model.state_dict().items()
+            if not name.startswith(prefixes) and name not in tied
+        }
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    """Names that alias another parameter (a tied lm_head): storing them twice would be waste."""
+    seen: dict[int, str] = {}
+    tied: set[str] = set()
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in seen:
+            tied.add(name)
+        else:
+            seen[id(param)] = name
+    return tied
+
+
+def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    for path in LAYER_LIST_PATHS:
+        module = model
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            return path, module
+    raise UnsupportedSourceError(
+        f"{type(model).__name__} has no decoder layer list at any of {LAYER_LIST_PATHS}; "
+        "pass a causal LM (e.g. from AutoModelForCausalLM)."
+    )
+
+
+def _find_attr(module: nn.Module, names: tuple[str, ...]) -> str | None:
+    return next((name for name in names if isinstance(getattr(module, name, None), nn.Module)), None)
+
+
+def _read_block(layer_idx: int, name: str, block: nn.Module) -> MoEBlock:
+    experts = block.experts
+    layout = next((cls for cls in LAYOUTS.values() if cls.matches(experts)), None)
+    if layout is None:
+        raise UnsupportedSourceError(
+            f"{name}.experts ({type(experts).__name__}) has an expert layout unite_hf cannot read; "
+            f"known layouts: {sorted(LAYOUTS)}. Register one with unite_hf.sources.register_layout."
+        )
+    router_attr = _find_attr(block, ROUTER_ATTRS)
+    if router_attr is None:
+        raise UnsupportedSourceError(f"{name} ({type(block).__name__}) has experts but no router at {ROUTER_ATTRS}.")
+    shared = [(attr, child) for attr, child in block.named_children() if attr.startswith(SHARED_EXPERT_PREFIX)]
+    moe_block = layout(layer_idx, name, block, "experts", router_attr, shared)
+    router_weight = _router_weight(moe_block)
+    if router_weight.shape[0] != moe_block.num_experts:
+        raise UnsupportedSourceError(
+            f"{name}.{router_attr}: router weight {tuple(router_weight.shape)} does not score "
+            f"{moe_block.num_experts} experts."
+        )
+    return moe_block
+
+
+def _router_weight(block: MoEBlock) -> torch.Tensor:
+    weight = getattr(block.router, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+        return weight
+    linears = [m for m in block.router.modules() if isinstance(m, nn.Linear)]
+    if len(linears) == 1:
+        return linears[0].weight
+    raise UnsupportedSourceError(f"{block.name}.{block.router_attr}: cannot find the router's weight matrix.")
+
+
+def get_source(model: nn.Module) -> MoESource:
+    """Read a MoE causal LM's layers. Raises :class:`UnsupportedSourceError` for dense models or
+    expert layouts no registered adapter can read, naming the offending module."""
+    layers_path, layers = _find_layers(model)
+    blocks: list[MoEBlock] = []
+    dense: list[int] = []
+    for idx, layer in enumerate(layers):
+        ffn_attr = _find_attr(layer, FFN_ATTRS)
+        if ffn_attr is None:
+            raise UnsupportedSourceError(
+                f"{layers_path}.{idx} ({type(layer).__name__}) has no FFN block at any of {FFN_ATTRS}."
+            )
+        ffn = getattr(layer, ffn_attr)
+        name = f"{layers_path}.{idx}.{ffn_attr}"
+        if hasattr(ffn, "experts"):
+            blocks.append(_read_block(idx, name, ffn))
+        else:
+            dense.append(idx)
+    if not blocks:
+        first = f"{layers_path}.0.{_find_attr(layers[0], FFN_ATTRS)}"
+        raise UnsupportedSourceError(
+            f"{type(model).__name__} is a dense model: none of its {len(layers)} layers has experts "
+            f"(e.g. {first} is {type(getattr(layers[0], _find_attr(layers[0], FFN_ATTRS))).__name__}). "
+            "UNITE extracts from Mixture-of-Experts models."
+        )
+    _check_consistent(blocks)
+    return MoESource(model=model, layers_path=layers_path, num_layers=len(layers), blocks=blocks, dense_layers=dense)
+
+
+def _check_consistent(blocks: list[MoEBlock]) -> None:
+    """Fused experts are stacked across layers, so every MoE block must agree on shapes and layout."""
+    reference = blocks[0]
+    ref_shapes = {p: tuple(w.shape) for p, w in vars(reference.expert(0)).items() if w is not None}
+    for block in blocks[1:]:
+        shapes = {p: tuple(w.shape) for p, w in vars(block.expert(0)).items() if w is not None}
+        if type(block) is not type(reference) or block.num_experts != reference.num_experts or shapes != ref_shapes:
+            raise UnsupportedSourceError(
+                f"{block.name} ({block.num_experts} experts, {shapes}) differs from {reference.name} "
+                f"({reference.num_experts} experts, {ref_shapes}); UNITE needs identical MoE blocks to stack."
+            )
