@@ -721,7 +721,11 @@ class LocalHub:
             else:
                 raise HubError(400, f"Unknown commit operation {key!r}")
         commit = self._make_commit(
-            repo, parents=(base_oid,), files=tree, title=header.get("summary") or "", message=header.get("description") or ""
+            repo,
+            parents=(base_oid,),
+            files=tree,
+            title=header.get("summary") or "",
+            message=header.get("description") or "",
         )
         pr_url = None
         if create_pr:

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import uuid
 
 import pytest
@@ -48,7 +47,8 @@ def test_upload_folder_download_roundtrip(local_hub, tmp_path):
     assert info.oid == local_hub.head("me/x")
     assert local_hub.file("me/x", "model.safetensors") == (src / "model.safetensors").read_bytes()
     assert local_hub.history("me/x")[0].title == "first upload"
-    assert sorted(api.list_repo_files("me/x")) == [".gitattributes", "config.json", "model.safetensors", "sub/notes.txt"]
+    expected_files = [".gitattributes", "config.json", "model.safetensors", "sub/notes.txt"]
+    assert sorted(api.list_repo_files("me/x")) == expected_files
 
     cfg = hf_hub_download("me/x", "config.json")
     assert open(cfg, "rb").read() == (src / "config.json").read_bytes()
@@ -267,9 +267,9 @@ def test_trust_remote_code_roundtrip(local_hub, tmp_path, monkeypatch):
     assert loaded.keys() == reference.keys()
     assert all(torch.equal(loaded[k], reference[k]) for k in reference)
     # The subprocess really downloaded from this server
-    assert any(m == "GET" and p.endswith("/resolve/main/modeling_foo.py") for m, p, _ in local_hub.requests) or any(
-        m == "GET" and p.endswith("/modeling_foo.py") for m, p, _ in local_hub.requests
-    )
+    downloaded = [p for m, p, status in local_hub.requests if m == "GET" and status == 200 and "/resolve/" in p]
+    assert any(p.endswith("/modeling_foo.py") for p in downloaded)
+    assert any(p.endswith("/configuration_foo.py") for p in downloaded)
 
 
 def test_dataset_repo_roundtrip(local_hub, tmp_path):
@@ -282,9 +282,53 @@ def test_dataset_repo_roundtrip(local_hub, tmp_path):
         hf_hub_download("me/data", "train.csv")  # exists as a dataset, not as a model
 
 
-def test_hub_can_be_used_without_fixture():
+def test_resolve_protocol_headers_and_range(local_hub):
+    """What the download client relies on: HEAD metadata headers, Range requests, error codes."""
+    from huggingface_hub.utils import get_session
+
+    content = bytes(range(256)) * 4
+    local_hub.create_repo("me/raw")
+    oid = local_hub.commit("me/raw", {"dir/blob.bin": content})
+    session = get_session()
+    url = f"{local_hub.url}/me/raw/resolve/main/dir/blob.bin"
+    head = session.head(url, headers={"Accept-Encoding": "identity"})
+    assert head.status_code == 200
+    assert head.headers["X-Repo-Commit"] == oid
+    assert head.headers["ETag"] == f'"{git_blob_sha1(content)}"'
+    assert int(head.headers["Content-Length"]) == len(content)
+    assert not any(k.lower().startswith("x-xet") for k in head.headers)
+    part = session.get(url, headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == content[10:20]
+    assert part.headers["Content-Range"] == f"bytes 10-19/{len(content)}"
+    tail = session.get(url, headers={"Range": "bytes=1000-"})
+    assert tail.status_code == 206 and tail.content == content[1000:]
+    missing = session.head(f"{local_hub.url}/me/raw/resolve/main/missing.bin")
+    assert missing.status_code == 404 and missing.headers["X-Error-Code"] == "EntryNotFound"
+    assert missing.headers["X-Repo-Commit"] == oid
+    no_repo = session.get(f"{local_hub.url}/me/nope/resolve/main/x.bin")
+    assert no_repo.status_code == 404 and no_repo.headers["X-Error-Code"] == "RepoNotFound"
+
+
+def test_private_repo_and_pull_request(local_hub):
+    api = HfApi()
+    api.create_repo("me/secret", private=True)
+    assert api.model_info("me/secret").private is True
+    with pytest.raises(RepositoryNotFoundError):
+        api.model_info("me/secret", token=False)  # anonymous reads of private repos look like missing repos
+
+    api.create_repo("me/pr")
+    pr = api.upload_file(path_or_fileobj=b"proposed", path_in_repo="a.txt", repo_id="me/pr", create_pr=True)
+    assert pr.pr_revision == "refs/pr/1" and pr.pr_num == 1
+    assert "a.txt" not in api.list_repo_files("me/pr")
+    assert open(hf_hub_download("me/pr", "a.txt", revision=pr.pr_revision), "rb").read() == b"proposed"
+
+
+def test_hub_can_be_used_without_fixture(monkeypatch):
+    from huggingface_hub import constants
+
     from hub_server import LocalHub
 
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # offline mode would block any request
     with LocalHub() as hub:
         hub.create_repo("me/direct")
         oid = hub.commit("me/direct", {"a.txt": "hello"})

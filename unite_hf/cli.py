@@ -1,0 +1,128 @@
+"""The ``unite-hf`` command line: one sub-command per job, registered in :data:`COMMANDS`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from .calibration import DEFAULT_CALIBRATION
+from .decomposition import DECOMPOSITIONS
+from .fusion import FUSIONS
+from .importance import LABEL_MODES
+
+COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
+    def decorator(run: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (help_text, add_arguments, run)
+        return run
+
+    return decorator
+
+
+def _rank(value: str) -> int | tuple[int, int, int]:
+    parts = [int(p) for p in value.split(",")]
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 3:
+        return tuple(parts)  # type: ignore[return-value]
+    raise argparse.ArgumentTypeError("rank is an int or r_L,r_out,r_in")
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that extracts a gene."""
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
+                        help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=128, help="calibration sequences N (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence T (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per Fisher pass (default: %(default)s)")
+    parser.add_argument("--rank", type=_rank, default=None,
+                        help="Tucker rank: r, or r_L,r_out,r_in (default: 512, clipped to the dimensions)")
+    parser.add_argument("--fusion", choices=sorted(FUSIONS), default="fisher")
+    parser.add_argument("--decomposition", choices=sorted(DECOMPOSITIONS), default="tucker")
+    parser.add_argument("--fisher-labels", choices=LABEL_MODES, default="empirical",
+                        help="observed next tokens, or labels sampled from the model (true Fisher)")
+    parser.add_argument("--n-iter-max", type=int, default=25, help="HOOI/ALS iterations (default: %(default)s)")
+
+
+def _extract_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
+    parser.add_argument("--revision", default=None)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
+    parser.add_argument("--out", required=True, help="folder to write the gene to")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the gene to this Hub repo")
+    add_extraction_arguments(parser)
+
+
+def extraction_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        calibration=args.calibration, num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
+        batch_size=args.batch_size, rank=args.rank, fusion=args.fusion, decomposition=args.decomposition,
+        fisher_labels=args.fisher_labels, n_iter_max=args.n_iter_max,
+    )
+
+
+@command("extract", "extract a UNITE gene from a MoE causal LM", _extract_arguments)
+def _run_extract(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .methods.unite import extract_universal_knowledge
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
+                                                 trust_remote_code=args.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
+                                              trust_remote_code=args.trust_remote_code)
+    gene = extract_universal_knowledge(model, tokenizer, source_id=args.source, source_revision=args.revision,
+                                       **extraction_kwargs(args))
+    gene.save_pretrained(args.out)
+    if args.push_to_hub:
+        gene.push_to_hub(args.push_to_hub)
+    print(json.dumps({"gene": str(args.out), "moe_layers": gene.moe_layers, "ranks": gene.config.ranks,
+                      "relative_error": gene.config.relative_error}))
+    return 0
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="runs/demo", help="working folder (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR or ../shared/data)")
+
+
+@command("demo", "the main job on an embedded default: a tiny MoE -> calibrate -> fuse -> Tucker -> gene", _demo_arguments)
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, data_dir=args.data_dir)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="unite-hf", description="Genes from Mixture-of-Experts LLMs (UNITE).")
+    parser.add_argument("--version", action="version", version=f"unite_hf {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command][2](args)
+    except (ValueError, FileNotFoundError, OSError) as err:
+        # user errors get one clear line, not a traceback
+        print(f"unite-hf {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
