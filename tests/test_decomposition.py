@@ -61,6 +61,16 @@ def projector(u: torch.Tensor) -> torch.Tensor:
     return u @ u.T
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    """The tensors here are tiny; with other jobs on a 2-core box, OpenMP spin-waiting made this
+    file 5x slower with 2 threads than with 1.  Restored afterwards for other test modules."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def low_rank_plus_noise() -> torch.Tensor:
     gen = torch.Generator().manual_seed(1)

@@ -301,11 +301,9 @@ def resolve_ranks(
         label = _PROGRESS_LABEL.get()
         where = f" of {label!r}" if label else ""
         r = DEFAULT_RANK
-        # Which modes bound the single rank r of out/in (cp and svd tie r_out and r_in together).
         bounds = {"out": d_out, "in": d_in}
-        clipped = min(r, *bounds.values())
         if method not in ("cp", "svd"):
-            r_out, r_in = min(r, d_out), min(r, d_in)
+            # Tucker-like: r_out and r_in are clipped independently.
             for mode, dim in bounds.items():
                 if r > dim:
                     warnings.warn(
@@ -313,7 +311,9 @@ def resolve_ranks(
                         f"clipped the {mode} rank to {dim}",
                         stacklevel=3,
                     )
-            return (n_layers, r_out, r_in)
+            return (n_layers, min(r, d_out), min(r, d_in))
+        # cp and svd tie r_out and r_in to one rank, bounded by both matrix dimensions.
+        clipped = min(r, d_out, d_in)
         if clipped < r:
             modes = [m for m, dim in bounds.items() if r > dim]
             warnings.warn(
