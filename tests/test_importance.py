@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, tiny_moe, tiny_module_list_moe
+from tiny_models import FAMILIES, VOCAB, tiny_gpt_oss, tiny_moe, tiny_module_list_moe
 
 from unite_hf import compute_expert_importance, compute_routing_frequency, get_source
 
@@ -56,17 +56,7 @@ def test_fisher_equals_brute_force(family):
 
 
 def test_fisher_with_biased_transposed_experts_equals_brute_force():
-    import transformers
-
-    config = transformers.GptOssConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
+    model = tiny_gpt_oss()
     importance = compute_expert_importance(model, CALIBRATION, batch_size=3, show_progress=False)
     reference, _ = brute_force_fisher(model, CALIBRATION)
     torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())

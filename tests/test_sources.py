@@ -2,9 +2,8 @@
 
 import pytest
 import torch
-import transformers
 from torch import nn
-from tiny_models import FAMILIES, tiny_dense, tiny_moe, tiny_module_list_moe
+from tiny_models import FAMILIES, tiny_dense, tiny_gpt_oss, tiny_moe, tiny_module_list_moe
 
 from unite_hf.sources import FusedExpertsBlock, UnsupportedSourceError, get_source
 
@@ -73,15 +72,7 @@ def test_views_share_storage_with_the_model():
 
 
 def test_transposed_interleaved_biased_layout_gpt_oss():
-    config = transformers.GptOssConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.GptOssForCausalLM(config).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.1)
+    model = tiny_gpt_oss()
     block = get_source(model).blocks[0]
     assert (block.is_transposed, block.is_concatenated, block.has_bias, block.custom_gating) == (True, False, True, True)
     w = block.expert(1)

@@ -114,3 +114,17 @@ def tiny_module_list_moe(seed: int = 0, names=("gate_proj", "up_proj", "down_pro
 def tiny_dense() -> nn.Module:
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "intermediate_size": 24})).eval()
+
+
+def tiny_gpt_oss(seed: int = 0) -> nn.Module:
+    """gpt-oss: fused experts stored transposed, gate/up interleaved, with biases and custom gating."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # biases init to zero; random ones make the bias handling visible
+    return model

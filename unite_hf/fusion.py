@@ -110,14 +110,22 @@ def fuse_block(
     """Fuse one MoE block: ``proj -> (fused_weight (out, in), fused_bias (out,) or None)``, float32."""
     strategy = get_fusion(fusion)
     fused: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    experts = block.experts_list()
     for proj in block.projection_names():
-        stacked = block.stacked(proj).detach().float()  # (E, out, in)
-        weights = strategy.weights(importance, block.layer_idx, proj, False).to(stacked.device)
-        fused_weight = (weights * stacked.double()).sum(0).float()
+        weights = strategy.weights(importance, block.layer_idx, proj, False)
+        fused_weight = _weighted_sum([e.projection(proj) for e in experts], weights)
         fused_bias = None
-        stacked_bias = block.stacked_bias(proj)
-        if stacked_bias is not None:
-            bias_weights = strategy.weights(importance, block.layer_idx, proj, True).to(stacked_bias.device)
-            fused_bias = (bias_weights * stacked_bias.detach().double()).sum(0).float()
+        if block.has_bias:
+            bias_weights = strategy.weights(importance, block.layer_idx, proj, True)
+            fused_bias = _weighted_sum([e.bias(proj) for e in experts], bias_weights)
         fused[proj] = (fused_weight, fused_bias)
     return fused
+
+
+def _weighted_sum(matrices: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """``sum_i weights[i] * matrices[i]`` one expert at a time (float64 accumulator, float32 result),
+    so memory stays at one expert plus the result whatever the number of experts."""
+    total = torch.zeros(matrices[0].shape, dtype=torch.float64, device=matrices[0].device)
+    for weight, matrix in zip(weights.to(total.device), matrices):
+        total += weight * matrix.detach().double()
+    return total.float()

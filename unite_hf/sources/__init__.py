@@ -117,23 +117,13 @@ def _read_block(layer_idx: int, name: str, block: nn.Module) -> MoEBlock:
         raise UnsupportedSourceError(f"{name} ({type(block).__name__}) has experts but no router at {ROUTER_ATTRS}.")
     shared = [(attr, child) for attr, child in block.named_children() if attr.startswith(SHARED_EXPERT_PREFIX)]
     moe_block = layout(layer_idx, name, block, "experts", router_attr, shared)
-    router_weight = _router_weight(moe_block)
+    router_weight = moe_block.router_weight
     if router_weight.shape[0] != moe_block.num_experts:
         raise UnsupportedSourceError(
             f"{name}.{router_attr}: router weight {tuple(router_weight.shape)} does not score "
             f"{moe_block.num_experts} experts."
         )
     return moe_block
-
-
-def _router_weight(block: MoEBlock) -> torch.Tensor:
-    weight = getattr(block.router, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.ndim == 2:
-        return weight
-    linears = [m for m in block.router.modules() if isinstance(m, nn.Linear)]
-    if len(linears) == 1:
-        return linears[0].weight
-    raise UnsupportedSourceError(f"{block.name}.{block.router_attr}: cannot find the router's weight matrix.")
 
 
 def get_source(model: nn.Module) -> MoESource:

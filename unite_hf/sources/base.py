@@ -100,8 +100,14 @@ class MoEBlock:
     # -- shared --------------------------------------------------------------------------------------
     @property
     def router_weight(self) -> torch.Tensor:
-        """Router matrix ``(num_experts, hidden)``."""
-        return self.router.weight
+        """Router matrix ``(num_experts, hidden)``: the router's own ``weight``, or its single Linear."""
+        weight = getattr(self.router, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            return weight
+        linears = [m for m in self.router.modules() if isinstance(m, nn.Linear)]
+        if len(linears) == 1:
+            return linears[0].weight
+        raise UnsupportedSourceError(f"{self.name}.{self.router_attr}: cannot find the router's weight matrix.")
 
     def experts_list(self) -> list[ExpertWeights]:
         return [self.expert(i) for i in range(self.num_experts)]
