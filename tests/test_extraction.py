@@ -232,3 +232,24 @@ def test_precomputed_importance_skips_calibration():
     gene = extract_universal_knowledge(model, calibration=None, importance=importance, rank=(3, 8, 8), show_progress=False)
     torch.testing.assert_close(gene.importance, importance.fisher.float())
     assert gene.config.calibration == "precomputed importance"
+
+
+def test_non_gated_source_gives_an_up_down_gene():
+    from tiny_models import tiny_nemotron_h
+
+    model = tiny_nemotron_h()
+    gene = extract_universal_knowledge(model, calibration=CALIBRATION, show_progress=False)
+    assert gene.config.projections == ["up", "down"] and gene.moe_layers == [1, 3]
+    weights = gene.importance[1].double() / gene.importance[1].double().sum()
+    torch.testing.assert_close(gene.fused_weight(3, "up").double(), hand_fused(model, 3, "up", weights),
+                               rtol=1e-4, atol=1e-5)
+    with pytest.raises(KeyError, match="unknown projection"):
+        gene.fused_weight(3, "gate")
+
+
+def test_non_finite_importance_is_named_before_fusion():
+    model = tiny_moe("mixtral")
+    importance = compute_expert_importance(model, CALIBRATION, show_progress=False)
+    importance.fisher[1, 2] = float("inf")
+    with pytest.raises(ValueError, match="Fisher of layer 1 expert 2 is inf"):
+        extract_universal_knowledge(model, importance=importance, show_progress=False)

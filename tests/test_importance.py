@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny_models import FAMILIES, VOCAB, tiny_gpt_oss, tiny_moe, tiny_module_list_moe
+from tiny_models import FAMILIES, VOCAB, tiny_gpt_oss, tiny_moe, tiny_module_list_moe, tiny_nemotron_h
 
 from unite_hf import compute_expert_importance, compute_routing_frequency, get_source
 
@@ -130,3 +130,46 @@ def test_bad_arguments():
         compute_expert_importance(model, CALIBRATION, labels="oracle")
     with pytest.raises(ValueError, match="non-empty"):
         compute_expert_importance(model, CALIBRATION[:0])
+
+
+def test_non_gated_experts_under_a_mixer_equal_brute_force():
+    model = tiny_nemotron_h()
+    source = get_source(model)
+    assert source.moe_layers == [1, 3] and source.blocks[0].projection_names() == ("up", "down")
+    importance = compute_expert_importance(model, CALIBRATION, batch_size=3, show_progress=False)
+    reference, _ = brute_force_fisher(model, CALIBRATION)
+    torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_per_sequence_loop_path_equals_the_gram_path(monkeypatch):
+    """Calls with more tokens than the Gram limit take the per-sequence loop: same Fisher, biases included."""
+    import unite_hf.importance as importance_module
+
+    model = tiny_gpt_oss()
+    gram = compute_expert_importance(model, CALIBRATION, batch_size=6, show_progress=False).fisher
+    monkeypatch.setattr(importance_module, "_GRAM_LIMIT", 0)
+    loop = compute_expert_importance(model, CALIBRATION, batch_size=6, show_progress=False).fisher
+    torch.testing.assert_close(loop, gram, rtol=1e-5, atol=0)
+
+
+def test_experts_without_autograd_are_refused_and_train_mode_recovers():
+    """DeepSeek-MoE-16B style remote code runs eval-mode experts under torch.no_grad."""
+    from tiny_models import ListMoEBlock
+
+    class NoGradInEval(ListMoEBlock):
+        def forward(self, hidden_states):
+            if self.training:
+                return super().forward(hidden_states)
+            with torch.no_grad():
+                return super().forward(hidden_states)
+
+    model = tiny_module_list_moe()
+    for layer in model.model.layers:
+        block = NoGradInEval.__new__(NoGradInEval)
+        block.__dict__ = layer.mlp.__dict__
+        layer.mlp = block
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0\.mlp\.experts: experts ran without autograd.*train_mode=True"):
+        compute_expert_importance(model, CALIBRATION, show_progress=False)
+    importance = compute_expert_importance(model, CALIBRATION, train_mode=True, show_progress=False)
+    reference, _ = brute_force_fisher(model.train(), CALIBRATION)
+    torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())

@@ -128,3 +128,22 @@ def tiny_gpt_oss(seed: int = 0) -> nn.Module:
         for p in model.parameters():
             p.normal_(0, 0.1)  # biases init to zero; random ones make the bias handling visible
     return model
+
+
+def tiny_nemotron_h(seed: int = 0) -> nn.Module:
+    """NemotronH: non-gated fused experts (``has_gate=False``) under each layer's ``mixer``, between mamba
+    and attention layers."""
+    config = transformers.NemotronHConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, layers_block_type=["mamba", "moe", "attention", "moe"],
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=24, moe_shared_expert_intermediate_size=24, intermediate_size=48, mamba_num_heads=4,
+        mamba_head_dim=8, ssm_state_size=8, n_groups=1, mamba_n_groups=1, expand=1, max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = transformers.NemotronHForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.abs().sum() == 0 and param.ndim >= 2:
+                param.normal_(0, 0.2)
+    return model

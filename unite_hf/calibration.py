@@ -101,7 +101,7 @@ class CalibrationSet:
 
     Attributes:
         input_ids: ``LongTensor [N, T]`` of token ids.
-        name: provenance, e.g. ``"wikitext2 (local: /abs/path)"``,
+        name: provenance, e.g. ``"wikitext2 (local: wikitext2/wikitext2_raw_test_hf_joined.txt)"``,
             ``"Salesforce/wikitext:wikitext-2-raw-v1[train]"``, ``"input_ids tensor"``,
             ``"list of 12 strings"`` or a file path.
         seed: the seed the window offsets were drawn with.
@@ -306,7 +306,8 @@ def _documents_from_alias(
     if data_dir is not None:
         local = data_dir / entry.local_path
         if local.is_file():
-            return _read_text_file(local), f"{alias} (local: {local})"
+            # the data-dir-relative path: an absolute path of this machine means nothing on the Hub
+            return _read_text_file(local), f"{alias} (local: {entry.local_path})"
         looked = str(local)
     else:
         looked = f"<data dir>/{entry.local_path}"

@@ -47,13 +47,20 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fisher-labels", choices=LABEL_MODES, default="empirical",
                         help="observed next tokens, or labels sampled from the model (true Fisher)")
     parser.add_argument("--n-iter-max", type=int, default=25, help="HOOI/ALS iterations (default: %(default)s)")
+    parser.add_argument("--dataset-config", default=None, help="config name of a Hub calibration dataset")
+    parser.add_argument("--text-column", default=None, help="text column of a calibration dataset (default: auto)")
+    parser.add_argument("--split", default="train", help="split of a Hub calibration dataset (default: %(default)s)")
+    parser.add_argument("--train-mode", action="store_true",
+                        help="calibrate in train mode (dropout off), for remote-code MoEs whose eval path disables autograd")
 
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="load dtype (default: the checkpoint's own)")
+    parser.add_argument("--device-map", default=None, help='e.g. "auto" to spread a large source over GPUs and CPU')
     parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
     parser.add_argument("--out", required=True, help="folder to write the gene to")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the gene to this Hub repo")
@@ -64,7 +71,8 @@ def extraction_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         calibration=args.calibration, num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
         batch_size=args.batch_size, rank=args.rank, fusion=args.fusion, decomposition=args.decomposition,
-        fisher_labels=args.fisher_labels, n_iter_max=args.n_iter_max,
+        fisher_labels=args.fisher_labels, n_iter_max=args.n_iter_max, dataset_config=args.dataset_config,
+        text_column=args.text_column, split=args.split, train_mode=args.train_mode,
     )
 
 
@@ -77,7 +85,7 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
-                                                 trust_remote_code=args.trust_remote_code)
+                                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
                                               trust_remote_code=args.trust_remote_code)
     gene = extract_universal_knowledge(model, tokenizer, source_id=args.source, source_revision=args.revision,
@@ -116,9 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .calibration import CalibrationLoadError
+
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, OSError, CalibrationLoadError) as err:
         # user errors get one clear line, not a traceback
         print(f"unite-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

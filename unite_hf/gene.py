@@ -17,6 +17,7 @@ Tensor keys in ``gene.safetensors``: ``ffn.{proj}.core|layer_factor|out_factor|i
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ import torch
 from . import __version__
 from .decomposition import Decomposition
 from .io import (
-    CorruptedFileError, atomic_save_safetensors, atomic_write_json, atomic_write_text, load_safetensors_checked,
+    CorruptedFileError, atomic_save_safetensors, atomic_write_json, atomic_write_text, check_finite,
+    load_safetensors_checked,
 )
 from .sources import PROJECTIONS
 
@@ -75,6 +77,7 @@ class GeneConfig:
     fisher_labels: str = "empirical"
     fusion: str = "fisher"
     decomposition: str = "tucker"
+    n_iter_max: int = 25
     ranks: dict[str, list[int]] = field(default_factory=dict)
     relative_error: dict[str, float] = field(default_factory=dict)
     retained_energy: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -129,7 +132,8 @@ class UniteGene:
 
     @property
     def importance(self) -> torch.Tensor:
-        """Fisher score per expert, ``[len(moe_layers), num_experts]``."""
+        """Fisher score per expert, ``[len(moe_layers), num_experts]``. Always the Fisher, whatever
+        fusion was used (``config.fusion`` says which weights built the gene)."""
         return self._importance.float()
 
     @property
@@ -161,6 +165,7 @@ class UniteGene:
         return self._decomposition(proj).reconstruct_layer(self._row(layer))
 
     def fused_bias(self, layer: int, proj: str) -> torch.Tensor | None:
+        """The fused ``proj`` bias of source ``layer`` (``None`` for bias-free experts)."""
         self._decomposition(proj)
         bias = self.fused_biases.get(proj)
         return None if bias is None else bias[self._row(layer)]
@@ -174,6 +179,7 @@ class UniteGene:
 
     # -- serialisation ---------------------------------------------------------------------------
     def gene_state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors of ``gene.safetensors`` (see the module docstring for the keys)."""
         tensors: dict[str, torch.Tensor] = {}
         for proj, dec in self.decompositions.items():
             tensors.update(dec.state_dict(f"ffn.{proj}"))
@@ -191,11 +197,10 @@ class UniteGene:
             raise NotADirectoryError(f"{directory} exists and is not a folder")
         metadata = {"format": "pt", "unite_gene_format": str(GENE_FORMAT_VERSION)}
         config = dataclasses.replace(self.config, library_version=__version__, files={})
-        # tensors are validated (finite) before the first byte is written
-        for name, tensors in ((GENE_WEIGHTS_NAME, self.gene_state_dict()), (SOURCE_WEIGHTS_NAME, self.source_state_dict)):
-            for key, tensor in tensors.items():
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise ValueError(f"refusing to save the gene: {name} tensor {key!r} contains NaN or Inf")
+        json.dumps(config.to_dict())  # an unserialisable config fails here, before any file is written
+        # every tensor is validated before the first byte is written
+        check_finite(self.gene_state_dict(), f"the gene ({GENE_WEIGHTS_NAME})")
+        check_finite(self.source_state_dict, f"the gene ({SOURCE_WEIGHTS_NAME})")
         config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(self.gene_state_dict(), directory / GENE_WEIGHTS_NAME, metadata)
         config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
             dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
@@ -223,8 +228,6 @@ class UniteGene:
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
-        import json
-
         try:
             config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
         except json.JSONDecodeError as err:

@@ -70,15 +70,17 @@ class _GradientSink:
 
     def __init__(self, fisher: torch.Tensor, diag: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None):
         self.fisher = fisher  # (E,) float64 running sum over sequences
-        self.diag = diag  # expert -> (weight accumulator view (out, in), bias accumulator view or None)
+        self.diag = diag
+        self.calls = 0  # backward calls seen: zero after a Fisher pass means autograd never reached the experts  # expert -> (weight accumulator view (out, in), bias accumulator view or None)
 
     def __call__(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
+        self.calls += 1
         x, grad = x.float(), grad.float()
         if self.diag is None:
-            sq_norm = _per_sequence_sq_norm(x, grad, seq_ids)
+            sq_norm = _sum_per_sequence_sq_norms(x, grad, seq_ids)
             if has_bias:
-                sq_norm = sq_norm + _per_sequence_bias_sq_norm(grad, seq_ids)
-            self.fisher[expert] += sq_norm.sum().double()
+                sq_norm = sq_norm + _sum_per_sequence_bias_sq_norms(grad, seq_ids)
+            self.fisher[expert] += sq_norm
             return
         weight_acc, bias_acc = self.diag(expert)
         for seq in torch.unique(seq_ids):
@@ -97,22 +99,24 @@ class _GradientSink:
 _GRAM_LIMIT = 4096  # tokens per call up to which the pairwise-Gram form is used
 
 
-def _per_sequence_sq_norm(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """Squared Frobenius norms of ``G_n.T @ X_n`` for every token group n, without forming them.
+def _sum_per_sequence_sq_norms(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """``sum_n ||G_n.T @ X_n||_F^2`` over the token groups n, as a float64 scalar, without forming them.
 
     ``||G_n.T X_n||^2 = sum_{t,s in n} (g_t . g_s)(x_t . x_s)``: the pairwise form costs
-    ``tokens^2 * (in + out)`` instead of ``out * in`` per sequence.
+    ``tokens^2 * (in + out)`` instead of ``out * in`` per sequence. The token Grams are float64
+    because activations with a large shared component make the float32 products cancel badly.
     """
-    num_tokens = x.shape[0]
-    if num_tokens <= _GRAM_LIMIT:
+    if x.shape[0] <= _GRAM_LIMIT:
+        x, grad = x.double(), grad.double()
         same_sequence = seq_ids[:, None] == seq_ids[None, :]
-        return ((x @ x.T) * (grad @ grad.T) * same_sequence).sum()[None]
-    return torch.stack([(grad[seq_ids == s].T @ x[seq_ids == s]).square().sum() for s in torch.unique(seq_ids)])
+        return ((x @ x.T) * (grad @ grad.T) * same_sequence).sum()
+    return sum((grad[seq_ids == s].T @ x[seq_ids == s]).double().square().sum() for s in torch.unique(seq_ids))
 
 
-def _per_sequence_bias_sq_norm(grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    sums = torch.zeros(int(seq_ids.max()) + 1, grad.shape[1], dtype=grad.dtype, device=grad.device)
-    return sums.index_add_(0, seq_ids, grad).square().sum()[None]
+def _sum_per_sequence_bias_sq_norms(grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """``sum_n ||sum_{t in n} g_t||^2``: the bias gradient of each sequence, squared, summed."""
+    sums = torch.zeros(int(seq_ids.max()) + 1, grad.shape[1], dtype=torch.float64, device=grad.device)
+    return sums.index_add_(0, seq_ids, grad.double()).square().sum()
 
 
 class _ProbedLinear(torch.autograd.Function):
@@ -137,40 +141,41 @@ class _BlockProbe:
     def __init__(self, block: MoEBlock, diagonal: bool) -> None:
         self.block = block
         num_experts = block.num_experts
-        self.fisher = torch.zeros(num_experts, dtype=torch.float64)
-        self.routed = torch.zeros(num_experts, dtype=torch.float64)
+        # accumulators live with the experts (a GPU or a device_map shard); moved to CPU at the end
+        device = block.expert(0).up.device
+        self.fisher = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.routed = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.seq_ids: torch.Tensor | None = None  # token row -> sequence, set per batch
         self.diag_weights: dict[str, torch.Tensor] = {}
         self.diag_biases: dict[str, torch.Tensor] = {}
         self.sinks: dict[str, _GradientSink] = {}
-        for name, param in self._parameters().items():
+        for name, (shape, bias_shape) in self._parameter_shapes().items():
             diag = None
             if diagonal:
-                self.diag_weights[name] = torch.zeros(param.shape, dtype=torch.float32)
-                bias = self._bias_parameters().get(name)
-                if bias is not None:
-                    self.diag_biases[name] = torch.zeros(bias.shape, dtype=torch.float32)
+                self.diag_weights[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+                if bias_shape is not None:
+                    self.diag_biases[name] = torch.zeros(bias_shape, dtype=torch.float32, device=device)
                 diag = functools.partial(self._diag_views, name)
             self.sinks[name] = _GradientSink(self.fisher, diag)
 
     # The probe accumulates in the parameters' own stored layout, so the layout's view logic turns
     # accumulators into per-projection matrices exactly as it does weights.
-    def _parameters(self) -> dict[str, torch.Tensor]:
+    def _parameter_shapes(self) -> dict[str, tuple[torch.Size, torch.Size | None]]:
+        """Stored (weight, bias) shapes of each probed linear, stacked over experts."""
         block = self.block
         if isinstance(block, FusedExpertsBlock):
-            return {"first": block.first_parameter, "down": block.experts.down_proj}
-        return {proj: torch.stack([block.linear(e, proj).weight for e in range(block.num_experts)])
-                for proj in block.projection_names()}
-
-    def _bias_parameters(self) -> dict[str, torch.Tensor | None]:
-        block = self.block
-        if not block.has_bias:
-            return {}
-        if isinstance(block, FusedExpertsBlock):
-            first = block.experts.gate_up_proj_bias if block.has_gate else block.experts.up_proj_bias
-            return {"first": first, "down": block.experts.down_proj_bias}
-        return {proj: torch.stack([block.linear(e, proj).bias for e in range(block.num_experts)])
-                for proj in block.projection_names()}
+            experts = block.experts
+            first_bias = down_bias = None
+            if block.has_bias:
+                first_bias = (experts.gate_up_proj_bias if block.has_gate else experts.up_proj_bias).shape
+                down_bias = experts.down_proj_bias.shape
+            return {"first": (block.first_parameter.shape, first_bias), "down": (experts.down_proj.shape, down_bias)}
+        shapes = {}
+        for proj in block.projection_names():
+            linear = block.linear(0, proj)
+            bias = None if linear.bias is None else torch.Size((block.num_experts, *linear.bias.shape))
+            shapes[proj] = (torch.Size((block.num_experts, *linear.weight.shape)), bias)
+        return shapes
 
     def _diag_views(self, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = self.diag_weights[name][expert]
@@ -224,7 +229,11 @@ def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     probe.routed += torch.bincount(top_k_index[valid].flatten(), minlength=num_experts).double()
     seq_ids = probe.seq_ids
     if seq_ids is None or seq_ids.numel() != hidden_states.shape[0]:
-        seq_ids = torch.zeros(hidden_states.shape[0], dtype=torch.long, device=hidden_states.device)
+        raise RuntimeError(
+            f"{block.name}.{block.experts_attr} received {hidden_states.shape[0]} token rows, but the calibration "
+            f"batch has {0 if seq_ids is None else seq_ids.numel()} tokens; cannot attribute tokens to sequences."
+        )
+    seq_ids = seq_ids.to(hidden_states.device)  # device_map="auto" spreads blocks over devices
     experts = block.experts
     first_param = block.first_parameter
     final = torch.zeros_like(hidden_states)
@@ -262,7 +271,7 @@ def _probe_fused(block: FusedExpertsBlock, probe: _BlockProbe) -> Iterator[None]
 
 @contextlib.contextmanager
 def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
-    patched: list[nn.Linear] = []
+    patched: list[tuple[nn.Linear, object]] = []
 
     def probed_forward(linear: nn.Linear, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -275,12 +284,15 @@ def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Ite
         for expert in range(block.num_experts):
             for proj in block.projection_names():
                 linear = block.linear(expert, proj)
+                patched.append((linear, linear.__dict__.get("forward")))  # e.g. an accelerate hook
                 linear.forward = functools.partial(probed_forward, linear, proj, expert)
-                patched.append(linear)
         yield
     finally:
-        for linear in patched:
-            del linear.forward
+        for linear, previous in patched:
+            if previous is None:
+                del linear.forward
+            else:
+                linear.forward = previous
 
 
 # layout name -> (context manager installing the probe, whether a pass may hold several sequences)
@@ -293,13 +305,18 @@ PROBES: dict[str, tuple[Callable[[MoEBlock, _BlockProbe], contextlib.AbstractCon
 # -- the calibration pass -----------------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def _calibration_mode(model: nn.Module, need_grad: bool) -> Iterator[None]:
+def _calibration_mode(model: nn.Module, need_grad: bool, train_mode: bool = False) -> Iterator[None]:
     """Freeze every parameter and, for Fisher, make activations require grad from the embeddings on,
     so one backward reaches every expert without allocating a single weight gradient."""
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     handle = None
     model.eval()  # no dropout or router jitter: the Fisher of the deployed model
+    if train_mode:  # the train-mode code path, still without dropout
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     if need_grad:
@@ -311,7 +328,8 @@ def _calibration_mode(model: nn.Module, need_grad: bool) -> Iterator[None]:
             handle.remove()
         for name, p in model.named_parameters():
             p.requires_grad_(requires_grad[name])
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
 
 
 def _sequence_log_likelihood(logits: torch.Tensor, input_ids: torch.Tensor, labels: str,
@@ -337,6 +355,7 @@ def compute_expert_importance(
     diagonal: bool = False,
     batch_size: int = 8,
     seed: int = 0,
+    train_mode: bool = False,
     show_progress: bool = True,
 ) -> ExpertImportance:
     """Fisher scores (exact, per calibration sequence) and routing frequencies of every expert.
@@ -351,6 +370,9 @@ def compute_expert_importance(
         diagonal: also accumulate the elementwise diagonal Fisher per projection (memory: one
             float32 copy of all expert weights).
         batch_size: sequences per pass. ModuleList experts always use one sequence per pass.
+        train_mode: run the forward in train mode (dropout still off). Needed by remote-code MoEs
+            whose eval path runs the experts under ``torch.no_grad`` (DeepSeek-MoE-16B); mind
+            train-only behaviour such as router jitter noise.
     """
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
@@ -369,7 +391,7 @@ def compute_expert_importance(
     num_sequences, seq_len = input_ids.shape
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_calibration_mode(model, need_grad=fisher))
+        stack.enter_context(_calibration_mode(model, need_grad=fisher, train_mode=train_mode))
         for block, probe in zip(source.blocks, probes):
             stack.enter_context(install(block, probe))
         if not fisher:
@@ -386,10 +408,12 @@ def compute_expert_importance(
             bar.update(batch.shape[0])
         bar.close()
 
-    routed = torch.stack([p.routed for p in probes])
+    if fisher:
+        _check_gradients_reached(probes)
+    routed = torch.stack([p.routed.cpu() for p in probes])
     importance = ExpertImportance(
         moe_layers=source.moe_layers,
-        fisher=torch.stack([p.fisher for p in probes]) / num_sequences,
+        fisher=torch.stack([p.fisher.cpu() for p in probes]) / num_sequences,
         frequency=routed / routed.sum(dim=1, keepdim=True).clamp_min(1),
         num_sequences=num_sequences,
         labels=labels,
@@ -399,10 +423,24 @@ def compute_expert_importance(
         for block, probe in zip(source.blocks, probes):
             weights, biases = probe.diagonal()
             for proj, value in weights.items():
-                importance.fisher_diag[(block.layer_idx, proj)] = value / num_sequences
+                importance.fisher_diag[(block.layer_idx, proj)] = value.cpu() / num_sequences
             for proj, value in biases.items():
-                importance.fisher_diag_bias[(block.layer_idx, proj)] = value / num_sequences
+                importance.fisher_diag_bias[(block.layer_idx, proj)] = value.cpu() / num_sequences
     return importance
+
+
+def _check_gradients_reached(probes: list[_BlockProbe]) -> None:
+    """A block that routed tokens but whose probe saw no backward ran its experts without autograd
+    (remote code such as DeepSeek-MoE-16B runs eval-mode experts under ``torch.no_grad``): its
+    Fisher would be silently zero."""
+    for probe in probes:
+        if probe.routed.sum() > 0 and not any(sink.calls for sink in probe.sinks.values()):
+            block = probe.block
+            raise RuntimeError(
+                f"{block.name}.{block.experts_attr}: experts ran without autograd, so their Fisher cannot be "
+                "measured (the module's eval path probably runs under torch.no_grad). Pass train_mode=True (the "
+                "train-mode path, dropout still off), or use fusion='frequency' / 'uniform', which need no gradients."
+            )
 
 
 def compute_routing_frequency(model: nn.Module, calibration: CalibrationSet | torch.Tensor, **kwargs) -> torch.Tensor:

@@ -47,19 +47,26 @@ def _replace(tmp: str, path: Path) -> None:
         raise
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Raise ``ValueError`` naming the first floating tensor that holds NaN or Inf."""
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"refusing to write {what}: tensor {name!r} contains NaN or Inf")
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``tensors`` to ``path`` atomically; return ``{"size", "sha256"}`` of the written file."""
     path = Path(path)
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise ValueError(f"refusing to write {path.name}: tensor {name!r} contains NaN or Inf")
+    check_finite(tensors, path.name)
     # safetensors refuses shared or strided storage; contiguous copies of views are what we store
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     handle, tmp = _atomic_target(path)
     os.close(handle)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as handle_:
+            os.fsync(handle_.fileno())  # the rename must not land before the data does
         record = {"size": os.path.getsize(tmp), "sha256": sha256_of(tmp)}
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -86,8 +93,12 @@ def atomic_write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     path = Path(path)
     handle, tmp = _atomic_target(path)
-    with os.fdopen(handle, "w", encoding="utf-8") as out:
-        out.write(text)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(text)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     _replace(tmp, path)
 
 

@@ -67,6 +67,10 @@ def extract_universal_knowledge(
     seed: int = 0,
     batch_size: int = 8,
     n_iter_max: int = 25,
+    train_mode: bool = False,
+    text_column: str | None = None,
+    dataset_config: str | None = None,
+    split: str = "train",
     importance: ExpertImportance | None = None,
     source_id: str | None = None,
     source_revision: str | None = None,
@@ -88,6 +92,9 @@ def extract_universal_knowledge(
         num_sequences, seq_len, seed: calibration sample (N sequences of T tokens, seeded).
         batch_size: calibration sequences per forward/backward pass.
         n_iter_max: HOOI / ALS iteration budget.
+        train_mode: calibrate in train mode (dropout off), for remote-code MoEs whose eval path
+            runs the experts under ``torch.no_grad``.
+        text_column, dataset_config, split: how to read a Hub or ``datasets`` calibration corpus.
         importance: precomputed :class:`ExpertImportance` (skips calibration).
         source_id, source_revision: provenance; defaults to the model's ``name_or_path``.
     """
@@ -102,11 +109,12 @@ def extract_universal_knowledge(
 
     if importance is None:
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                                 text_column=text_column, dataset_config=dataset_config, split=split,
                                  show_progress=show_progress)
         _check_vocabulary(model, calib)
         importance = compute_expert_importance(
             model, calib, source=source, labels=fisher_labels, diagonal=strategy.requires == "fisher_diag",
-            batch_size=batch_size, seed=seed, show_progress=show_progress,
+            batch_size=batch_size, seed=seed, train_mode=train_mode, show_progress=show_progress,
         )
         calibration_name, num_sequences, seq_len = calib.name, calib.num_sequences, calib.seq_len
     else:
@@ -116,6 +124,7 @@ def extract_universal_knowledge(
             raise ValueError("fusion='fisher_diag' needs importance computed with diagonal=True")
         calibration_name, num_sequences, seq_len = "precomputed importance", importance.num_sequences, 0
     fisher_labels = importance.labels
+    _check_importance(importance)
 
     fused = [fuse_block(block, importance, fusion) for block in
              tqdm(source.blocks, desc="Fusing experts", unit="layer", disable=not show_progress)]
@@ -151,6 +160,7 @@ def extract_universal_knowledge(
         fisher_labels=fisher_labels,
         fusion=fusion,
         decomposition=decomposition,
+        n_iter_max=n_iter_max,
         ranks={proj: list(dec.ranks) for proj, dec in decompositions.items()},
         relative_error={proj: dec.relative_error for proj, dec in decompositions.items()},
         retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
@@ -158,6 +168,15 @@ def extract_universal_knowledge(
     source_weights = {name: tensor.detach().to("cpu").clone() for name, tensor in source.non_expert_state_dict().items()}
     return UniteGene(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
                      source_weights, fused_biases)
+
+
+def _check_importance(importance: ExpertImportance) -> None:
+    for what, table in (("Fisher", importance.fisher), ("routing frequency", importance.frequency)):
+        bad = (~torch.isfinite(table)).nonzero()
+        if len(bad):
+            row, expert = bad[0].tolist()
+            raise ValueError(f"{what} of layer {importance.moe_layers[row]} expert {expert} is {table[row, expert].item()}; "
+                             "the calibration pass overflowed (try a float32 source).")
 
 
 def _check_vocabulary(model: nn.Module, calibration: CalibrationSet) -> None:

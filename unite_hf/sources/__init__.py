@@ -22,7 +22,8 @@ __all__ = [
     "ModuleListExpertsBlock", "UnsupportedSourceError", "get_source", "register_layout",
 ]
 
-# Where decoder layers keep their FFN, and where MoE blocks keep their router and shared experts.
+# Where dense decoder layers usually keep their FFN (named in errors), and where MoE blocks keep
+# their router and shared experts.
 FFN_ATTRS: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
 ROUTER_ATTRS: tuple[str, ...] = ("gate", "router")
 SHARED_EXPERT_PREFIX = "shared_expert"  # shared_expert, shared_experts, shared_expert_gate
@@ -133,22 +134,17 @@ def get_source(model: nn.Module) -> MoESource:
     blocks: list[MoEBlock] = []
     dense: list[int] = []
     for idx, layer in enumerate(layers):
-        ffn_attr = _find_attr(layer, FFN_ATTRS)
-        if ffn_attr is None:
-            raise UnsupportedSourceError(
-                f"{layers_path}.{idx} ({type(layer).__name__}) has no FFN block at any of {FFN_ATTRS}."
-            )
-        ffn = getattr(layer, ffn_attr)
-        name = f"{layers_path}.{idx}.{ffn_attr}"
-        if hasattr(ffn, "experts"):
-            blocks.append(_read_block(idx, name, ffn))
-        else:
+        # the MoE block is whichever child holds experts (mlp, block_sparse_moe, NemotronH's mixer, ...)
+        moe_attr = next((name for name, child in layer.named_children() if hasattr(child, "experts")), None)
+        if moe_attr is None:
             dense.append(idx)
+        else:
+            blocks.append(_read_block(idx, f"{layers_path}.{idx}.{moe_attr}", getattr(layer, moe_attr)))
     if not blocks:
-        first = f"{layers_path}.0.{_find_attr(layers[0], FFN_ATTRS)}"
+        ffn_attr = _find_attr(layers[0], FFN_ATTRS) or next(iter(dict(layers[0].named_children())), "?")
         raise UnsupportedSourceError(
             f"{type(model).__name__} is a dense model: none of its {len(layers)} layers has experts "
-            f"(e.g. {first} is {type(getattr(layers[0], _find_attr(layers[0], FFN_ATTRS))).__name__}). "
+            f"(e.g. {layers_path}.0.{ffn_attr} is {type(getattr(layers[0], ffn_attr, None)).__name__}). "
             "UNITE extracts from Mixture-of-Experts models."
         )
     _check_consistent(blocks)

@@ -87,7 +87,14 @@ class MoEBlock:
 
     @property
     def activation(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        return self.experts.act_fn
+        """The experts' activation (applied to the gate, or to up for non-gated experts)."""
+        act_fn = getattr(self.experts, "act_fn", None)
+        if act_fn is None:
+            raise UnsupportedSourceError(
+                f"{self.name}.{self.experts_attr} ({type(self.experts).__name__}) has no act_fn; its gating is "
+                "family-specific (see FusedExpertsBlock.custom_gating)."
+            )
+        return act_fn
 
     @property
     def has_gate(self) -> bool:
