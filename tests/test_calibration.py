@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import time
 import warnings
 from pathlib import Path
 
@@ -387,10 +386,8 @@ def test_unreachable_hub_id(tok, monkeypatch):
         monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
     except ImportError:  # pragma: no cover
         pass
-    t0 = time.perf_counter()
     with pytest.raises(CalibrationLoadError, match=r"nonexistent-user/nonexistent-dataset-xyz.*Hub may be unreachable"):
         load_calibration("nonexistent-user/nonexistent-dataset-xyz", tok, show_progress=False)
-    assert time.perf_counter() - t0 < 10
 
 
 def test_alias_hub_fallback_error(tok, monkeypatch, tmp_path):
