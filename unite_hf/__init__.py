@@ -15,9 +15,36 @@ from .importance import ExpertImportance, compute_expert_importance, compute_rou
 from .io import CorruptedFileError  # noqa: E402
 from .methods.unite import extract_universal_knowledge  # noqa: E402
 from .sources import MoESource, UnsupportedSourceError, get_source, register_layout  # noqa: E402
+from .configuration_unite import UniteConfig  # noqa: E402
+from .modeling_unite import (  # noqa: E402
+    UniteForCausalLM, UniteForMultipleChoice, UniteForSequenceClassification, UniteModel, UnitePreTrainedModel,
+)
+
+
+def _register_with_auto_classes() -> None:
+    """``import unite_hf`` makes AutoConfig / AutoModel* know model_type "unite", and saved targets
+    carry an auto_map plus the modeling files, so they load with trust_remote_code=True without us."""
+    from transformers import (
+        AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMultipleChoice, AutoModelForSequenceClassification,
+    )
+
+    AutoConfig.register("unite", UniteConfig, exist_ok=True)
+    UniteConfig.register_for_auto_class()
+    for auto_class, model_class in (
+        (AutoModel, UniteModel),
+        (AutoModelForCausalLM, UniteForCausalLM),
+        (AutoModelForSequenceClassification, UniteForSequenceClassification),
+        (AutoModelForMultipleChoice, UniteForMultipleChoice),
+    ):
+        auto_class.register(UniteConfig, model_class, exist_ok=True)
+        model_class.register_for_auto_class(auto_class.__name__)
+
+
+_register_with_auto_classes()
 
 __all__ = [
-    "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
+    "UniteConfig", "UniteForCausalLM", "UniteForMultipleChoice", "UniteForSequenceClassification", "UniteModel",
+    "UnitePreTrainedModel", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
     "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "UnsupportedSourceError", "__version__",
     "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
     "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",

@@ -1,0 +1,84 @@
+"""UNITE target model configuration.
+
+A target reuses its source family's own transformers stack (attention, norms, RoPE, multipliers),
+so its configuration is the source family's configuration at the target's depth
+(``text_config``), plus the few fields that describe the factorized FFNs grown from a gene.
+
+This file is self-contained (transformers only) so that a saved target loads with
+``trust_remote_code=True`` where unite_hf is not installed.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+CORE_INITS = ("random", "tucker")
+LAYER_SELECTIONS = ("first", "uniform")
+SHARED_EXPERT_MODES = ("keep", "drop")
+
+
+class UniteConfig(PreTrainedConfig):
+    r"""Configuration of a UNITE target model.
+
+    Args:
+        text_config: the source family's config (e.g. ``MixtralConfig``) with ``num_hidden_layers``
+            and any per-layer lists already cut to the target's layers. It builds the backbone.
+        ffn_layers: target layer indices whose FFN is a factorized UNITE FFN (the others keep the
+            family's dense MLP, e.g. DeepSeek-V3's first layers).
+        source_layers: for each target layer, the source layer it was grown from.
+        projections: ``["gate", "up", "down"]`` (gated experts) or ``["up", "down"]``.
+        ranks: ``{proj: [r_out, r_in]}`` of every factorized projection.
+        expert_intermediate_size: width of the fused expert (the source's expert width).
+        expert_activation: activation name in ``transformers.activations.ACT2FN``.
+        expert_bias: whether the fused projections carry biases.
+        tie_bases: one set of bases ``U_out, U_in`` per projection shared by all layers (``True``) or
+            a copy per layer (``False``, the paper's parameter counts, the default).
+        shared_experts: ``"keep"`` the source's shared experts as a dense branch, or ``"drop"`` them.
+        core_init, layer_selection: how the target was grown (provenance; see ``from_gene``).
+        gene: Hub id or path of the gene the target was grown from, and its source.
+    """
+
+    model_type = "unite"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="mixtral")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    ffn_layers: list[int] | None = None
+    source_layers: list[int] | None = None
+    projections: list[str] | None = None
+    ranks: dict[str, list[int]] | None = None
+    expert_intermediate_size: int = 0
+    expert_activation: str = "silu"
+    expert_bias: bool = False
+    tie_bases: bool = False
+    shared_experts: str = "keep"
+    core_init: str = "random"
+    layer_selection: str = "first"
+    gene: str | None = None
+    gene_source: str | None = None
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.projections is None:
+            self.projections = ["gate", "up", "down"]
+        if self.ranks is None:
+            self.ranks = {}
+        if self.ffn_layers is None:
+            self.ffn_layers = []
+        if self.core_init not in CORE_INITS:
+            raise ValueError(f"core_init must be one of {CORE_INITS}, got {self.core_init!r}")
+        if self.layer_selection not in LAYER_SELECTIONS:
+            raise ValueError(f"layer_selection must be one of {LAYER_SELECTIONS}, got {self.layer_selection!r}")
+        if self.shared_experts not in SHARED_EXPERT_MODES:
+            raise ValueError(f"shared_experts must be one of {SHARED_EXPERT_MODES}, got {self.shared_experts!r}")
+        missing = [p for p in self.projections if p not in self.ranks] if self.ffn_layers else []
+        if missing:
+            raise ValueError(f"ranks are missing for projections {missing}")
+        # generation and caches read these through get_text_config(); the heads read them here
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(self.text_config, name, None) is not None:
+                setattr(self, name, getattr(self.text_config, name))
+        self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
+
+
+__all__ = ["UniteConfig"]

@@ -1,0 +1,347 @@
+"""UNITE target models: the source family's own transformers stack with factorized FFNs.
+
+A target is built from its family's base model (``AutoModel.from_config(config.text_config)``),
+so attention, norms, RoPE variants, q/k norms, MLA and multipliers are the family's own code and
+stay exact. Only each MoE block (the decoder-layer child that holds ``experts``) is swapped for a
+:class:`UniteFFN`, whose projections are rebuilt from the gene as ``W_l = U_out @ G_l @ U_in.T``.
+
+This file is self-contained (torch + transformers) so that a saved target loads with
+``trust_remote_code=True`` where unite_hf is not installed. Growing a target from a gene
+(``from_gene``) needs the unite_hf package.
+"""
+
+import importlib
+import math
+
+import torch
+from torch import nn
+from transformers import AutoModel, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast, CausalLMOutputWithPast, MultipleChoiceModelOutput, SequenceClassifierOutputWithPast,
+)
+
+from .configuration_unite import UniteConfig
+
+
+def moe_slot(layer: nn.Module) -> str | None:
+    """Name of the decoder layer's child that holds experts (``mlp``, ``block_sparse_moe``, ...)."""
+    return next((name for name, child in layer.named_children() if hasattr(child, "experts")), None)
+
+
+def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
+    for path in ("layers", "decoder.layers", "h"):
+        module = backbone
+        for attr in path.split("."):
+            module = getattr(module, attr, None)
+        if isinstance(module, nn.ModuleList):
+            return module
+    raise ValueError(f"{type(backbone).__name__} has no decoder layer list")
+
+
+class UniteBases(nn.Module):
+    """The gene's bases of one projection: ``U_out`` (d_out, r_out) and ``U_in`` (d_in, r_in)."""
+
+    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int) -> None:
+        super().__init__()
+        self.out_basis = nn.Parameter(torch.empty(d_out, r_out))
+        self.in_basis = nn.Parameter(torch.empty(d_in, r_in))
+
+
+class UniteFactorizedLinear(nn.Module):
+    """``y = U_out @ G @ U_in.T @ x (+ b)``, computed right to left: O(d r + r^2) per token."""
+
+    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int, bias: bool, own_bases: bool) -> None:
+        super().__init__()
+        self.d_out, self.d_in = d_out, d_in
+        self.core = nn.Parameter(torch.empty(r_out, r_in))
+        self.bases = UniteBases(d_out, d_in, r_out, r_in) if own_bases else None
+        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+
+    def forward(self, x: torch.Tensor, bases: UniteBases) -> torch.Tensor:
+        y = ((x @ bases.in_basis) @ self.core.T) @ bases.out_basis.T
+        return y if self.bias is None else y + self.bias
+
+    def weight(self, bases: UniteBases) -> torch.Tensor:
+        """The rebuilt dense matrix ``(d_out, d_in)`` (for inspection and checks)."""
+        return bases.out_basis @ self.core @ bases.in_basis.T
+
+
+class UniteFFN(nn.Module):
+    """A fused expert grown from a gene, plus the source's shared experts when kept.
+
+    ``gate``/``up``/``down`` are factorized; ``act(gate(x)) * up(x)`` as in the source experts
+    (non-gated experts: ``act(up(x))``). Shared experts are the family's own modules, combined as
+    the family does: Qwen2-MoE gates ``shared_expert`` by ``sigmoid(shared_expert_gate(x))``,
+    DeepSeek adds ``shared_experts``.
+    """
+
+    def __init__(self, config: UniteConfig, shared: dict[str, nn.Module], shared_bases: nn.ModuleDict | None) -> None:
+        super().__init__()
+        hidden, intermediate = config.text_config.hidden_size, config.expert_intermediate_size
+        dims = {"gate": (intermediate, hidden), "up": (intermediate, hidden), "down": (hidden, intermediate)}
+        self.projections = list(config.projections)
+        for proj in self.projections:
+            r_out, r_in = config.ranks[proj]
+            setattr(self, proj, UniteFactorizedLinear(*dims[proj], r_out, r_in, config.expert_bias,
+                                                      own_bases=shared_bases is None))
+        self.act_fn = ACT2FN[config.expert_activation]
+        for name, module in shared.items():
+            self.add_module(name, module)
+        # not registered: tied bases belong to the model, this is only a lookup
+        self.__dict__["_shared_bases"] = shared_bases
+
+    def _bases(self, proj: str) -> UniteBases:
+        shared = self.__dict__["_shared_bases"]
+        return shared[proj] if shared is not None else getattr(self, proj).bases
+
+    def project(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        return getattr(self, proj)(x, self._bases(proj))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if "gate" in self.projections:
+            h = self.act_fn(self.project("gate", hidden_states)) * self.project("up", hidden_states)
+        else:
+            h = self.act_fn(self.project("up", hidden_states))
+        out = self.project("down", h)
+        if hasattr(self, "shared_expert"):
+            shared = self.shared_expert(hidden_states)
+            if hasattr(self, "shared_expert_gate"):
+                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+            out = out + shared
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(hidden_states)
+        return out
+
+
+SHARED_EXPERT_PREFIX = "shared_expert"
+
+# logit post-processing some families apply in their ForCausalLM head: config attribute -> transform
+LOGIT_TRANSFORMS = {
+    "logits_scaling": lambda logits, value: logits / value,  # Granite
+    "final_logit_softcapping": lambda logits, value: torch.tanh(logits / value) * value,  # Gemma-style
+}
+
+
+class UnitePreTrainedModel(PreTrainedModel):
+    config: UniteConfig
+    config_class = UniteConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, UnitePreTrainedModel):
+            # the UNITE FFNs sit inside the family backbone, whose own init does not know them
+            for sub in module.modules():
+                if isinstance(sub, (UniteBases, UniteFactorizedLinear)):
+                    _init_unite_module(sub, std)
+        elif isinstance(module, nn.Linear):  # heads; the backbone's layers use the family's init
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+
+    @classmethod
+    def from_gene(cls, gene, **kwargs):
+        """Grow this target from a gene (a :class:`unite_hf.UniteGene`, a folder or a Hub id).
+
+        See :func:`unite_hf.targets.grow_from_gene` for the options (depth, rank, core_init,
+        layer_selection, tie_bases, shared_experts). Needs the unite_hf package.
+        """
+        targets = importlib.import_module("unite_hf.targets")
+        return targets.grow_from_gene(cls, gene, **kwargs)
+
+    def unite_parameter_breakdown(self) -> dict[str, int]:
+        """Parameters by role: embeddings, attention, norms, dense_mlp, shared_experts, bases, cores,
+        ffn_bias, head, other; and total (tied weights counted once)."""
+        breakdown: dict[str, int] = {}
+        embeddings = self.get_input_embeddings().weight
+        for name, param in self.named_parameters():
+            breakdown[_role(name, param, embeddings)] = breakdown.get(_role(name, param, embeddings), 0) + param.numel()
+        breakdown["total"] = sum(breakdown.values())
+        return breakdown
+
+
+def _init_unite_module(module: nn.Module, std: float) -> None:
+    if isinstance(module, UniteBases):
+        init.orthogonal_(module.out_basis)
+        init.orthogonal_(module.in_basis)
+        return
+    # core std such that the rebuilt W has the entry std of a dense init: with orthonormal bases
+    # ||W||_F = ||G||_F, so E||G||^2 = d_out * d_in * std^2
+    r_out, r_in = module.core.shape
+    init.normal_(module.core, mean=0.0, std=std * math.sqrt(module.d_out * module.d_in / (r_out * r_in)))
+    if module.bias is not None:
+        init.zeros_(module.bias)
+
+
+def _role(name: str, param: torch.Tensor, embeddings: torch.Tensor) -> str:
+    parts = name.split(".")
+    if param is embeddings or "embed" in name:
+        return "embeddings"
+    if "in_basis" in parts or "out_basis" in parts:
+        return "bases"
+    if parts[-1] == "core":
+        return "cores"
+    if any(p.startswith(SHARED_EXPERT_PREFIX) for p in parts):
+        return "shared_experts"
+    if parts[-1] == "bias" and any(p in ("gate", "up", "down") for p in parts):
+        return "ffn_bias"
+    if any("attn" in p or "attention" in p for p in parts):
+        return "attention"
+    if "norm" in name:
+        return "norms"
+    if any(p in ("mlp", "feed_forward") for p in parts):
+        return "dense_mlp"
+    if parts[0] in ("lm_head", "score", "classifier"):
+        return "head"
+    return "other"
+
+
+class UniteModel(UnitePreTrainedModel):
+    """The backbone: the source family's base model at the target depth, with UNITE FFNs."""
+
+    def __init__(self, config: UniteConfig) -> None:
+        super().__init__(config)
+        self.backbone = AutoModel.from_config(config.text_config)
+        self.unite_bases = None
+        if config.tie_bases and config.ffn_layers:
+            self.unite_bases = nn.ModuleDict()
+            for proj in config.projections:
+                hidden, intermediate = config.text_config.hidden_size, config.expert_intermediate_size
+                d_out, d_in = (hidden, intermediate) if proj == "down" else (intermediate, hidden)
+                self.unite_bases[proj] = UniteBases(d_out, d_in, *config.ranks[proj])
+        layers = decoder_layers(self.backbone)
+        slots = [i for i, layer in enumerate(layers) if moe_slot(layer) is not None]
+        if slots != list(config.ffn_layers):
+            raise ValueError(
+                f"the {config.text_config.model_type} backbone has MoE blocks at layers {slots}, but the target's "
+                f"UNITE FFNs are at {config.ffn_layers}; the text_config does not describe this target."
+            )
+        for i in slots:
+            name = moe_slot(layers[i])
+            block = getattr(layers[i], name)
+            shared = {}
+            if config.shared_experts == "keep":
+                shared = {n: m for n, m in block.named_children() if n.startswith(SHARED_EXPERT_PREFIX)}
+            setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.backbone.set_input_embeddings(value)
+
+    def ffn(self, layer: int) -> UniteFFN:
+        """The UNITE FFN of target ``layer``."""
+        for child in decoder_layers(self.backbone)[layer].children():
+            if isinstance(child, UniteFFN):
+                return child
+        raise KeyError(f"target layer {layer} has a dense MLP, not a UNITE FFN; FFN layers: {self.config.ffn_layers}")
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             **kwargs)
+
+
+def _last_token_pool(hidden: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                     pad_token_id: int | None) -> torch.Tensor:
+    """Hidden state of each sequence's last real token (right or left padding)."""
+    batch = hidden.shape[0]
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    if attention_mask is not None:
+        last = (positions * attention_mask.to(hidden.device)).argmax(-1)
+    elif input_ids is not None and pad_token_id is not None:
+        last = (positions * (input_ids != pad_token_id).to(hidden.device)).argmax(-1)
+    else:
+        last = torch.full((batch,), hidden.shape[1] - 1, device=hidden.device)
+    return hidden[torch.arange(batch, device=hidden.device), last]
+
+
+class UniteForCausalLM(UnitePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.backbone.embed_tokens.weight"}
+
+    def __init__(self, config: UniteConfig) -> None:
+        super().__init__(config)
+        self.model = UniteModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
+                **kwargs) -> CausalLMOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        hidden = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden[:, keep, :])
+        for attribute, transform in LOGIT_TRANSFORMS.items():
+            value = getattr(self.config.text_config, attribute, None)
+            if value:
+                logits = transform(logits, value)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class UniteForSequenceClassification(UnitePreTrainedModel):
+    """Last-real-token pooling and a linear head (the paper's k-way classification format, A.2.5)."""
+
+    def __init__(self, config: UniteConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = UniteModel(config)
+        self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+        pooled = _last_token_pool(outputs.last_hidden_state, input_ids, attention_mask, self.config.pad_token_id)
+        logits = self.score(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                                hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+
+class UniteForMultipleChoice(UnitePreTrainedModel):
+    """Scores each (context, choice) sequence with a linear head on its last real token."""
+
+    def __init__(self, config: UniteConfig) -> None:
+        super().__init__(config)
+        self.model = UniteModel(config)
+        self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
+                **kwargs) -> MultipleChoiceModelOutput:
+        source = input_ids if input_ids is not None else inputs_embeds
+        batch, choices = source.shape[:2]
+        flat = lambda t: None if t is None else t.reshape(batch * choices, *t.shape[2:])  # noqa: E731
+        outputs = self.model(input_ids=flat(input_ids), attention_mask=flat(attention_mask),
+                             inputs_embeds=flat(inputs_embeds), use_cache=False, **kwargs)
+        pooled = _last_token_pool(outputs.last_hidden_state, flat(input_ids), flat(attention_mask), self.config.pad_token_id)
+        logits = self.score(pooled).view(batch, choices)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
+        return MultipleChoiceModelOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                         attentions=outputs.attentions)
+
+
+__all__ = [
+    "UniteFFN", "UniteFactorizedLinear", "UniteForCausalLM", "UniteForMultipleChoice",
+    "UniteForSequenceClassification", "UniteModel", "UnitePreTrainedModel",
+]

@@ -1,0 +1,260 @@
+"""Growing UNITE targets from a gene (paper §3.3): depth, rank, core init, layer selection, bases.
+
+Defaults follow the paper:
+
+- ``core_init="random"``: the cores ``G_l`` start random and everything is fine-tuned. ``"tucker"``
+  inherits the Tucker core slice of each source layer (``G_l = sum_k U_L[l, k] G[k]``), which goes
+  beyond the paper (its listed limitation is random ``G_l``); at full depth and rank the target then
+  reproduces the fused source exactly.
+- ``layer_selection="first"``: target layer i takes attention, norms and its core from source layer
+  i. ``"uniform"`` spreads the L' target layers evenly over the source's L layers
+  (``round(i * (L - 1) / (L' - 1))``).
+- ``tie_bases=False``: each factorized layer holds its own copy of ``U_out, U_in`` (initialised from
+  the gene, free to drift during fine-tuning), which is what the paper's parameter counts imply.
+  ``True`` shares one set of bases across all layers.
+- ``rank``: the gene's ranks; a smaller rank keeps the leading columns of the bases (and the leading
+  block of the core), which is the best rank-r truncation for orthonormal Tucker factors.
+- ``shared_experts="keep"``: the source's shared experts stay as a dense branch (``"drop"`` removes
+  them).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
+
+from .configuration_unite import UniteConfig
+from .gene import UniteGene
+from .sources import get_source
+
+
+def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None) -> tuple[UniteGene, str | None]:
+    if isinstance(gene, UniteGene):
+        return gene, gene.config.source_id
+    return UniteGene.from_pretrained(gene, revision=revision), str(gene)
+
+
+def select_layers(source_layers: int, target_layers: int, selection: str) -> list[int]:
+    """Source layer index of each target layer."""
+    if not 1 <= target_layers <= source_layers:
+        raise ValueError(f"num_hidden_layers={target_layers} is out of range: the source has {source_layers} layers "
+                         f"(choose 1..{source_layers}).")
+    if selection == "first":
+        return list(range(target_layers))
+    if selection == "uniform":
+        if target_layers == 1:
+            return [0]
+        return [round(i * (source_layers - 1) / (target_layers - 1)) for i in range(target_layers)]
+    raise ValueError(f"layer_selection must be 'first' or 'uniform', got {selection!r}")
+
+
+def _source_config(gene: UniteGene) -> PreTrainedConfig:
+    data = dict(gene.config.source_config)
+    model_type = data.pop("model_type", gene.config.source_model_type)
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _target_text_config(source_config: PreTrainedConfig, selected: list[int], dense_layers: list[int]) -> PreTrainedConfig:
+    """The family config at the target depth, with every per-layer setting cut to ``selected``."""
+    num_layers = source_config.num_hidden_layers
+    data = source_config.to_dict()
+    for key, value in list(data.items()):
+        if isinstance(value, list) and len(value) == num_layers and key != "mlp_only_layers":
+            data[key] = [value[s] for s in selected]  # layer_types, layers_block_type, ...
+    data["num_hidden_layers"] = len(selected)
+    dense_positions = [i for i, s in enumerate(selected) if s in dense_layers]
+    if "mlp_only_layers" in data or "decoder_sparse_step" in data:  # Qwen2/3-MoE
+        data["mlp_only_layers"] = dense_positions
+        data["decoder_sparse_step"] = 1
+    if data.get("first_k_dense_replace") is not None:  # DeepSeek
+        if dense_positions != list(range(len(dense_positions))):
+            raise ValueError(
+                f"{source_config.model_type} keeps dense layers only as a prefix (first_k_dense_replace); the selected "
+                f"source layers {selected} put dense layers at target positions {dense_positions}. Use layer_selection='first'."
+            )
+        data["first_k_dense_replace"] = len(dense_positions)
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+def _resolve_target_ranks(gene: UniteGene, rank) -> dict[str, list[int]]:
+    ranks = {}
+    for proj, (_, gene_out, gene_in) in gene.ranks.items():
+        if rank is None:
+            wanted = (gene_out, gene_in)
+        elif isinstance(rank, int) and not isinstance(rank, bool):
+            wanted = (rank, rank)
+        elif isinstance(rank, (tuple, list)) and len(rank) == 2:
+            wanted = tuple(rank)
+        else:
+            raise TypeError(f"rank must be an int or (r_out, r_in), got {rank!r}")
+        if min(wanted) < 1:
+            raise ValueError(f"rank {wanted} for {proj} must be positive")
+        if wanted[0] > gene_out or wanted[1] > gene_in:
+            raise ValueError(f"rank {wanted} for {proj} is above the gene's ranks ({gene_out}, {gene_in}); "
+                             "a target can only truncate the gene's bases.")
+        ranks[proj] = [int(wanted[0]), int(wanted[1])]
+    return ranks
+
+
+def _expert_activation(block, source_config: PreTrainedConfig) -> str:
+    """Name in ACT2FN of the source experts' activation (preferring the config's own name)."""
+    from transformers.activations import ACT2CLS, ACT2FN
+
+    act = block.activation
+    names = [n for n in ACT2CLS if type(ACT2FN[n]) is type(act)]
+    for preferred in (getattr(source_config, "mlp_hidden_act", None), getattr(source_config, "hidden_act", None)):
+        if preferred in names:
+            return preferred
+    if not names:
+        raise ValueError(f"{block.name}: the experts' activation {type(act).__name__} is not in ACT2FN")
+    return names[0]
+
+
+def build_target_config(
+    gene: UniteGene,
+    *,
+    num_hidden_layers: int | None = None,
+    rank: int | tuple[int, int] | None = None,
+    core_init: str = "random",
+    layer_selection: str = "first",
+    tie_bases: bool = False,
+    shared_experts: str = "keep",
+    gene_name: str | None = None,
+    **config_kwargs: Any,
+) -> UniteConfig:
+    """The :class:`UniteConfig` of a target grown from ``gene`` (validated, nothing built yet)."""
+    gc = gene.config
+    if gc.custom_gating:
+        raise ValueError("the source's experts use family-specific gating (e.g. gpt-oss); UNITE targets rebuild "
+                         "act(gate) * up and cannot reproduce it.")
+    source_config = _source_config(gene)
+    depth = num_hidden_layers if num_hidden_layers is not None else gc.num_layers
+    selected = select_layers(gc.num_layers, depth, layer_selection)
+    text_config = _target_text_config(source_config, selected, gc.dense_layers)
+    ffn_layers = [i for i, s in enumerate(selected) if s in gc.moe_layers]
+    if tie_bases and gene.decompositions[gc.projections[0]].out_factor.ndim == 3:
+        raise ValueError(f"the gene's {gc.decomposition!r} decomposition has per-layer bases; tie_bases=True needs "
+                         "shared bases (tucker or cp).")
+    with torch.device("meta"):  # the source's structure, for free: where experts live, their activation
+        skeleton = AutoModelForCausalLM.from_config(source_config)
+    activation = _expert_activation(get_source(skeleton).blocks[0], source_config)
+    return UniteConfig(
+        text_config=text_config,
+        ffn_layers=ffn_layers,
+        source_layers=selected,
+        projections=list(gc.projections),
+        ranks=_resolve_target_ranks(gene, rank),
+        expert_intermediate_size=gc.expert_intermediate_size,
+        expert_activation=activation,
+        expert_bias=gc.has_bias,
+        tie_bases=tie_bases,
+        shared_experts=shared_experts,
+        core_init=core_init,
+        layer_selection=layer_selection,
+        gene=gene_name,
+        gene_source=gc.source_id,
+        **config_kwargs,
+    )
+
+
+def target_state_dict(model: nn.Module, gene: UniteGene) -> dict[str, torch.Tensor]:
+    """The gene's tensors under the target's parameter names: copied non-FFN weights for the selected
+    source layers, truncated bases, and (for ``core_init="tucker"``) the inherited cores."""
+    config: UniteConfig = model.config
+    prefix = model.base_model_prefix + "." if hasattr(model, model.base_model_prefix) else ""
+    source = _meta_source(gene)
+    layers_path = source.layers_path  # e.g. "model.layers"
+    base_prefix = layers_path.rsplit(".", 1)[0] + "." if "." in layers_path else ""
+    position = {s: i for i, s in enumerate(config.source_layers)}
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in gene.source_state_dict.items():
+        if name.startswith(layers_path + "."):
+            layer, rest = name[len(layers_path) + 1:].split(".", 1)
+            if int(layer) not in position:
+                continue
+            if rest.split(".", 1)[1].startswith("shared_expert") and config.shared_experts != "keep":
+                continue
+            name = f"{layers_path[len(base_prefix):]}.{position[int(layer)]}.{rest}"
+        elif base_prefix and name.startswith(base_prefix):
+            name = name[len(base_prefix):]
+        else:  # the source's head (an untied lm_head): only a causal LM target has one
+            if hasattr(model, name.split(".")[0]):
+                state[name] = tensor
+            continue
+        state[f"{prefix}backbone.{name}"] = tensor
+    unite_model = getattr(model, model.base_model_prefix, model)
+    for i in config.ffn_layers:
+        ffn = unite_model.ffn(i)
+        row = gene.moe_layers.index(config.source_layers[i])
+        ffn_name = next(n for n, m in model.named_modules() if m is ffn)
+        for proj in config.projections:
+            decomposition = gene.decompositions[proj]
+            r_out, r_in = config.ranks[proj]
+            out_basis = decomposition.layer_out_factor(row)[:, :r_out]
+            in_basis = decomposition.layer_in_factor(row)[:, :r_in]
+            if config.tie_bases:
+                state[f"{prefix}unite_bases.{proj}.out_basis"] = out_basis
+                state[f"{prefix}unite_bases.{proj}.in_basis"] = in_basis
+            else:
+                state[f"{ffn_name}.{proj}.bases.out_basis"] = out_basis
+                state[f"{ffn_name}.{proj}.bases.in_basis"] = in_basis
+            if config.core_init == "tucker":
+                state[f"{ffn_name}.{proj}.core"] = decomposition.layer_core(row)[:r_out, :r_in]
+            bias = gene.fused_bias(config.source_layers[i], proj)
+            if bias is not None:
+                state[f"{ffn_name}.{proj}.bias"] = bias
+    return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+def _meta_source(gene: UniteGene):
+    with torch.device("meta"):
+        return get_source(AutoModelForCausalLM.from_config(_source_config(gene)))
+
+
+def grow_from_gene(
+    cls,
+    gene: UniteGene | str | os.PathLike,
+    *,
+    num_hidden_layers: int | None = None,
+    rank: int | tuple[int, int] | None = None,
+    core_init: str = "random",
+    layer_selection: str = "first",
+    tie_bases: bool = False,
+    shared_experts: str = "keep",
+    revision: str | None = None,
+    dtype: torch.dtype | None = None,
+    **config_kwargs: Any,
+):
+    """Build a ``UniteFor*`` target from a gene (object, folder or Hub id); see the module docstring.
+
+    Extra keyword arguments go to the config (``num_labels``, ``id2label``, ``pad_token_id``, ...).
+    Classifiers require ``num_labels`` (or ``id2label``).
+    """
+    from .modeling_unite import UniteForMultipleChoice, UniteForSequenceClassification
+
+    if cls is UniteForSequenceClassification and "num_labels" not in config_kwargs and "id2label" not in config_kwargs:
+        raise ValueError(f"{cls.__name__}.from_gene needs num_labels (or id2label): how many classes does the task have?")
+    if cls is UniteForMultipleChoice and "num_labels" in config_kwargs:
+        warnings.warn("num_labels is ignored by UniteForMultipleChoice: the number of choices comes from the input.")
+    gene, name = _load_gene(gene, revision)
+    config = build_target_config(gene, num_hidden_layers=num_hidden_layers, rank=rank, core_init=core_init,
+                                 layer_selection=layer_selection, tie_bases=tie_bases, shared_experts=shared_experts,
+                                 gene_name=name, **config_kwargs)
+    model = cls(config)
+    state = target_state_dict(model, gene)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected:
+        raise ValueError(f"gene tensors without a place in the target (a mapping bug): {unexpected[:5]}")
+    allowed = ("core", "score.weight", "lm_head.weight", "rotary_emb")
+    lost = [k for k in missing if not k.endswith(allowed) and "rotary" not in k]
+    if lost:
+        raise ValueError(f"target weights the gene does not provide: {lost[:5]}")
+    if dtype is not None:
+        model = model.to(dtype)
+    return model
