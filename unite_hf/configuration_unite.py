@@ -56,6 +56,9 @@ class UniteConfig(PreTrainedConfig):
     gene_source: str | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -74,10 +77,13 @@ class UniteConfig(PreTrainedConfig):
         missing = [p for p in self.projections if p not in self.ranks] if self.ffn_layers else []
         if missing:
             raise ValueError(f"ranks are missing for projections {missing}")
-        # generation and caches read these through get_text_config(); the heads read them here
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "pad_token_id", "bos_token_id", "eos_token_id"):
-            if getattr(self.text_config, name, None) is not None:
-                setattr(self, name, getattr(self.text_config, name))
+        # generation and caches read the family's fields through get_text_config(); mirrored here for
+        # the heads and for users. Token ids given to the target win over the source's.
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers"):
+            setattr(self, name, getattr(self.text_config, name))
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            if getattr(self, name) is None:
+                setattr(self, name, getattr(self.text_config, name, None))
         self.tie_word_embeddings = bool(getattr(self.text_config, "tie_word_embeddings", False))
 
 

@@ -12,6 +12,8 @@ This file is self-contained (torch + transformers) so that a saved target loads 
 
 import importlib
 import math
+import os
+import tempfile
 
 import torch
 from torch import nn
@@ -136,16 +138,18 @@ class UnitePreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, UnitePreTrainedModel):
-            # the UNITE FFNs sit inside the family backbone, whose own init does not know them
-            for sub in module.modules():
-                if isinstance(sub, (UniteBases, UniteFactorizedLinear)):
-                    _init_unite_module(sub, std)
-        elif isinstance(module, nn.Linear):  # heads; the backbone's layers use the family's init
-            init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear):  # heads; the backbone's layers use the family's own init
+            init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if module.bias is not None:
                 init.zeros_(module.bias)
+
+    def initialize_weights(self) -> None:
+        super().initialize_weights()
+        # The UNITE FFNs sit inside the family backbone, whose init dispatch never reaches them.
+        # init.* functions skip tensors already loaded from a checkpoint.
+        for module in self.modules():
+            if isinstance(module, (UniteBases, UniteFactorizedLinear)):
+                _init_unite_module(module, self.config.initializer_range)
 
     @classmethod
     def from_gene(cls, gene, **kwargs):
@@ -156,6 +160,34 @@ class UnitePreTrainedModel(PreTrainedModel):
         """
         targets = importlib.import_module("unite_hf.targets")
         return targets.grow_from_gene(cls, gene, **kwargs)
+
+    def set_card_info(self, datasets: list[str] | None = None, eval_results: list[dict] | None = None) -> None:
+        """Datasets and eval results for the model card written by save_pretrained / push_to_hub."""
+        self._card_info = {"datasets": datasets, "eval_results": eval_results}
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus a UNITE model card (when unite_hf is installed)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        try:
+            cards, io = importlib.import_module("unite_hf.cards"), importlib.import_module("unite_hf.io")
+        except ImportError:  # loaded as remote code without unite_hf: no card template available
+            return result
+        card = cards.render_target_card(self, **getattr(self, "_card_info", {}))
+        io.atomic_write_text(card, os.path.join(save_directory, "README.md"))
+        return result
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload UNITE target", private: bool | None = None,
+                    token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
+                    max_shard_size: int | str = "5GB", **kwargs):
+        """Save (weights, config, modeling code, model card) and upload in one commit."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as work_dir:
+            self.save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
+                                     revision=revision, create_pr=create_pr)
 
     def unite_parameter_breakdown(self) -> dict[str, int]:
         """Parameters by role: embeddings, attention, norms, dense_mlp, shared_experts, bases, cores,
@@ -193,10 +225,10 @@ def _role(name: str, param: torch.Tensor, embeddings: torch.Tensor) -> str:
         return "shared_experts"
     if parts[-1] == "bias" and any(p in ("gate", "up", "down") for p in parts):
         return "ffn_bias"
+    if any("norm" in p for p in parts):  # before attention: post_attention_layernorm, q_norm
+        return "norms"
     if any("attn" in p or "attention" in p for p in parts):
         return "attention"
-    if "norm" in name:
-        return "norms"
     if any(p in ("mlp", "feed_forward") for p in parts):
         return "dense_mlp"
     if parts[0] in ("lm_head", "score", "classifier"):

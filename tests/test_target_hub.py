@@ -1,0 +1,57 @@
+"""Targets go to a real HTTP Hub server on 127.0.0.1: push, load by repo id, remote code, card."""
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import transformers
+from hub_server import local_hub  # noqa: F401
+from tiny_models import VOCAB, tiny_moe
+
+from unite_hf import UniteForSequenceClassification, extract_universal_knowledge
+
+
+def test_push_load_and_card(local_hub, tmp_path):  # noqa: F811
+    gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=torch.randint(0, VOCAB, (4, 12)),
+                                       rank=(3, 8, 8), show_progress=False)
+    gene.push_to_hub("me/mixtral-gene")
+    model = UniteForSequenceClassification.from_gene("me/mixtral-gene", num_hidden_layers=2, rank=6, num_labels=4,
+                                                     pad_token_id=0)
+    assert model.config.gene == "me/mixtral-gene"
+    model.set_card_info(datasets=["allenai/ai2_arc"], eval_results=[
+        {"dataset_name": "ARC-Easy", "dataset_type": "allenai/ai2_arc", "metric_type": "accuracy", "metric_value": 0.5}])
+    model.push_to_hub("me/arc-unite")
+    assert {"config.json", "model.safetensors", "modeling_unite.py", "configuration_unite.py", "README.md"} <= set(
+        local_hub.files("me/arc-unite"))
+
+    ids = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained("me/arc-unite")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load("me/arc-unite")
+    assert {"unite", "learngene"} <= set(card.data.tags)
+    assert card.data.base_model == ["me/mixtral-gene"] or "me/mixtral-gene" in card.data.base_model
+    assert card.data.datasets == ["allenai/ai2_arc"]
+    assert card.data.eval_results[0].metric_value == 0.5
+
+    # a fresh interpreter without unite_hf loads it from the Hub with trust_remote_code
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['unite_hf'] = None\n"
+        "from transformers import AutoModelForSequenceClassification\n"
+        "m = AutoModelForSequenceClassification.from_pretrained('me/arc-unite', trust_remote_code=True)\n"
+        f"print(json.dumps(m(input_ids=torch.tensor({ids.tolist()})).logits.tolist()))\n"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected,
+                               rtol=1e-5, atol=1e-5)

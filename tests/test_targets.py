@@ -1,0 +1,232 @@
+"""Targets grown from genes: exactness against the fused source, options, Auto classes, bad input."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny_models import FAMILIES, VOCAB, tiny_moe
+from torch import nn
+
+from unite_hf import (
+    GeneFormatError, UniteConfig, UniteForCausalLM, UniteForMultipleChoice, UniteForSequenceClassification,
+    UniteModel, extract_universal_knowledge, get_source,
+)
+
+CALIBRATION = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+INPUT = torch.randint(0, VOCAB, (2, 10), generator=torch.Generator().manual_seed(2))
+
+
+class FusedDenseBlock(nn.Module):
+    """The test's own reference: a source MoE block replaced by one dense MLP holding the gene's fused
+    weights, with the block's shared experts combined as the family does."""
+
+    def __init__(self, block, gene):
+        super().__init__()
+        self.weights = {p: gene.fused_weight(block.layer_idx, p) for p in gene.config.projections}
+        self.act = block.activation
+        for name, module in block.shared_experts:
+            self.add_module(name, module)
+
+    def forward(self, x):
+        w = self.weights
+        h = self.act(x @ w["gate"].T) * (x @ w["up"].T) if "gate" in w else self.act(x @ w["up"].T)
+        out = h @ w["down"].T
+        if hasattr(self, "shared_expert"):
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if hasattr(self, "shared_experts"):
+            out = out + self.shared_experts(x)
+        return out
+
+
+def fused_reference(model, gene):
+    reference = copy.deepcopy(model)
+    for block in get_source(reference).blocks:
+        layer_path, attr = block.name.rsplit(".", 1)
+        setattr(reference.get_submodule(layer_path), attr, FusedDenseBlock(block, gene))
+    return reference
+
+
+@pytest.fixture(scope="module")
+def genes():
+    return {family: (tiny_moe(family), extract_universal_knowledge(tiny_moe(family), calibration=CALIBRATION,
+                                                                   show_progress=False))
+            for family in FAMILIES}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_target_with_tucker_cores_reproduces_the_fused_source(genes, family):
+    source, gene = genes[family]
+    target = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()
+    reference = fused_reference(source, gene).eval()
+    with torch.no_grad():
+        expected = reference(input_ids=INPUT).logits
+        got = target(input_ids=INPUT).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # and the rebuilt FFN matrices are the gene's fused experts
+    ffn = target.model.ffn(gene.moe_layers[-1])
+    torch.testing.assert_close(ffn.up.weight(ffn._bases("up")), gene.fused_weight(gene.moe_layers[-1], "up"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_generation_matches_a_manual_greedy_loop(genes):
+    _, gene = genes["qwen3_moe"]
+    model = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()
+    prompt = INPUT[:1, :5]
+    generated = model.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    ids = prompt
+    with torch.no_grad():
+        for _ in range(4):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(generated, ids)
+
+
+def test_depth_rank_and_layer_selection(genes):
+    source, gene = genes["mixtral"]
+    first = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=2, rank=8, num_labels=3, core_init="tucker")
+    assert first.config.source_layers == [0, 1] and first.config.text_config.num_hidden_layers == 2
+    assert first.config.ranks == {"gate": [8, 8], "up": [8, 8], "down": [8, 8]}
+    uniform = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=2, num_labels=3, layer_selection="uniform")
+    assert uniform.config.source_layers == [0, 2]
+    # attention of target layer 1 is source layer 2's
+    torch.testing.assert_close(uniform.model.backbone.layers[1].self_attn.q_proj.weight,
+                               source.model.layers[2].self_attn.q_proj.weight, rtol=0, atol=0)
+    # truncation keeps the leading basis columns and the leading core block
+    dec = gene.decompositions["down"]
+    ffn = first.model.ffn(1)
+    torch.testing.assert_close(ffn.down.bases.out_basis, dec.out_factor[:, :8], rtol=0, atol=0)
+    torch.testing.assert_close(ffn.down.core, dec.layer_core(1)[:8, :8], rtol=0, atol=0)
+    logits = first(input_ids=INPUT).logits
+    assert logits.shape == (2, 3)
+
+
+def test_random_cores_and_tied_bases(genes):
+    _, gene = genes["olmoe"]
+    tied = UniteModel.from_gene(gene, tie_bases=True, rank=6)
+    untied = UniteModel.from_gene(gene, tie_bases=False, rank=6)
+    assert tied.config.core_init == "random"
+    core = tied.ffn(0).gate.core
+    assert not torch.allclose(core, gene.decompositions["gate"].layer_core(0)[:6, :6])
+    # tied: one set of bases, used by every layer; untied: a copy per layer
+    assert tied.ffn(0)._bases("up") is tied.ffn(2)._bases("up") is tied.unite_bases["up"]
+    assert untied.ffn(0)._bases("up") is not untied.ffn(2)._bases("up")
+    torch.testing.assert_close(untied.ffn(2).up.bases.in_basis, tied.unite_bases["up"].in_basis, rtol=0, atol=0)
+    counts = tied.unite_parameter_breakdown(), untied.unite_parameter_breakdown()
+    assert counts[1]["bases"] == 3 * counts[0]["bases"]  # three FFN layers
+    assert counts[0]["cores"] == counts[1]["cores"] == 3 * 3 * 36
+
+
+def test_shared_experts_kept_or_dropped(genes):
+    _, gene = genes["deepseek_v3"]
+    kept = UniteForCausalLM.from_gene(gene, core_init="tucker")
+    dropped = UniteForCausalLM.from_gene(gene, shared_experts="drop")
+    assert kept.config.ffn_layers == [1, 2] and kept.config.source_layers == [0, 1, 2]
+    assert hasattr(kept.model.ffn(1), "shared_experts") and not hasattr(dropped.model.ffn(1), "shared_experts")
+    assert dropped.unite_parameter_breakdown().get("shared_experts", 0) == 0
+    assert kept.unite_parameter_breakdown()["dense_mlp"] > 0  # DeepSeek's dense first layer, copied
+
+
+def test_multiple_choice_head(genes):
+    _, gene = genes["granitemoe"]
+    model = UniteForMultipleChoice.from_gene(gene, num_hidden_layers=1, rank=4)
+    ids = torch.randint(0, VOCAB, (2, 4, 7))
+    out = model(input_ids=ids, labels=torch.tensor([1, 3]))
+    assert out.logits.shape == (2, 4)
+    # each choice is scored independently: permuting choices permutes the logits
+    permuted = model(input_ids=ids[:, [3, 2, 1, 0]]).logits
+    torch.testing.assert_close(permuted, out.logits[:, [3, 2, 1, 0]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.loss, nn.functional.cross_entropy(out.logits, torch.tensor([1, 3])))
+
+
+def test_bad_input_is_refused(genes, tmp_path):
+    _, gene = genes["mixtral"]
+    with pytest.raises(ValueError, match="num_hidden_layers=4 is out of range"):
+        UniteForCausalLM.from_gene(gene, num_hidden_layers=4)
+    with pytest.raises(ValueError, match="above the gene's ranks"):
+        UniteForCausalLM.from_gene(gene, rank=1000)
+    with pytest.raises(ValueError, match="needs num_labels"):
+        UniteForSequenceClassification.from_gene(gene)
+    with pytest.raises(ValueError, match="core_init"):
+        UniteForCausalLM.from_gene(gene, core_init="zeros")
+    gene.save_pretrained(tmp_path / "gene")
+    config = json.loads((tmp_path / "gene" / "gene_config.json").read_text())
+    (tmp_path / "gene" / "gene_config.json").write_text(json.dumps({**config, "format_version": 7}))
+    with pytest.raises(GeneFormatError, match="format version 7"):
+        UniteForCausalLM.from_gene(tmp_path / "gene")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gene"]  # nothing else written
+
+
+def test_auto_classes_and_save_load(genes, tmp_path):
+    _, gene = genes["qwen2_moe"]
+    model = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=2, rank=8, num_labels=4, pad_token_id=0)
+    model.save_pretrained(tmp_path / "arc-unite")
+    files = set(os.listdir(tmp_path / "arc-unite"))
+    assert {"config.json", "model.safetensors", "modeling_unite.py", "configuration_unite.py", "README.md"} <= files
+    auto_map = json.loads((tmp_path / "arc-unite" / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForSequenceClassification"] == "modeling_unite.UniteForSequenceClassification"
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "arc-unite")
+    assert type(loaded) is UniteForSequenceClassification
+    assert isinstance(transformers.AutoConfig.from_pretrained(tmp_path / "arc-unite"), UniteConfig)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=INPUT).logits, model(input_ids=INPUT).logits, rtol=0, atol=0)
+    card = (tmp_path / "arc-unite" / "README.md").read_text()
+    assert "learngene" in card and "qwen2_moe" in card
+
+
+def test_trust_remote_code_without_unite_hf(genes, tmp_path):
+    _, gene = genes["mixtral"]
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=2, rank=8, core_init="tucker")
+    model.save_pretrained(tmp_path / "target")
+    with torch.no_grad():
+        expected = model(input_ids=INPUT).logits
+    script = (
+        "import sys, json, torch\n"
+        "sys.modules['unite_hf'] = None  # unite_hf is not importable here\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'target')!r}, trust_remote_code=True)\n"
+        "assert type(m).__module__.startswith('transformers_modules'), type(m).__module__\n"
+        f"ids = torch.tensor({INPUT.tolist()})\n"
+        "print(json.dumps(m(input_ids=ids).logits.tolist()))\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_truncated_target_checkpoint_is_a_clear_error(genes, tmp_path):
+    _, gene = genes["mixtral"]
+    UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(Exception, match="(?i)safetensor|incomplete|header|deserializ|truncat"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_parameter_breakdown_matches_paper_a25_for_qwen3_30b():
+    """A 2-layer rank-512 classifier on the real Qwen3-30B-A3B config comes to about 360M (paper A.2.5),
+    with a copy of the bases per layer (tie_bases=False, the default)."""
+    text_config = transformers.Qwen3MoeConfig(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=2,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        tie_word_embeddings=False,
+    )
+    config = UniteConfig(text_config=text_config, ffn_layers=[0, 1], source_layers=[0, 1],
+                         ranks={p: [512, 512] for p in ("gate", "up", "down")}, expert_intermediate_size=768, num_labels=4)
+    with torch.device("meta"):
+        model = UniteForSequenceClassification(config)
+    counts = model.unite_parameter_breakdown()
+    hidden, inter, vocab, heads, kv, head_dim, r = 2048, 768, 151936, 32, 4, 128, 512
+    attention = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2  # q, o, k, v
+    assert counts["embeddings"] == vocab * hidden
+    assert counts["attention"] == 2 * attention
+    assert counts["bases"] == 2 * 3 * (inter + hidden) * r
+    assert counts["cores"] == 2 * 3 * r * r
+    assert counts["head"] == hidden * 4
+    assert counts["norms"] == 2 * (2 * hidden + 2 * head_dim) + hidden  # layer norms, q/k norms, final norm
+    assert abs(counts["total"] - 360e6) / 360e6 < 0.01, counts
