@@ -130,6 +130,25 @@ def test_shared_experts_kept_or_dropped(genes):
     assert kept.unite_parameter_breakdown()["dense_mlp"] > 0  # DeepSeek's dense first layer, copied
 
 
+def test_fused_shared_experts_on_the_gene_bases(genes):
+    source, gene = genes["deepseek_v3"]
+    fused = UniteForCausalLM.from_gene(gene, core_init="tucker", shared_experts="fuse").eval()
+    kept = UniteForCausalLM.from_gene(gene, core_init="tucker", shared_experts="keep").eval()
+    ffn = fused.model.ffn(2)
+    assert ffn.shared_cores is not None and not hasattr(ffn, "shared_experts")
+    # at full rank the projection onto the bases is exact: same function as keeping the shared experts
+    with torch.no_grad():
+        torch.testing.assert_close(fused(input_ids=INPUT).logits, kept(input_ids=INPUT).logits, rtol=1e-4, atol=1e-4)
+    # the shared core is U_out^T W_shared U_in, by hand
+    bases = ffn._bases("up")
+    shared_up = source.model.layers[2].mlp.shared_experts.up_proj.weight.detach()
+    torch.testing.assert_close(ffn.shared_cores["up"], bases.out_basis.T @ shared_up @ bases.in_basis, rtol=1e-5, atol=1e-6)
+    assert fused.unite_parameter_breakdown().get("shared_experts", 0) == 0
+    _, qwen_gene = genes["qwen2_moe"]  # shared expert wider than the routed ones: cannot share bases
+    with pytest.raises(ValueError, match="as wide as the routed experts"):
+        UniteForCausalLM.from_gene(qwen_gene, shared_experts="fuse")
+
+
 def test_multiple_choice_head(genes):
     _, gene = genes["granitemoe"]
     model = UniteForMultipleChoice.from_gene(gene, num_hidden_layers=1, rank=4)

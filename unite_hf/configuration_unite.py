@@ -13,7 +13,7 @@ from transformers.configuration_utils import SubConfigSpec
 
 CORE_INITS = ("random", "tucker")
 LAYER_SELECTIONS = ("first", "uniform")
-SHARED_EXPERT_MODES = ("keep", "drop")
+SHARED_EXPERT_MODES = ("keep", "fuse", "drop")
 
 
 class UniteConfig(PreTrainedConfig):
@@ -32,7 +32,8 @@ class UniteConfig(PreTrainedConfig):
         expert_bias: whether the fused projections carry biases.
         tie_bases: one set of bases ``U_out, U_in`` per projection shared by all layers (``True``) or
             a copy per layer (``False``, the paper's parameter counts, the default).
-        shared_experts: ``"keep"`` the source's shared experts as a dense branch, or ``"drop"`` them.
+        shared_experts: ``"keep"`` the source's shared experts as a dense branch, ``"fuse"`` them onto
+            the gene's bases (their own small cores, the scalar gate kept), or ``"drop"`` them.
         core_init, layer_selection: how the target was grown (provenance; see ``from_gene``).
         gene: Hub id or path of the gene the target was grown from, and its source.
     """

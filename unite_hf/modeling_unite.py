@@ -71,12 +71,17 @@ class UniteFactorizedLinear(nn.Module):
 
 
 class UniteFFN(nn.Module):
-    """A fused expert grown from a gene, plus the source's shared experts when kept.
+    """A fused expert grown from a gene, plus the source's shared experts.
 
     ``gate``/``up``/``down`` are factorized; ``act(gate(x)) * up(x)`` as in the source experts
-    (non-gated experts: ``act(up(x))``). Shared experts are the family's own modules, combined as
-    the family does: Qwen2-MoE gates ``shared_expert`` by ``sigmoid(shared_expert_gate(x))``,
-    DeepSeek adds ``shared_experts``.
+    (non-gated experts: ``act(up(x))``). Shared experts, by ``config.shared_experts``:
+
+    - ``"keep"``: the family's own modules, combined as the family does (Qwen2-MoE gates
+      ``shared_expert`` by ``sigmoid(shared_expert_gate(x))``, DeepSeek adds ``shared_experts``);
+    - ``"fuse"``: re-expressed on the gene's bases with their own small cores
+      (``W_shared ~ U_out @ S @ U_in.T``, ``S = U_out.T @ W_shared @ U_in``), keeping only the scalar
+      gate; exact at full rank, r x r parameters per projection instead of d x I;
+    - ``"drop"``: removed.
     """
 
     def __init__(self, config: UniteConfig, shared: dict[str, nn.Module], shared_bases: nn.ModuleDict | None) -> None:
@@ -89,6 +94,11 @@ class UniteFFN(nn.Module):
             setattr(self, proj, UniteFactorizedLinear(*dims[proj], r_out, r_in, config.expert_bias,
                                                       own_bases=shared_bases is None))
         self.act_fn = ACT2FN[config.expert_activation]
+        self.shared_cores = None
+        if config.shared_experts == "fuse" and any(not n.endswith("_gate") for n in shared):
+            self.shared_cores = nn.ParameterDict(
+                {proj: nn.Parameter(torch.empty(*config.ranks[proj])) for proj in self.projections})
+            shared = {n: m for n, m in shared.items() if n.endswith("_gate")}
         for name, module in shared.items():
             self.add_module(name, module)
         # not registered: tied bases belong to the model, this is only a lookup
@@ -101,20 +111,27 @@ class UniteFFN(nn.Module):
     def project(self, proj: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, proj)(x, self._bases(proj))
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def _mlp(self, x: torch.Tensor, project) -> torch.Tensor:
         if "gate" in self.projections:
-            h = self.act_fn(self.project("gate", hidden_states)) * self.project("up", hidden_states)
-        else:
-            h = self.act_fn(self.project("up", hidden_states))
-        out = self.project("down", h)
-        if hasattr(self, "shared_expert"):
+            return project("down", self.act_fn(project("gate", x)) * project("up", x))
+        return project("down", self.act_fn(project("up", x)))
+
+    def _shared_on_bases(self, proj: str, x: torch.Tensor) -> torch.Tensor:
+        bases = self._bases(proj)
+        return ((x @ bases.in_basis) @ self.shared_cores[proj].T) @ bases.out_basis.T
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        out = self._mlp(hidden_states, self.project)
+        shared = None
+        if self.shared_cores is not None:
+            shared = self._mlp(hidden_states, self._shared_on_bases)
+        elif hasattr(self, "shared_expert"):
             shared = self.shared_expert(hidden_states)
-            if hasattr(self, "shared_expert_gate"):
-                shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
-            out = out + shared
-        if hasattr(self, "shared_experts"):
-            out = out + self.shared_experts(hidden_states)
-        return out
+        if shared is not None and hasattr(self, "shared_expert_gate"):
+            shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
+        if hasattr(self, "shared_experts") and self.shared_cores is None:
+            shared = self.shared_experts(hidden_states)
+        return out if shared is None else out + shared
 
 
 SHARED_EXPERT_PREFIX = "shared_expert"
@@ -148,7 +165,7 @@ class UnitePreTrainedModel(PreTrainedModel):
         # The UNITE FFNs sit inside the family backbone, whose init dispatch never reaches them.
         # init.* functions skip tensors already loaded from a checkpoint.
         for module in self.modules():
-            if isinstance(module, (UniteBases, UniteFactorizedLinear)):
+            if isinstance(module, (UniteBases, UniteFactorizedLinear, UniteFFN)):
                 _init_unite_module(module, self.config.initializer_range)
 
     @classmethod
@@ -200,17 +217,24 @@ class UnitePreTrainedModel(PreTrainedModel):
         return breakdown
 
 
+def _core_std(std: float, d_out: int, d_in: int, core: torch.Tensor) -> float:
+    """Core std such that the rebuilt W has the entry std of a dense init: with orthonormal bases
+    ||W||_F = ||G||_F, so E||G||^2 = d_out * d_in * std^2."""
+    return std * math.sqrt(d_out * d_in / core.numel())
+
+
 def _init_unite_module(module: nn.Module, std: float) -> None:
     if isinstance(module, UniteBases):
         init.orthogonal_(module.out_basis)
         init.orthogonal_(module.in_basis)
-        return
-    # core std such that the rebuilt W has the entry std of a dense init: with orthonormal bases
-    # ||W||_F = ||G||_F, so E||G||^2 = d_out * d_in * std^2
-    r_out, r_in = module.core.shape
-    init.normal_(module.core, mean=0.0, std=std * math.sqrt(module.d_out * module.d_in / (r_out * r_in)))
-    if module.bias is not None:
-        init.zeros_(module.bias)
+    elif isinstance(module, UniteFactorizedLinear):
+        init.normal_(module.core, mean=0.0, std=_core_std(std, module.d_out, module.d_in, module.core))
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif module.shared_cores is not None:  # UniteFFN with fused shared experts
+        for proj, core in module.shared_cores.items():
+            linear = getattr(module, proj)
+            init.normal_(core, mean=0.0, std=_core_std(std, linear.d_out, linear.d_in, core))
 
 
 def _role(name: str, param: torch.Tensor, embeddings: torch.Tensor) -> str:
@@ -219,7 +243,7 @@ def _role(name: str, param: torch.Tensor, embeddings: torch.Tensor) -> str:
         return "embeddings"
     if "in_basis" in parts or "out_basis" in parts:
         return "bases"
-    if parts[-1] == "core":
+    if parts[-1] == "core" or "shared_cores" in parts:
         return "cores"
     if any(p.startswith(SHARED_EXPERT_PREFIX) for p in parts):
         return "shared_experts"
@@ -260,7 +284,7 @@ class UniteModel(UnitePreTrainedModel):
             name = moe_slot(layers[i])
             block = getattr(layers[i], name)
             shared = {}
-            if config.shared_experts == "keep":
+            if config.shared_experts != "drop":
                 shared = {n: m for n, m in block.named_children() if n.startswith(SHARED_EXPERT_PREFIX)}
             setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
         self.post_init()

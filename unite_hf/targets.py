@@ -14,8 +14,10 @@ Defaults follow the paper:
   ``True`` shares one set of bases across all layers.
 - ``rank``: the gene's ranks; a smaller rank keeps the leading columns of the bases (and the leading
   block of the core), which is the best rank-r truncation for orthonormal Tucker factors.
-- ``shared_experts="keep"``: the source's shared experts stay as a dense branch (``"drop"`` removes
-  them).
+- ``shared_experts="keep"``: the source's shared experts stay as a dense branch. ``"fuse"``
+  re-expresses them on the gene's bases with cores ``S = U_out.T @ W_shared @ U_in`` (exact at full
+  rank; needs shared experts as wide as the routed ones, e.g. DeepSeek, not Qwen2-MoE), ``"drop"``
+  removes them.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from .configuration_unite import UniteConfig
 from .gene import UniteGene
-from .sources import get_source
+from .sources import SHARED_EXPERT_PREFIX, get_source
 
 
 def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None) -> tuple[UniteGene, str | None]:
@@ -141,9 +143,16 @@ def build_target_config(
     if tie_bases and gene.decompositions[gc.projections[0]].out_factor.ndim == 3:
         raise ValueError(f"the gene's {gc.decomposition!r} decomposition has per-layer bases; tie_bases=True needs "
                          "shared bases (tucker or cp).")
-    with torch.device("meta"):  # the source's structure, for free: where experts live, their activation
-        skeleton = AutoModelForCausalLM.from_config(source_config)
-    activation = _expert_activation(get_source(skeleton).blocks[0], source_config)
+    source = _meta_source(gene)  # the source's structure, for free: where experts live, their activation
+    activation = _expert_activation(source.blocks[0], source_config)
+    if shared_experts == "fuse":
+        for s_layer in (s for s in selected if s in gc.moe_layers):
+            for proj, weight in shared_expert_weights(gene, s_layer, source).items():
+                routed = gene.fused_weight(s_layer, proj).shape
+                if tuple(weight.shape) != tuple(routed):
+                    raise ValueError(
+                        f"shared_experts='fuse' needs shared experts as wide as the routed experts: layer {s_layer} "
+                        f"{proj} is {tuple(weight.shape)}, the routed expert {tuple(routed)}. Use 'keep' or 'drop'.")
     return UniteConfig(
         text_config=text_config,
         ffn_layers=ffn_layers,
@@ -178,8 +187,10 @@ def target_state_dict(model: nn.Module, gene: UniteGene) -> dict[str, torch.Tens
             layer, rest = name[len(layers_path) + 1:].split(".", 1)
             if int(layer) not in position:
                 continue
-            if rest.split(".", 1)[1].startswith("shared_expert") and config.shared_experts != "keep":
-                continue
+            child = rest.split(".", 2)[1] if rest.count(".") >= 2 else ""
+            if child.startswith(SHARED_EXPERT_PREFIX) and config.shared_experts != "keep":
+                if config.shared_experts == "drop" or not child.endswith("_gate"):
+                    continue  # "fuse" keeps only the scalar gate; the MLP becomes cores below
             name = f"{layers_path[len(base_prefix):]}.{position[int(layer)]}.{rest}"
         elif base_prefix and name.startswith(base_prefix):
             name = name[len(base_prefix):]
@@ -209,7 +220,32 @@ def target_state_dict(model: nn.Module, gene: UniteGene) -> dict[str, torch.Tens
             bias = gene.fused_bias(config.source_layers[i], proj)
             if bias is not None:
                 state[f"{ffn_name}.{proj}.bias"] = bias
+        if ffn.shared_cores is not None:
+            for proj, weight in shared_expert_weights(gene, config.source_layers[i], source).items():
+                bases = (state[f"{prefix}unite_bases.{proj}.out_basis"], state[f"{prefix}unite_bases.{proj}.in_basis"]) \
+                    if config.tie_bases else (state[f"{ffn_name}.{proj}.bases.out_basis"], state[f"{ffn_name}.{proj}.bases.in_basis"])
+                state[f"{ffn_name}.shared_cores.{proj}"] = bases[0].T @ weight.float() @ bases[1]
     return {name: tensor.contiguous() for name, tensor in state.items()}
+
+
+SHARED_LINEAR_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+
+
+def shared_expert_weights(gene: UniteGene, source_layer: int, source=None) -> dict[str, torch.Tensor]:
+    """The shared expert MLP's ``proj -> (out, in)`` weights of a source layer, from the gene."""
+    source = source or _meta_source(gene)
+    block = source.block(source_layer)
+    names = [n for n, _ in block.shared_experts if not n.endswith("_gate")]
+    if not names:
+        return {}
+    weights = {}
+    for proj in gene.config.projections:
+        keys = [f"{block.name}.{names[0]}.{linear}.weight" for linear in SHARED_LINEAR_NAMES[proj]]
+        key = next((k for k in keys if k in gene.source_state_dict), None)
+        if key is None:
+            raise ValueError(f"the gene holds no {proj} weight for the shared expert of layer {source_layer} (looked for {keys})")
+        weights[proj] = gene.source_state_dict[key]
+    return weights
 
 
 def _meta_source(gene: UniteGene):
