@@ -354,6 +354,8 @@ class UniteForCausalLM(UnitePreTrainedModel, GenerationMixin):
 class UniteForSequenceClassification(UnitePreTrainedModel):
     """Last-real-token pooling and a linear head (the paper's k-way classification format, A.2.5)."""
 
+    accepts_loss_kwargs = False  # the loss is a plain mean: Trainer must scale it for gradient accumulation
+
     def __init__(self, config: UniteConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
@@ -376,6 +378,8 @@ class UniteForSequenceClassification(UnitePreTrainedModel):
 
 class UniteForMultipleChoice(UnitePreTrainedModel):
     """Scores each (context, choice) sequence with a linear head on its last real token."""
+
+    accepts_loss_kwargs = False  # the loss is a plain mean: Trainer must scale it for gradient accumulation
 
     def __init__(self, config: UniteConfig) -> None:
         super().__init__(config)
