@@ -1,6 +1,6 @@
 """Fine-tuning UNITE targets: Trainer helpers, trainable-parameter modes and an offline accuracy metric.
 
-See :mod:`unite_hf.training.trainer_utils`.
+See :mod:`unite_hf.training.trainer_utils` and :mod:`unite_hf.training.tasks` (task readers).
 """
 
 from .trainer_utils import (
@@ -9,7 +9,14 @@ from .trainer_utils import (
     set_trainable,
 )
 
+from .tasks import (
+    TASKS, TaskData, TaskDataCollator, TaskLoadError, TaskSpec, get_task_spec, load_task, normalize_dataset,
+    register_task, tokenize_task,
+)
+
 __all__ = [
+    "TASKS", "TaskData", "TaskDataCollator", "TaskLoadError", "TaskSpec", "get_task_spec", "load_task",
+    "normalize_dataset", "register_task", "tokenize_task",
     "ACCURACY_METRIC_PATH", "IGNORE_INDEX", "TRAINABLE_MODES", "argmax_logits", "attention_projection_names",
     "compute_accuracy", "compute_token_accuracy", "core_parameters", "count_trainable_parameters",
     "head_parameters", "load_accuracy_metric", "set_trainable",
