@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import Callable
@@ -90,11 +91,56 @@ def _run_extract(args: argparse.Namespace) -> int:
                                               trust_remote_code=args.trust_remote_code)
     gene = extract_universal_knowledge(model, tokenizer, source_id=args.source, source_revision=args.revision,
                                        **extraction_kwargs(args))
+    gene.tokenizer = tokenizer
     gene.save_pretrained(args.out)
     if args.push_to_hub:
         gene.push_to_hub(args.push_to_hub)
     print(json.dumps({"gene": str(args.out), "moe_layers": gene.moe_layers, "ranks": gene.config.ranks,
                       "relative_error": gene.config.relative_error}))
+    return 0
+
+
+def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training.finetune import FORMATS, INITS
+    from .training.tasks import TASKS
+
+    parser.add_argument("--model", required=True, help="a gene (folder or Hub id) or a saved UNITE target")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS))
+    parser.add_argument("--data-dir", default=None, help="local task files (default: $UNITE_HF_DATA_DIR or ../shared/data)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the one saved with the model)")
+    parser.add_argument("--format", choices=FORMATS, default="classification",
+                        help="k-way sequence classification (the paper, default) or multiple choice")
+    parser.add_argument("--init", choices=INITS, default="unite", help="unite (the gene), random, or copy-only")
+    parser.add_argument("--layers", type=int, default=None, help="target depth (default: the source's)")
+    parser.add_argument("--rank", type=int, default=None, help="target rank (default: the gene's)")
+    parser.add_argument("--core-init", choices=["random", "tucker"], default="random")
+    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--train-fraction", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-train-examples", type=int, default=None)
+    parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--output", required=True, help="folder for the fine-tuned model and result.json")
+
+
+@command("finetune", "fine-tune a target grown from a gene on a task; prints the eval accuracy as one JSON line",
+         _finetune_arguments)
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .training.finetune import finetune
+
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; stdout carries only the JSON line
+        summary = finetune(
+            args.model, args.task, tokenizer=args.tokenizer, data_dir=args.data_dir, output_dir=args.output,
+            fmt=args.format, init=args.init, layers=args.layers, rank=args.rank, epochs=args.epochs,
+            train_fraction=args.train_fraction, seed=args.seed, learning_rate=args.learning_rate,
+            batch_size=args.batch_size, max_length=args.max_length, max_train_examples=args.max_train_examples,
+            max_eval_examples=args.max_eval_examples, core_init=args.core_init,
+        )
+    for note in summary["notes"]:
+        print(f"note: {note}", file=sys.stderr)  # stdout carries only the JSON line
+    print(json.dumps(summary))
     return 0
 
 
@@ -125,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .calibration import CalibrationLoadError
+    from .training.tasks import TaskLoadError
 
     try:
         return COMMANDS[args.command][2](args)
-    except (ValueError, OSError, CalibrationLoadError) as err:
+    except (ValueError, OSError, CalibrationLoadError, TaskLoadError) as err:
         # user errors get one clear line, not a traceback
         print(f"unite-hf {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -40,6 +40,9 @@ GENE_WEIGHTS_NAME = "gene.safetensors"
 SOURCE_WEIGHTS_NAME = "source_weights.safetensors"
 CARD_NAME = "README.md"
 GENE_FILES = (CONFIG_NAME, GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME)
+# the source's tokenizer travels with the gene, so targets grown from it can be fine-tuned right away
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model", "chat_template.jinja")
 
 
 class GeneFormatError(ValueError):
@@ -117,6 +120,7 @@ class UniteGene:
         frequency: torch.Tensor,
         source_state_dict: dict[str, torch.Tensor],
         fused_biases: dict[str, torch.Tensor] | None = None,
+        tokenizer=None,
     ) -> None:
         self.config = config
         self.decompositions = decompositions
@@ -124,6 +128,7 @@ class UniteGene:
         self._frequency = frequency
         self.source_state_dict = source_state_dict
         self.fused_biases = fused_biases or {}
+        self.tokenizer = tokenizer  # the source's tokenizer, saved beside the gene when set
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -205,6 +210,8 @@ class UniteGene:
         config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
             dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
         )
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
         atomic_write_text(render_gene_card(config), directory / CARD_NAME)
         atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
         self.config = config
@@ -245,10 +252,15 @@ class UniteGene:
             }
             fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
                             if f"ffn.{proj}.fused_bias" in gene_tensors}
-            return cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
+            gene = cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
                        source_tensors, fused_biases)
         except (KeyError, ValueError) as err:
             raise GeneFormatError(f"{directory / GENE_WEIGHTS_NAME} does not hold a complete gene: {err}") from err
+        if (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            gene.tokenizer = AutoTokenizer.from_pretrained(directory)
+        return gene
 
     def push_to_hub(
         self,
@@ -277,7 +289,8 @@ def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                      local_files_only=local_files_only, allow_patterns=list(GENE_FILES)))
+                                      local_files_only=local_files_only,
+                                      allow_patterns=list(GENE_FILES + TOKENIZER_FILES)))
     except HFValidationError as err:
         raise GeneFormatError(f"{repo_id!r} is neither a local gene folder nor a valid Hub repo id") from err
 

@@ -1,0 +1,79 @@
+"""unite-hf finetune: gene -> target -> Trainer on a real local task; the three initialisations."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+from tiny_models import COMMON
+
+from unite_hf import UniteForSequenceClassification, extract_universal_knowledge
+from unite_hf.calibration import find_local_data_dir
+from unite_hf.training.finetune import build_model
+from unite_hf.training.tasks import load_task
+
+DATA = find_local_data_dir()
+pytestmark = pytest.mark.skipif(DATA is None, reason="../shared/data not found")
+
+
+@pytest.fixture(scope="module")
+def gene_dir(tmp_path_factory):
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers/gpt2_tokenizer.json"),
+                                                     eos_token="<|endoftext|>")
+    tokenizer.pad_token = tokenizer.eos_token
+    config = transformers.MixtralConfig(**{**COMMON, "vocab_size": len(tokenizer)}, intermediate_size=24,
+                                        num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(config).eval()
+    gene = extract_universal_knowledge(model, tokenizer, "wikitext2", num_sequences=4, seq_len=16, rank=(3, 8, 8),
+                                       show_progress=False)
+    gene.tokenizer = tokenizer
+    path = tmp_path_factory.mktemp("gene")
+    gene.save_pretrained(path)
+    return path
+
+
+def test_initialisations_differ_only_where_they_should(gene_dir):
+    task = load_task("sst2", "validation")
+    unite = build_model(gene_dir, task, init="unite", layers=2, rank=6, seed=1, pad_token_id=0)
+    copy_only = build_model(gene_dir, task, init="copy-only", layers=2, rank=6, seed=1, pad_token_id=0)
+    random_init = build_model(gene_dir, task, init="random", layers=2, rank=6, seed=1, pad_token_id=0)
+    assert isinstance(unite, UniteForSequenceClassification) and unite.config.num_labels == 2
+    attn = "model.backbone.layers.1.self_attn.q_proj.weight"
+    basis = "model.backbone.layers.1.mlp.up.bases.in_basis"
+    u, c, r = (dict(m.named_parameters()) for m in (unite, copy_only, random_init))
+    assert torch.equal(u[attn], c[attn]) and not torch.equal(u[attn], r[attn])
+    assert torch.equal(u["model.backbone.embed_tokens.weight"], c["model.backbone.embed_tokens.weight"])
+    assert not torch.allclose(u[basis], c[basis])
+    # copy-only bases are still orthonormal (a fair random FFN, same architecture)
+    torch.testing.assert_close(c[basis].T @ c[basis], torch.eye(6), rtol=0, atol=1e-5)
+
+
+def test_cli_finetune_prints_one_json_line(gene_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNITE_HF_DATA_DIR": str(DATA)}
+    command = [sys.executable, "-m", "unite_hf.cli", "finetune", "--model", str(gene_dir), "--task", "sst2",
+               "--layers", "2", "--rank", "6", "--epochs", "2", "--max-train-examples", "64", "--max-eval-examples",
+               "32", "--batch-size", "16", "--max-length", "48", "--seed", "3", "--output", str(tmp_path / "run")]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1
+    summary = json.loads(lines[0])
+    assert summary["task"] == "sst2" and summary["init"] == "unite" and summary["train_examples"] == 64
+    assert len(summary["accuracy_per_epoch"]) == 2 and 0 <= summary["accuracy"] <= 1
+    assert summary["accuracy"] == summary["accuracy_per_epoch"][-1]
+    saved = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    assert type(saved) is UniteForSequenceClassification
+    assert "accuracy" in (tmp_path / "run" / "model" / "README.md").read_text()
+
+
+def test_init_options_need_a_gene(tmp_path, gene_dir):
+    task = load_task("sst2", "validation")
+    build_model(gene_dir, task, layers=1, rank=4, pad_token_id=0).save_pretrained(tmp_path / "target")
+    with pytest.raises(ValueError, match="growing from a gene"):
+        build_model(tmp_path / "target", task, init="copy-only")
+    with pytest.raises(ValueError, match="init must be one of"):
+        build_model(gene_dir, task, init="zeros")

@@ -1,0 +1,193 @@
+"""Fine-tune a target on a task with ``transformers.Trainer``: the engine of ``unite-hf finetune``,
+the benchmarks and the demo.
+
+Three initialisations of the *same* target architecture, so that comparisons isolate the weights:
+
+- ``"unite"``: grown from the gene (``from_gene``: copied embeddings, attention and norms; FFN bases
+  from the gene; cores per ``core_init``, random by default as in the paper);
+- ``"random"``: every weight random (the paper's baseline);
+- ``"copy-only"``: the copied embeddings, attention and norms, but random FFN weights (bases, cores,
+  shared experts and dense MLPs). The ablation the paper lacks: it isolates what the gene's FFN
+  bases add on top of simply copying the rest of the source.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+INITS: tuple[str, ...] = ("unite", "random", "copy-only")
+FORMATS: tuple[str, ...] = ("classification", "multiple_choice")
+
+
+def _head_class(fmt: str):
+    from ..modeling_unite import UniteForMultipleChoice, UniteForSequenceClassification
+
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    return UniteForSequenceClassification if fmt == "classification" else UniteForMultipleChoice
+
+
+def _is_gene(model: Any) -> bool:
+    from ..gene import CONFIG_NAME, UniteGene
+
+    if isinstance(model, UniteGene):
+        return True
+    return isinstance(model, (str, os.PathLike)) and (Path(model) / CONFIG_NAME).is_file()
+
+
+FFN_SLOT_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "mixer")
+
+
+def _reinit_ffns(model: nn.Module, seed: int) -> None:
+    """Random FFN weights (UNITE FFNs with their bases and shared experts, and dense MLP layers);
+    embeddings, attention and norms keep their copied values."""
+    from ..modeling_unite import UniteBases, UniteFactorizedLinear, UniteFFN, _core_std, decoder_layers
+
+    std = model.config.initializer_range
+    generator = torch.Generator().manual_seed(seed)
+    base = getattr(model, model.base_model_prefix)
+    with torch.no_grad():
+        for layer in decoder_layers(base.backbone):
+            for name, child in layer.named_children():
+                if not (isinstance(child, UniteFFN) or name in FFN_SLOT_NAMES):
+                    continue
+                for module in child.modules():
+                    if isinstance(module, UniteBases):
+                        nn.init.orthogonal_(module.out_basis, generator=generator)
+                        nn.init.orthogonal_(module.in_basis, generator=generator)
+                    elif isinstance(module, UniteFactorizedLinear):
+                        module.core.normal_(0, _core_std(std, module.d_out, module.d_in, module.core), generator=generator)
+                    elif isinstance(module, UniteFFN) and module.shared_cores is not None:
+                        for proj, core in module.shared_cores.items():
+                            linear = getattr(module, proj)
+                            core.normal_(0, _core_std(std, linear.d_out, linear.d_in, core), generator=generator)
+                    elif isinstance(module, nn.Linear):
+                        module.weight.normal_(0, std, generator=generator)
+        if getattr(base, "unite_bases", None) is not None:  # tied bases live outside the layers
+            for bases in base.unite_bases.values():
+                nn.init.orthogonal_(bases.out_basis, generator=generator)
+                nn.init.orthogonal_(bases.in_basis, generator=generator)
+
+
+def build_model(model: Any, task_data, *, fmt: str = "classification", init: str = "unite",
+                layers: int | None = None, rank: int | None = None, seed: int = 0, pad_token_id: int | None = None,
+                **from_gene_kwargs: Any) -> nn.Module:
+    """A task model: grown from a gene (any ``init``) or loaded from a saved target (``init="unite"``)."""
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    cls = _head_class(fmt)
+    head_kwargs: dict[str, Any] = {"pad_token_id": pad_token_id}
+    if fmt == "classification":
+        head_kwargs.update(num_labels=task_data.num_choices, id2label=task_data.id2label, label2id=task_data.label2id)
+    torch.manual_seed(seed)
+    if not _is_gene(model):
+        if init != "unite" or layers is not None or rank is not None:
+            raise ValueError("--init/--layers/--rank apply when growing from a gene; a saved target is fine-tuned as it is.")
+        return cls.from_pretrained(model, **head_kwargs)
+    target = cls.from_gene(model, num_hidden_layers=layers, rank=rank, **from_gene_kwargs, **head_kwargs)
+    if init == "random":
+        torch.manual_seed(seed)
+        return cls(target.config)
+    if init == "copy-only":
+        _reinit_ffns(target, seed)
+    return target
+
+
+def _tokenizer_for(model: Any, tokenizer: Any):
+    from transformers import AutoTokenizer
+
+    if tokenizer is None:
+        gene_tokenizer = getattr(model, "tokenizer", None)
+        if gene_tokenizer is not None:
+            tokenizer = gene_tokenizer
+        elif isinstance(model, (str, os.PathLike)) and (Path(model) / "tokenizer_config.json").is_file():
+            tokenizer = str(model)
+        else:
+            raise ValueError("no tokenizer: pass tokenizer= (--tokenizer), or save one with the gene or target")
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # last-token pooling reads attention_mask, not pad ids
+    return tokenizer
+
+
+def finetune(
+    model: Any,
+    task: str,
+    *,
+    tokenizer: Any = None,
+    data_dir: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike = "runs/finetune",
+    fmt: str = "classification",
+    init: str = "unite",
+    layers: int | None = None,
+    rank: int | None = None,
+    epochs: float = 3,
+    train_fraction: float = 1.0,
+    seed: int = 0,
+    learning_rate: float = 2e-4,
+    batch_size: int = 16,
+    max_length: int = 128,
+    max_train_examples: int | None = None,
+    max_eval_examples: int | None = None,
+    show_progress: bool = True,
+    **from_gene_kwargs: Any,
+) -> dict[str, Any]:
+    """Fine-tune ``model`` (a gene or a saved target) on ``task``; returns a JSON-able summary with the
+    final eval accuracy and the accuracy after each epoch."""
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from .tasks import TaskDataCollator, load_task, tokenize_task
+    from .trainer_utils import compute_accuracy
+
+    started = time.perf_counter()
+    set_seed(seed)
+    train = load_task(task, "train", data_dir, seed=seed, train_fraction=train_fraction)
+    dev = load_task(task, "validation", data_dir, seed=seed)
+    if max_train_examples is not None and len(train.dataset) > max_train_examples:
+        train.dataset = train.dataset.shuffle(seed=seed).select(range(max_train_examples))
+    if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
+        dev.dataset = dev.dataset.shuffle(seed=0).select(range(max_eval_examples))  # same eval rows for every seed
+    tokenizer = _tokenizer_for(model, tokenizer)
+    target = build_model(model, train, fmt=fmt, init=init, layers=layers, rank=rank, seed=seed,
+                         pad_token_id=tokenizer.pad_token_id, **from_gene_kwargs)
+    train_tok = tokenize_task(train, tokenizer, format=fmt, max_length=max_length)
+    dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
+    args = TrainingArguments(
+        output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, eval_strategy="epoch",
+        save_strategy="no", logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
+        disable_tqdm=not show_progress, warmup_steps=0.06, lr_scheduler_type="linear", weight_decay=0.01,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    trainer = Trainer(model=target, args=args, train_dataset=train_tok, eval_dataset=dev_tok,
+                      processing_class=tokenizer, data_collator=TaskDataCollator(tokenizer),
+                      compute_metrics=compute_accuracy)
+    trainer.train()
+    per_epoch = [round(entry["eval_accuracy"], 6) for entry in trainer.state.log_history if "eval_accuracy" in entry]
+    final = trainer.evaluate()
+    target.set_card_info(datasets=[task], eval_results=[{
+        "dataset_name": train.spec.pretty_name, "dataset_type": task,
+        "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"])}])
+    target.save_pretrained(Path(output_dir) / "model")
+    tokenizer.save_pretrained(Path(output_dir) / "model")
+    summary = {
+        "task": task, "format": fmt, "init": init, "seed": seed, "layers": target.config.text_config.num_hidden_layers,
+        "ranks": target.config.ranks, "train_examples": len(train.dataset), "eval_examples": len(dev.dataset),
+        "train_fraction": train_fraction, "epochs": epochs, "accuracy": round(float(final["eval_accuracy"]), 6),
+        "accuracy_per_epoch": per_epoch, "chance": round(1 / max(train.num_choices, 1), 4),
+        "parameters": sum(p.numel() for p in target.parameters()), "notes": list(train.notes) + list(dev.notes),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if not math.isfinite(summary["accuracy"]):
+        raise RuntimeError(f"fine-tuning produced a non-finite accuracy: {summary}")
+    (Path(output_dir) / "result.json").write_text(json.dumps(summary, indent=2))
+    return summary
