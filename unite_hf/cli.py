@@ -65,6 +65,10 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
     parser.add_argument("--out", required=True, help="folder to write the gene to")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the gene to this Hub repo")
+    parser.add_argument("--importance", default=None, metavar="GENE",
+                        help="reuse the Fisher and routing frequency of this gene (no calibration pass); with a local "
+                             "--source folder the experts are then streamed from its safetensors shards")
+    parser.add_argument("--spill-dir", default=None, help="scratch folder for streamed per-layer fused experts")
     add_extraction_arguments(parser)
 
 
@@ -84,13 +88,24 @@ def _run_extract(args: argparse.Namespace) -> int:
 
     from .methods.unite import extract_universal_knowledge
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
-                                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+    from pathlib import Path
+
+    from .gene import UniteGene
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
                                               trust_remote_code=args.trust_remote_code)
-    gene = extract_universal_knowledge(model, tokenizer, source_id=args.source, source_revision=args.revision,
-                                       **extraction_kwargs(args))
+    importance = UniteGene.from_pretrained(args.importance).expert_importance() if args.importance else None
+    if Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
+        # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
+        gene = extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
+                                           trust_remote_code=args.trust_remote_code, source_id=args.source,
+                                           source_revision=args.revision, **extraction_kwargs(args))
+    else:
+        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+        model = AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
+                                                     device_map=args.device_map, trust_remote_code=args.trust_remote_code)
+        gene = extract_universal_knowledge(model, tokenizer, importance=importance, source_id=args.source,
+                                           source_revision=args.revision, **extraction_kwargs(args))
     gene.tokenizer = tokenizer
     gene.save_pretrained(args.out)
     if args.push_to_hub:
@@ -144,16 +159,40 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import EXPERIMENTS, PROFILES
+
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
+                        help="full: ~2 hours on 2 CPU cores; quick: minutes; smoke: seconds (default: %(default)s)")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--out", default="benchmarks", help="where RESULTS.md, results.json and plots go")
+    parser.add_argument("--work-dir", default="runs/bench", help="genes and fine-tuned models (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random source instead of SmolLM2 (plumbing only)")
+
+
+@command("bench", "reproduce the paper's experiments at our scale; writes benchmarks/RESULTS.md", _bench_arguments)
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    command_line = "unite-hf bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "unite-hf bench"
+    report = run_bench(args.out, args.profile, work_dir=args.work_dir, experiments=tuple(args.experiments),
+                       tiny=args.tiny, command=command_line)
+    print(json.dumps({"report": str(report)}))
+    return 0
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="working folder (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR or ../shared/data)")
+    parser.add_argument("--tiny", action="store_true", help="skip the real model: a tiny random MoE (plumbing only)")
 
 
-@command("demo", "the main job on an embedded default: a tiny MoE -> calibrate -> fuse -> Tucker -> gene", _demo_arguments)
+@command("demo", "the main job: SmolLM2 -> moefy -> gene -> 4-layer targets fine-tuned on SST-2, UNITE vs random",
+         _demo_arguments)
 def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, data_dir=args.data_dir)
+    run_demo(args.out, data_dir=args.data_dir, tiny=args.tiny)
     return 0
 
 

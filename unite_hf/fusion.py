@@ -22,8 +22,8 @@ weights fall back to uniform, with a warning, rather than dividing by zero.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -107,25 +107,30 @@ def _fisher_diag(importance: ExpertImportance, layer: int, proj: str, bias: bool
 def fuse_block(
     block: MoEBlock, importance: ExpertImportance, fusion: str = "fisher"
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Fuse one MoE block: ``proj -> (fused_weight (out, in), fused_bias (out,) or None)``, float32."""
+    """Fuse one MoE block: ``proj -> (fused_weight (out, in), fused_bias (out,) or None)``, float32.
+
+    Experts are visited one at a time (float64 accumulators), so memory stays at one expert plus the
+    fused result whatever the number of experts; for a checkpoint block
+    (:class:`unite_hf.sources.checkpoint.CheckpointMoEBlock`) each expert is read from disk once.
+    """
     strategy = get_fusion(fusion)
-    fused: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    experts = block.experts_list()
-    for proj in block.projection_names():
-        weights = strategy.weights(importance, block.layer_idx, proj, False)
-        fused_weight = _weighted_sum([e.projection(proj) for e in experts], weights)
-        fused_bias = None
-        if block.has_bias:
-            bias_weights = strategy.weights(importance, block.layer_idx, proj, True)
-            fused_bias = _weighted_sum([e.bias(proj) for e in experts], bias_weights)
-        fused[proj] = (fused_weight, fused_bias)
-    return fused
+    projections = block.projection_names()
+    weights = {proj: strategy.weights(importance, block.layer_idx, proj, False) for proj in projections}
+    bias_weights = ({proj: strategy.weights(importance, block.layer_idx, proj, True) for proj in projections}
+                    if block.has_bias else {})
+    totals: dict[str, torch.Tensor] = {}
+    bias_totals: dict[str, torch.Tensor] = {}
+    for index in range(block.num_experts):
+        expert = block.expert(index)
+        for proj in projections:
+            _accumulate(totals, proj, expert.projection(proj), weights[proj][index])
+            if block.has_bias:
+                _accumulate(bias_totals, proj, expert.bias(proj), bias_weights[proj][index])
+    return {proj: (totals[proj].float(), bias_totals[proj].float() if proj in bias_totals else None)
+            for proj in projections}
 
 
-def _weighted_sum(matrices: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
-    """``sum_i weights[i] * matrices[i]`` one expert at a time (float64 accumulator, float32 result),
-    so memory stays at one expert plus the result whatever the number of experts."""
-    total = torch.zeros(matrices[0].shape, dtype=torch.float64, device=matrices[0].device)
-    for weight, matrix in zip(weights.to(total.device), matrices):
-        total += weight * matrix.detach().double()
-    return total.float()
+def _accumulate(totals: dict[str, torch.Tensor], proj: str, matrix: torch.Tensor, weight: torch.Tensor) -> None:
+    if proj not in totals:
+        totals[proj] = torch.zeros(matrix.shape, dtype=torch.float64, device=matrix.device)
+    totals[proj] += weight.to(totals[proj].device) * matrix.detach().double()

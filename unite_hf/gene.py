@@ -155,6 +155,15 @@ class UniteGene:
     def ranks(self) -> dict[str, tuple[int, int, int]]:
         return {proj: dec.ranks for proj, dec in self.decompositions.items()}
 
+    def expert_importance(self):
+        """The stored Fisher and routing frequency as an :class:`~unite_hf.importance.ExpertImportance`,
+        to re-extract with another fusion, decomposition or rank without a new calibration pass."""
+        from .importance import ExpertImportance
+
+        return ExpertImportance(moe_layers=self.moe_layers, fisher=self._importance.double(),
+                                frequency=self._frequency.double(), num_sequences=self.config.num_sequences,
+                                labels=self.config.fisher_labels)
+
     def _row(self, layer: int) -> int:
         if layer not in self.config.moe_layers:
             raise KeyError(f"layer {layer} holds no experts; the gene's MoE layers are {self.config.moe_layers}")

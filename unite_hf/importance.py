@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,13 @@ from tqdm.auto import tqdm
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .calibration import CalibrationSet
-from .sources import FusedExpertsBlock, MoEBlock, MoESource, ModuleListExpertsBlock, get_source
+from .sources import (
+    FusedExpertsBlock,
+    ModuleListExpertsBlock,
+    MoEBlock,
+    MoESource,
+    get_source,
+)
 
 LABEL_MODES: tuple[str, ...] = ("empirical", "sampled")
 PROBE_IMPLEMENTATION = "unite_probe"
@@ -58,6 +65,8 @@ class ExpertImportance:
     # (layer, proj) -> (E, out, in) elementwise mean squared gradient; only when asked for
     fisher_diag: dict[tuple[int, str], torch.Tensor] | None = None
     fisher_diag_bias: dict[tuple[int, str], torch.Tensor] | None = None
+    # (len(moe_layers), E) float64 raw routed (token, slot) counts: what several processes add up
+    routed: torch.Tensor | None = None
 
     def row(self, layer: int) -> int:
         return self.moe_layers.index(layer)
@@ -102,15 +111,29 @@ _GRAM_LIMIT = 4096  # tokens per call up to which the pairwise-Gram form is used
 def _sum_per_sequence_sq_norms(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
     """``sum_n ||G_n.T @ X_n||_F^2`` over the token groups n, as a float64 scalar, without forming them.
 
-    ``||G_n.T X_n||^2 = sum_{t,s in n} (g_t . g_s)(x_t . x_s)``: the pairwise form costs
-    ``tokens^2 * (in + out)`` instead of ``out * in`` per sequence. The token Grams are float64
-    because activations with a large shared component make the float32 products cancel badly.
+    ``||G_n.T X_n||^2 = sum_{t,s in n} (g_t . g_s)(x_t . x_s)``: the per-sequence token Grams cost
+    ``tokens_n^2 * (in + out)`` instead of ``tokens_n * out * in`` for the gradient itself; they are
+    batched over sequences (zero-padded to the longest group, padding contributes nothing). The
+    Grams are float64 because activations with a large shared component make the float32 products
+    cancel badly. Groups too long for the Gram form to pay off take the per-sequence product.
     """
-    if x.shape[0] <= _GRAM_LIMIT:
-        x, grad = x.double(), grad.double()
-        same_sequence = seq_ids[:, None] == seq_ids[None, :]
-        return ((x @ x.T) * (grad @ grad.T) * same_sequence).sum()
-    return sum((grad[seq_ids == s].T @ x[seq_ids == s]).double().square().sum() for s in torch.unique(seq_ids))
+    if seq_ids.numel() > 1 and bool((seq_ids[1:] < seq_ids[:-1]).any()):
+        order = torch.argsort(seq_ids, stable=True)
+        x, grad, seq_ids = x[order], grad[order], seq_ids[order]
+    groups, counts = torch.unique_consecutive(seq_ids, return_counts=True)
+    longest = int(counts.max())
+    d_in, d_out = x.shape[1], grad.shape[1]
+    if longest <= _GRAM_LIMIT and longest * (d_in + d_out) <= d_in * d_out:
+        starts = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(groups.numel(), device=x.device), counts)
+        pos = torch.arange(x.shape[0], device=x.device) - starts[group]
+        xp = x.new_zeros(groups.numel(), longest, d_in, dtype=torch.float64)
+        gp = x.new_zeros(groups.numel(), longest, d_out, dtype=torch.float64)
+        xp[group, pos] = x.double()
+        gp[group, pos] = grad.double()
+        return ((xp @ xp.mT) * (gp @ gp.mT)).sum()
+    return sum((g.T @ xs).double().square().sum()
+               for xs, g in zip(x.split(counts.tolist()), grad.split(counts.tolist())))
 
 
 def _sum_per_sequence_bias_sq_norms(grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
@@ -123,13 +146,13 @@ class _ProbedLinear(torch.autograd.Function):
     """``x @ W.T + b`` whose backward hands (x, grad_out) to a sink and gives W no gradient."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seq_ids, expert, sink):  # noqa: D102
+    def forward(ctx, x, weight, bias, seq_ids, expert, sink):
         ctx.save_for_backward(x, weight, seq_ids)
         ctx.expert, ctx.sink, ctx.has_bias = expert, sink, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad_out):  # noqa: D102
+    def backward(ctx, grad_out):
         x, weight, seq_ids = ctx.saved_tensors
         ctx.sink(ctx.expert, x, grad_out, seq_ids, ctx.has_bias)
         return grad_out @ weight.to(grad_out.dtype), None, None, None, None, None
@@ -396,7 +419,9 @@ def compute_expert_importance(
             stack.enter_context(install(block, probe))
         if not fisher:
             stack.enter_context(torch.inference_mode())
+        # unit "seq": tqdm shows sequences/s; tokens/s is added as a postfix
         bar = tqdm(total=num_sequences, desc="Fisher" if fisher else "Routing", unit="seq", disable=not show_progress)
+        started = time.perf_counter()
         for start in range(0, num_sequences, batch_size):
             batch = input_ids[start:start + batch_size].to(device)
             seq_ids = torch.arange(batch.shape[0], device=device).repeat_interleave(seq_len)
@@ -406,6 +431,9 @@ def compute_expert_importance(
             if fisher:
                 _sequence_log_likelihood(logits, batch, labels, generator).backward()
             bar.update(batch.shape[0])
+            if show_progress:
+                done = min(start + batch_size, num_sequences)
+                bar.set_postfix(tok_per_s=f"{done * seq_len / max(time.perf_counter() - started, 1e-9):.0f}")
         bar.close()
 
     if fisher:
@@ -417,6 +445,7 @@ def compute_expert_importance(
         frequency=routed / routed.sum(dim=1, keepdim=True).clamp_min(1),
         num_sequences=num_sequences,
         labels=labels,
+        routed=routed,
     )
     if diagonal and fisher:
         importance.fisher_diag, importance.fisher_diag_bias = {}, {}

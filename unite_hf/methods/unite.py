@@ -7,19 +7,30 @@ or out-of-vocabulary calibration set all fail before the expensive calibration p
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
-from ..decomposition import DECOMPOSITIONS, decompose, resolve_ranks
+from ..decomposition import (
+    DECOMPOSITIONS,
+    decompose,
+    decompose_streaming,
+    resolve_ranks,
+)
 from ..fusion import fuse_block, get_fusion
 from ..gene import GeneConfig, UniteGene
 from ..importance import LABEL_MODES, ExpertImportance, compute_expert_importance
 from ..sources import FusedExpertsBlock, MoESource, get_source
+from ..sources.checkpoint import MoECheckpoint, is_checkpoint_path
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -54,7 +65,7 @@ def _planned_ranks(source: MoESource, decomposition: str, rank) -> dict[str, tup
 
 
 def extract_universal_knowledge(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     tokenizer=None,
     calibration: Any = DEFAULT_CALIBRATION,
     *,
@@ -75,11 +86,21 @@ def extract_universal_knowledge(
     source_id: str | None = None,
     source_revision: str | None = None,
     show_progress: bool = True,
+    trust_remote_code: bool = False,
+    spill_dir: str | os.PathLike | None = None,
 ) -> UniteGene:
     """Extract a UNITE gene from a MoE causal LM.
 
     Args:
-        model: any transformers MoE causal LM (fused 3D experts or per-expert ModuleList).
+        model: any transformers MoE causal LM (fused 3D experts or per-expert ModuleList), or the path
+            of a checkpoint folder (config.json + *.safetensors [+ index]). A checkpoint is streamed:
+            experts are read from the shards one at a time, fused layer by layer into a temporary
+            spill file (``spill_dir``, default the system temp folder; one float32 matrix per layer
+            and projection), and decomposed layer by layer with
+            :func:`~unite_hf.decomposition.decompose_streaming`; memory stays at about one layer.
+            It needs ``importance`` (e.g. from :func:`~unite_hf.compute_expert_importance` on a
+            loaded copy, or from several processes with :mod:`unite_hf.distributed`) unless
+            ``fusion="uniform"``.
         tokenizer: tokenizer for text calibration input (not needed for an input_ids tensor).
         calibration: "wikitext2" (default), a local text file, a list of strings, a
             ``datasets.Dataset``, a Hub dataset id, an input_ids tensor ``[N, T]`` or a
@@ -97,7 +118,17 @@ def extract_universal_knowledge(
         text_column, dataset_config, split: how to read a Hub or ``datasets`` calibration corpus.
         importance: precomputed :class:`ExpertImportance` (skips calibration).
         source_id, source_revision: provenance; defaults to the model's ``name_or_path``.
+        trust_remote_code, spill_dir: for a checkpoint path only.
     """
+    if is_checkpoint_path(model):
+        return _extract_from_checkpoint(
+            model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
+            source_id=source_id, source_revision=source_revision, show_progress=show_progress,
+            trust_remote_code=trust_remote_code, spill_dir=spill_dir,
+        )
+    if isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"{model} is not a checkpoint folder; pass a loaded model or a folder with config.json "
+                         "and *.safetensors")
     source = get_source(model)
     strategy = get_fusion(fusion)
     if decomposition not in DECOMPOSITIONS:
@@ -134,15 +165,29 @@ def extract_universal_knowledge(
         stacked = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rank was already resolved (and any clipping warned) above
-            decompositions[proj] = decompose(stacked, decomposition, ranks[proj], n_iter_max=n_iter_max, name=proj)
+            decompositions[proj] = decompose(stacked, decomposition, ranks[proj], n_iter_max=n_iter_max, name=proj,
+                                             show_progress=show_progress)
         if fused[0][proj][1] is not None:
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
 
+    source_weights = {name: tensor.detach().to("cpu").clone() for name, tensor in source.non_expert_state_dict().items()}
+    provenance = _source_provenance(model, source_id, source_revision)
+    gene = _make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
+                      calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
+    gene.tokenizer = tokenizer  # travels with the gene, so targets grown from it can be fine-tuned right away
+    return gene
+
+
+def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, importance: ExpertImportance,
+               source_weights: dict[str, torch.Tensor], **method: Any) -> UniteGene:
     first = source.blocks[0]
-    expert = first.expert(0)
+    meta_first = getattr(first, "meta_block", first)
+    expert = meta_first.expert(0)
+    projections = first.projection_names()
     config = GeneConfig(
-        **_source_provenance(model, source_id, source_revision),
-        source_layout=source.layout,
+        **provenance,
+        source_layout=meta_first.layout,
         num_layers=source.num_layers,
         moe_layers=source.moe_layers,
         dense_layers=source.dense_layers,
@@ -151,23 +196,82 @@ def extract_universal_knowledge(
         expert_intermediate_size=expert.down.shape[1],
         projections=list(projections),
         has_bias=first.has_bias,
-        custom_gating=isinstance(first, FusedExpertsBlock) and first.custom_gating,
+        custom_gating=isinstance(meta_first, FusedExpertsBlock) and meta_first.custom_gating,
         shared_experts=[name for name, _ in first.shared_experts],
-        calibration=calibration_name,
-        num_sequences=num_sequences,
-        seq_len=seq_len,
-        seed=seed,
-        fisher_labels=fisher_labels,
-        fusion=fusion,
-        decomposition=decomposition,
-        n_iter_max=n_iter_max,
         ranks={proj: list(dec.ranks) for proj, dec in decompositions.items()},
         relative_error={proj: dec.relative_error for proj, dec in decompositions.items()},
         retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
+        **method,
     )
-    source_weights = {name: tensor.detach().to("cpu").clone() for name, tensor in source.non_expert_state_dict().items()}
     return UniteGene(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
                      source_weights, fused_biases)
+
+
+def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_iter_max: int,
+                             importance: ExpertImportance | None, source_id: str | None, source_revision: str | None,
+                             show_progress: bool, trust_remote_code: bool, spill_dir) -> UniteGene:
+    """Streaming extraction: fuse layer by layer from the shards, spill, decompose layer by layer."""
+    strategy = get_fusion(fusion)
+    if decomposition not in DECOMPOSITIONS:
+        raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {sorted(DECOMPOSITIONS)}")
+    with MoECheckpoint(path, trust_remote_code=trust_remote_code) as checkpoint:
+        source = checkpoint.source
+        ranks = _planned_ranks(source, decomposition, rank)
+        if importance is None:
+            if strategy.requires != "none":
+                raise ValueError(
+                    f"extracting from a checkpoint path with fusion={fusion!r} needs precomputed importance=... "
+                    "(compute_expert_importance on a loaded model, or unite_hf.distributed); only fusion='uniform' "
+                    "works without it.")
+            shape = (len(source.blocks), source.num_experts)
+            importance = ExpertImportance(source.moe_layers, torch.zeros(shape, dtype=torch.float64),
+                                          torch.zeros(shape, dtype=torch.float64), num_sequences=0)
+        if importance.moe_layers != source.moe_layers:
+            raise ValueError(f"importance covers layers {importance.moe_layers}, the checkpoint's MoE layers are "
+                             f"{source.moe_layers}")
+        if tuple(importance.fisher.shape) != (len(source.blocks), source.num_experts):
+            raise ValueError(f"importance has shape {tuple(importance.fisher.shape)}, the checkpoint has "
+                             f"{len(source.blocks)} MoE layers of {source.num_experts} experts")
+        if strategy.requires == "fisher_diag" and importance.fisher_diag is None:
+            raise ValueError("fusion='fisher_diag' needs importance computed with diagonal=True")
+        _check_importance(importance)
+        source_weights = checkpoint.non_expert_state_dict()
+        for name, tensor in source_weights.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise ValueError(f"source weight {name!r} contains NaN or Inf; refusing to extract a gene from it.")
+        projections = checkpoint.blocks[0].projection_names()
+        fused_biases: dict[str, list[torch.Tensor]] = {}
+        decompositions = {}
+        with tempfile.TemporaryDirectory(prefix="unite-spill-", dir=spill_dir) as tmp:
+            spill = [Path(tmp) / f"layer{block.layer_idx}.safetensors" for block in checkpoint.blocks]
+            for block, file in zip(tqdm(checkpoint.blocks, desc="Fusing experts", unit="layer",
+                                        disable=not show_progress), spill):
+                fused = fuse_block(block, importance, fusion)
+                for proj, (weight, bias) in fused.items():
+                    if not torch.isfinite(weight).all() or (bias is not None and not torch.isfinite(bias).all()):
+                        raise ValueError(f"{block.name}: fused {proj} holds NaN or Inf; an expert weight in the "
+                                         "checkpoint is not finite")
+                    if bias is not None:
+                        fused_biases.setdefault(proj, []).append(bias)
+                save_file({proj: weight.contiguous() for proj, (weight, _) in fused.items()}, str(file))
+                del fused
+            for proj in projections:
+                def layer_fn(index: int, proj: str = proj) -> torch.Tensor:
+                    with safe_open(spill[index], framework="pt") as f:
+                        return f.get_tensor(proj)
+
+                with safe_open(spill[0], framework="pt") as f:
+                    shape = tuple(f.get_slice(proj).get_shape())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # ranks were resolved (and clipping warned) above
+                    decompositions[proj] = decompose_streaming(
+                        layer_fn, len(spill), shape, decomposition, ranks[proj], n_iter_max=n_iter_max,
+                        show_progress=show_progress, name=proj)
+        provenance = _source_provenance(checkpoint.meta_model, source_id or Path(path).name, source_revision)
+        return _make_gene(source, provenance, decompositions, {p: torch.stack(v) for p, v in fused_biases.items()},
+                          importance, source_weights, calibration="precomputed importance",
+                          num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,
+                          fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
 
 
 def _check_importance(importance: ExpertImportance) -> None:
