@@ -43,7 +43,8 @@ def dense():
 @pytest.fixture(scope="module")
 def fitted(dense):
     """E=4, top-2, co-activation grouping, fitted router: the model most checks look at."""
-    return moefy(dense, E, top_k=2, calibration=calib_ids(1), grouping="coactivation", router="fit", show_progress=False)
+    return moefy(dense, E, top_k=2, calibration=calib_ids(1), grouping="coactivation", router="fit",
+                 show_progress=False)
 
 
 def _mlp_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -132,12 +133,20 @@ def test_converted_layers_have_balanced_groups(fitted):
 
 
 def test_same_seed_same_model_other_seed_other_groups(dense, fitted):
-    again = moefy(dense, E, top_k=2, calibration=calib_ids(1), grouping="coactivation", router="fit", show_progress=False)
+    again = moefy(dense, E, top_k=2, calibration=calib_ids(1), grouping="coactivation", router="fit",
+                  show_progress=False)
     for (k, a), b in zip(fitted.state_dict().items(), again.state_dict().values()):
         assert torch.equal(a, b), k
     one = moefy(dense, E, top_k=E, router="uniform", seed=0, show_progress=False)
     other = moefy(dense, E, top_k=E, router="uniform", seed=1, show_progress=False)
     assert not torch.equal(one.model.layers[0].mlp.experts.gate_up_proj, other.model.layers[0].mlp.experts.gate_up_proj)
+
+
+def test_default_grouping_is_coactivation_with_data_and_weight_kmeans_without(dense):
+    with_data = moefy(dense, E, top_k=2, calibration=calib_ids(1, n=4), show_progress=False)
+    without = moefy(dense, E, top_k=E, router="uniform", show_progress=False)
+    assert (with_data.config.moefy["grouping"], without.config.moefy["grouping"]) == ("coactivation", "balanced_kmeans")
+    assert without.config.moefy["calibration"] is None
 
 
 # -- the router ------------------------------------------------------------------------------------
@@ -254,7 +263,7 @@ def test_cli_pair_converts_a_saved_model(dense, tmp_path, capsys):
                               "--calibration", str(corpus), "--num-sequences", "4", "--seq-len", "16"])
     assert run(args) == 0
     summary = capsys.readouterr().out.strip().splitlines()[-1]
-    assert '"router": "fit"' in summary
+    assert '"router": "fit"' in summary and '"grouping": "coactivation"' in summary  # default when calibrating
     moe = transformers.MixtralForCausalLM.from_pretrained(tmp_path / "moe")
     assert moe.config.num_local_experts == 4 and moe.config.num_experts_per_tok == 2
     assert (tmp_path / "moe" / "tokenizer.json").exists()

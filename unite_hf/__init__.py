@@ -13,6 +13,7 @@ from .decomposition import (  # noqa: E402
 )
 from .distributed import compute_expert_importance_distributed  # noqa: E402
 from .sources.checkpoint import CheckpointError, MoECheckpoint  # noqa: E402
+from .moefy import MoefyError, moefy  # noqa: E402
 from .fusion import FUSIONS, fuse_block, register_fusion  # noqa: E402
 from .gene import GeneConfig, GeneFormatError, UniteGene  # noqa: E402
 from .importance import ExpertImportance, compute_expert_importance, compute_routing_frequency  # noqa: E402
@@ -49,7 +50,7 @@ _register_with_auto_classes()
 __all__ = [
     "UniteConfig", "UniteForCausalLM", "UniteForMultipleChoice", "UniteForSequenceClassification", "UniteModel",
     "UnitePreTrainedModel", "CheckpointError", "MoECheckpoint", "compute_expert_importance_distributed",
-    "decompose_streaming", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
+    "decompose_streaming", "MoefyError", "moefy", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
     "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "UnsupportedSourceError", "__version__",
     "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
     "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",

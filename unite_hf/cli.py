@@ -196,6 +196,20 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
+    from .moefy import add_arguments
+
+    add_arguments(parser)
+
+
+@command("moefy", "convert a dense Llama-family model into a Mixtral MoE (neurons split into experts, fitted router)",
+         _moefy_arguments)
+def _run_moefy(args: argparse.Namespace) -> int:
+    from .moefy import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -14,10 +14,11 @@ module turns one into a transformers ``MixtralForCausalLM`` by splitting every l
   (``1/top_k``) each chosen expert contributes exactly its dense share, and the unchosen neurons are
   dropped. In particular ``top_k = E`` with ``router="uniform"`` (zero router weights: softmax gives
   ``1/E`` to every expert) reproduces the dense model exactly, up to float rounding.
-* **Grouping** (``grouping=``): ``"balanced_kmeans"`` (default; balanced spherical k-means on each
-  neuron's normalised gate and up rows, needs no data), ``"coactivation"`` (balanced k-means on the
-  neurons' activation patterns over calibration tokens: neurons that fire on the same tokens share an
-  expert, so the router can find them) and ``"contiguous"`` (neurons ``[e*I/E, (e+1)*I/E)``, the naive
+* **Grouping** (``grouping=``): ``"coactivation"`` (default when calibrating; balanced k-means on the
+  neurons' centred activation magnitudes over calibration tokens: neurons that fire on the same tokens
+  share an expert, so the router can find them and a token's top-k experts hold more of its activation
+  mass), ``"balanced_kmeans"`` (default without data; balanced spherical k-means on each neuron's
+  normalised gate and up rows) and ``"contiguous"`` (neurons ``[e*I/E, (e+1)*I/E)``, the naive
   baseline).
 * **Router** (``router=``): ``"fit"`` (default) regresses each expert's log activation mass
   ``log sum_{n in S_e} |act(g_n) u_n|`` on the MLP's input hidden states (ridge least squares; Mixtral's
@@ -28,6 +29,9 @@ module turns one into a transformers ``MixtralForCausalLM`` by splitting every l
 
 Calibration hidden states are captured from the *dense* model (the input of each layer's MLP) in one
 pass, with forward pre-hooks; they take ``layers * N * T * hidden * 4`` bytes.
+
+On SmolLM2-135M-Instruct (E=8) the exact conversion matches the dense WikiText-2 perplexity to 6 digits;
+top-2 without further training does not give a usable LM (top-6 does): see ``benchmarks/MOEFY.md``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import argparse
 import json
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +48,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
+
+if TYPE_CHECKING:  # pragma: no cover
+    from transformers import MixtralForCausalLM
 
 __all__ = [
     "GROUPINGS",
@@ -149,7 +156,8 @@ def expert_activation_mass(experts: nn.Module, hidden_states: torch.Tensor) -> t
     return (experts.act_fn(gate) * up).abs().sum(-1).T.float()
 
 
-def routing_agreement(router_weight: torch.Tensor, hidden_states: torch.Tensor, mass: torch.Tensor, top_k: int) -> float:
+def routing_agreement(router_weight: torch.Tensor, hidden_states: torch.Tensor, mass: torch.Tensor,
+                      top_k: int) -> float:
     """Mean ``|router top-k ∩ oracle top-k| / k`` over tokens, the oracle ranking experts by ``mass``.
 
     A random router scores about ``k / E``; a perfect one scores 1.
@@ -172,7 +180,7 @@ def moefy(
     calibration: Any = None,
     tokenizer: Any = None,
     *,
-    grouping: str = "balanced_kmeans",
+    grouping: str | None = None,
     router: str = "fit",
     down_scale: float | None = None,
     seed: int = 0,
@@ -180,7 +188,7 @@ def moefy(
     seq_len: int = 256,
     batch_size: int = 4,
     show_progress: bool = True,
-) -> nn.Module:
+) -> MixtralForCausalLM:
     """Convert a pretrained dense Llama-family causal LM into a ``MixtralForCausalLM``.
 
     Embeddings, attention, norms and ``lm_head`` are copied exactly (ties kept); each FFN becomes
@@ -196,7 +204,10 @@ def moefy(
             a text file, a list of strings, a ``datasets.Dataset``, an input_ids tensor ``[N, T]``).
             ``None`` means ``"wikitext2"`` when calibration is needed, and no calibration otherwise.
         tokenizer: needed for text calibration.
-        grouping: ``"balanced_kmeans"`` | ``"coactivation"`` | ``"contiguous"``.
+        grouping: ``"balanced_kmeans"`` | ``"coactivation"`` | ``"contiguous"``; ``None`` (default) means
+            ``"coactivation"`` when calibration is used (``router="fit"`` or ``calibration`` given) and
+            ``"balanced_kmeans"`` otherwise. On SmolLM2-135M co-activation grouping gave 14x lower top-2
+            perplexity than weight k-means (benchmarks/MOEFY.md).
         router: ``"fit"`` | ``"centroid"`` | ``"uniform"``.
         down_scale: factor applied to every expert's ``down_proj``; ``None`` means ``top_k``.
             **Exactness:** ``moefy(m, E, top_k=E, router="uniform")`` (so ``down_scale = E`` and every
@@ -220,6 +231,8 @@ def moefy(
     from transformers import MixtralForCausalLM
     from transformers.initialization import no_init_weights
 
+    if grouping is None:  # co-activation groups are much better, but only data can reveal them
+        grouping = "coactivation" if (router == "fit" or calibration is not None) else "balanced_kmeans"
     layers = _validate(dense_model, num_experts, top_k, grouping, router, down_scale)
     scale = float(top_k if down_scale is None else down_scale)
     dense_cfg = dense_model.config
@@ -300,7 +313,8 @@ def _validate(model: nn.Module, num_experts: int, top_k: int, grouping: str, rou
     if router == "uniform" and top_k < num_experts:
         # equal logits make topk pick experts 0..k-1 for every token: never what anyone wants
         raise MoefyError(f"router='uniform' needs top_k == num_experts ({num_experts}), got top_k={top_k}")
-    if down_scale is not None and not (isinstance(down_scale, (int, float)) and math.isfinite(down_scale) and down_scale > 0):
+    valid_scale = isinstance(down_scale, (int, float)) and math.isfinite(down_scale) and down_scale > 0
+    if down_scale is not None and not valid_scale:
         raise MoefyError(f"down_scale must be a positive finite number, got {down_scale!r}")
 
     base = getattr(model, "model", None)
@@ -312,10 +326,11 @@ def _validate(model: nn.Module, num_experts: int, top_k: int, grouping: str, rou
     for idx, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None)
         if mlp is not None and hasattr(mlp, "experts"):
-            raise MoefyError(f"model.layers.{idx}.mlp already has experts: {type(model).__name__} is a MoE, not a dense model")
+            raise MoefyError(f"model.layers.{idx}.mlp already has experts: {type(model).__name__} is a MoE, "
+                             "not a dense model")
         if mlp is None or not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in _FFN_PROJS):
-            raise MoefyError(f"model.layers.{idx}.mlp ({type(mlp).__name__}) has no nn.Linear gate_proj/up_proj/down_proj: "
-                             "not a dense Llama-family FFN")
+            raise MoefyError(f"model.layers.{idx}.mlp ({type(mlp).__name__}) has no nn.Linear "
+                             "gate_proj/up_proj/down_proj: not a dense Llama-family FFN")
         if any(getattr(mlp, p).bias is not None for p in _FFN_PROJS):
             raise MoefyError(f"model.layers.{idx}.mlp has biases; Mixtral experts have none")
     model_type = getattr(config, "model_type", None)
@@ -543,7 +558,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="folder to save the MixtralForCausalLM (and tokenizer) to")
     parser.add_argument("--num-experts", type=int, default=8, help="experts E per layer (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: %(default)s)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default="balanced_kmeans")
+    parser.add_argument("--grouping", choices=GROUPINGS, default=None,
+                        help="neuron grouping (default: coactivation when calibrating, else balanced_kmeans)")
     parser.add_argument("--router", choices=ROUTERS, default="fit")
     parser.add_argument("--exact", action="store_true",
                         help="top-k = E with a uniform router: the MoE computes exactly the dense model")
@@ -568,7 +584,7 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, **tok_kw)
     top_k = args.num_experts if args.exact else args.top_k
     router = "uniform" if args.exact else args.router
-    # calibrate only when the conversion uses data (the exact uniform router with fixed groups does not)
+    # calibrate only when the conversion uses data (a uniform router with weight-space groups does not)
     uses_data = router != "uniform" or args.grouping == "coactivation"
     calibration = args.calibration if uses_data else None
     moe = moefy(model, args.num_experts, top_k, calibration, tokenizer, grouping=args.grouping, router=router,
@@ -581,7 +597,8 @@ def run(args: argparse.Namespace) -> int:
         values = [s[key] for s in layers if s[key] is not None]
         return round(sum(values) / len(values), 4) if values else None
 
-    print(json.dumps({"out": str(args.out), "num_experts": args.num_experts, "top_k": top_k, "grouping": args.grouping,
+    print(json.dumps({"out": str(args.out), "num_experts": args.num_experts, "top_k": top_k,
+                      "grouping": moe.config.moefy["grouping"],
                       "router": router, "routing_agreement": mean("routing_agreement"),
                       "captured_mass": mean("captured_mass"), "relative_error": mean("relative_error")}))
     return 0
