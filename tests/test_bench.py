@@ -17,7 +17,7 @@ def test_smoke_bench_writes_a_report(tmp_path):
     experiments = {r["experiment"] for r in results["runs"]}
     assert experiments == {"generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth"}
     for section in ("Generalization across tasks", "Convergence", "Ablation: fusion", "Ablation: decomposition",
-                    "Ablation: rank", "Ablation: depth", "Ablation: train fraction", "unite-hf bench --profile smoke"):
+                    "Ablation: rank", "Ablation: depth", "Data efficiency", "unite-hf bench --profile smoke"):
         assert section in text
     assert (tmp_path / "out" / "convergence.png").is_file() and (tmp_path / "out" / "data_efficiency.png").is_file()
     # every number in the generalization table comes from the runs
