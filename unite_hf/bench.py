@@ -60,9 +60,10 @@ class BenchProfile:
 
 
 PROFILES: dict[str, BenchProfile] = {
-    # about 40 minutes on an idle 2-core CPU (see RESULTS.md for the measured time)
-    "full": BenchProfile(tasks=["sst2", "rte", "boolq", "piqa", "arc_easy"], seeds=[0, 1, 2], train_examples=500,
-                         eval_examples=200, epochs=3, layers=4, rank=128, gene_rank=(30, 192, 192)),
+    # about half an hour on an idle 2-core CPU (see RESULTS.md for the measured time)
+    "full": BenchProfile(tasks=["sst2", "rte", "boolq", "piqa", "arc_easy"], seeds=[0, 1, 2], train_examples=400,
+                         eval_examples=150, epochs=3, layers=2, rank=128, gene_rank=(30, 192, 192),
+                         ranks=[32, 64, 128], depths=[1, 2, 4]),
     # minutes: the same code paths, one seed, small data
     "quick": BenchProfile(tasks=["sst2", "arc_easy"], seeds=[0], train_examples=256, eval_examples=128, epochs=2,
                           layers=2, rank=64, gene_rank=(30, 128, 128), fractions=[0.25, 1.0], ranks=[16, 64],
