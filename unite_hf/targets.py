@@ -128,6 +128,7 @@ def build_target_config(
     tie_bases: bool = False,
     shared_experts: str = "keep",
     gene_name: str | None = None,
+    source=None,
     **config_kwargs: Any,
 ) -> UniteConfig:
     """The :class:`UniteConfig` of a target grown from ``gene`` (validated, nothing built yet)."""
@@ -143,7 +144,7 @@ def build_target_config(
     if tie_bases and gene.decompositions[gc.projections[0]].out_factor.ndim == 3:
         raise ValueError(f"the gene's {gc.decomposition!r} decomposition has per-layer bases; tie_bases=True needs "
                          "shared bases (tucker or cp).")
-    source = _meta_source(gene)  # the source's structure, for free: where experts live, their activation
+    source = source or _meta_source(gene)  # the source's structure, for free: where experts live, their activation
     activation = _expert_activation(source.blocks[0], source_config)
     if shared_experts == "fuse":
         for s_layer in (s for s in selected if s in gc.moe_layers):
@@ -172,12 +173,12 @@ def build_target_config(
     )
 
 
-def target_state_dict(model: nn.Module, gene: UniteGene) -> dict[str, torch.Tensor]:
+def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[str, torch.Tensor]:
     """The gene's tensors under the target's parameter names: copied non-FFN weights for the selected
     source layers, truncated bases, and (for ``core_init="tucker"``) the inherited cores."""
     config: UniteConfig = model.config
     prefix = model.base_model_prefix + "." if hasattr(model, model.base_model_prefix) else ""
-    source = _meta_source(gene)
+    source = source or _meta_source(gene)
     layers_path = source.layers_path  # e.g. "model.layers"
     base_prefix = layers_path.rsplit(".", 1)[0] + "." if "." in layers_path else ""
     position = {s: i for i, s in enumerate(config.source_layers)}
@@ -279,11 +280,12 @@ def grow_from_gene(
     if cls is UniteForMultipleChoice and "num_labels" in config_kwargs:
         warnings.warn("num_labels is ignored by UniteForMultipleChoice: the number of choices comes from the input.")
     gene, name = _load_gene(gene, revision)
+    source = _meta_source(gene)  # built once: config validation and weight mapping both read it
     config = build_target_config(gene, num_hidden_layers=num_hidden_layers, rank=rank, core_init=core_init,
                                  layer_selection=layer_selection, tie_bases=tie_bases, shared_experts=shared_experts,
-                                 gene_name=name, **config_kwargs)
+                                 gene_name=name, source=source, **config_kwargs)
     model = cls(config)
-    state = target_state_dict(model, gene)
+    state = target_state_dict(model, gene, source)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise ValueError(f"gene tensors without a place in the target (a mapping bug): {unexpected[:5]}")
