@@ -15,10 +15,24 @@ def test_smoke_bench_writes_a_report(tmp_path):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "TINY RANDOM" in results["source"]
     experiments = {r["experiment"] for r in results["runs"]}
-    assert experiments == {"generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth"}
+    assert experiments == {"generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "masa",
+                           "masa_ablation", "xpert", "xpert_control"}
     for section in ("Generalization across tasks", "Convergence", "Ablation: fusion", "Ablation: decomposition",
-                    "Ablation: rank", "Ablation: depth", "Data efficiency", "unite-hf bench --profile smoke"):
+                    "Ablation: rank", "Ablation: depth", "Data efficiency", "unite-hf bench --profile smoke",
+                    "MASA: gene matrices", "### Width 32", "### Width 64", "no spectral", "truncate/pad",
+                    "XPERT: common experts", "Control: which experts", "xpert-llama-w32"):
         assert section in text
+    assert (tmp_path / "out" / "xpert_convergence.png").is_file()
+    assert (tmp_path / "out" / "xpert_analysis" / "expert_heatmap.png").is_file()
+    masa_widths = {r["width"] for r in results["runs"] if r["experiment"] == "masa"}
+    assert masa_widths == {32, 64}
+    # a later run of one experiment keeps every other experiment's stored runs
+    before = [r for r in results["runs"] if r["experiment"] != "xpert_control" and r["experiment"] != "xpert"]
+    run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work2", tiny=True, experiments=("xpert",),
+              command="unite-hf bench --profile smoke --tiny --experiments xpert")
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r for r in again["runs"] if r["experiment"] not in ("xpert", "xpert_control")] == before
+    assert len(again["meta"]["commands"]) == 2 and "Generalization across tasks" in report.read_text()
     assert (tmp_path / "out" / "convergence.png").is_file() and (tmp_path / "out" / "data_efficiency.png").is_file()
     # every number in the generalization table comes from the runs
     unite = [r["accuracy"] for r in results["runs"] if r["experiment"] == "generalization" and r["init"] == "unite"]

@@ -15,10 +15,14 @@ from .distributed import compute_expert_importance_distributed  # noqa: E402
 from .sources.checkpoint import CheckpointError, MoECheckpoint  # noqa: E402
 from .moefy import MoefyError, moefy  # noqa: E402
 from .fusion import FUSIONS, fuse_block, register_fusion  # noqa: E402
-from .gene import GeneConfig, GeneFormatError, UniteGene  # noqa: E402
+from .gene import Gene, GeneConfig, GeneFormatError, UniteGene, load_gene, register_gene  # noqa: E402
 from .importance import ExpertImportance, compute_expert_importance, compute_routing_frequency  # noqa: E402
 from .io import CorruptedFileError  # noqa: E402
 from .methods.unite import extract_universal_knowledge  # noqa: E402
+from .methods.masa import MasaGene, extract_masa_gene  # noqa: E402
+from .analysis import ExpertAnalysis, analyze_experts, select_experts  # noqa: E402
+from .methods.xpert import XpertGene, extract_xpert_gene  # noqa: E402
+from .scaling import adaptive_scale, llama_target_config, masa_init  # noqa: E402
 from .sources import MoESource, UnsupportedSourceError, get_source, register_layout  # noqa: E402
 from .configuration_unite import UniteConfig  # noqa: E402
 from .modeling_unite import (  # noqa: E402
@@ -51,7 +55,9 @@ __all__ = [
     "UniteConfig", "UniteForCausalLM", "UniteForMultipleChoice", "UniteForSequenceClassification", "UniteModel",
     "UnitePreTrainedModel", "CheckpointError", "MoECheckpoint", "compute_expert_importance_distributed",
     "decompose_streaming", "MoefyError", "moefy", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
-    "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "UnsupportedSourceError", "__version__",
+    "Gene", "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "load_gene", "register_gene", "UnsupportedSourceError", "__version__",
     "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
     "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",
+    "MasaGene", "extract_masa_gene", "ExpertAnalysis", "analyze_experts", "select_experts", "XpertGene",
+    "extract_xpert_gene", "adaptive_scale", "llama_target_config", "masa_init",
 ]

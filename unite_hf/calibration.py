@@ -524,3 +524,30 @@ def _resolve_documents(
         f"({', '.join(CORPUS_ALIASES)}), a file path, a Hub dataset id, a list of strings, a "
         "datasets.Dataset, an input_ids tensor or a CalibrationSet"
     )
+
+
+def load_mixed_calibration(
+    corpora: Sequence[CalibrationInput],
+    tokenizer: Any = None,
+    *,
+    num_sequences: int = 128,
+    seq_len: int = 512,
+    seed: int = 0,
+    show_progress: bool = True,
+    **kwargs: Any,
+) -> CalibrationSet:
+    """Windows from several corpora in equal shares, shuffled together (seeded): a small stand-in for
+    a multi-domain pretraining mix such as RedPajama. ``kwargs`` go to :func:`load_calibration`."""
+    if isinstance(corpora, (str, os.PathLike)) or not corpora:
+        raise ValueError("corpora must be a non-empty list of calibration inputs")
+    _check_positive_int("num_sequences", num_sequences)
+    if num_sequences < len(corpora):
+        raise ValueError(f"num_sequences={num_sequences} is fewer than the {len(corpora)} corpora to mix")
+    shares = [num_sequences // len(corpora) + (i < num_sequences % len(corpora)) for i in range(len(corpora))]
+    parts = [load_calibration(corpus, tokenizer, num_sequences=share, seq_len=seq_len, seed=seed + i,
+                              show_progress=show_progress, **kwargs)
+             for i, (corpus, share) in enumerate(zip(corpora, shares))]
+    input_ids = torch.cat([part.input_ids for part in parts])
+    order = torch.randperm(input_ids.shape[0], generator=torch.Generator().manual_seed(seed))
+    name = "mix(" + ", ".join(part.name for part in parts) + ")"
+    return CalibrationSet(input_ids=input_ids[order], name=name, seed=seed)

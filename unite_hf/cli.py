@@ -69,7 +69,28 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reuse the Fisher and routing frequency of this gene (no calibration pass); with a local "
                              "--source folder the experts are then streamed from its safetensors shards")
     parser.add_argument("--spill-dir", default=None, help="scratch folder for streamed per-layer fused experts")
+    parser.add_argument("--method", choices=sorted(EXTRACTORS), default="unite",
+                        help="unite (Fisher fusion + Tucker), masa (gene matrices) or xpert (common experts + Tucker)")
     add_extraction_arguments(parser)
+    masa = parser.add_argument_group("MASA (--method masa)")
+    masa.add_argument("--corpora", nargs="+", default=None,
+                      help="alignment corpora, mixed in equal shares (default: wikitext2 simplebooks)")
+    masa.add_argument("--tokens", type=int, default=262_144, help="alignment budget in tokens (default: %(default)s)")
+    masa.add_argument("--spectral-weight", type=float, default=0.1, help="λ of the log-spectral term; 0 turns it off")
+    masa.add_argument("--selection", default="auto", choices=["auto", "dense", "frequent", "shared"],
+                      help="which FFN weights get gene matrices (default: dense FFNs, else shared, else most routed experts)")
+    masa.add_argument("--num-experts", type=int, default=1, help="experts per layer for --selection frequent")
+    masa.add_argument("--learning-rate", type=float, default=1e-3)
+    from .analysis import COMMONALITY_SCORES, SELECTION_STRATEGIES, domain_argument
+
+    xpert = parser.add_argument_group("XPERT (--method xpert)")
+    xpert.add_argument("--domain", dest="domains", action="append", type=domain_argument, metavar="NAME=CORPUS",
+                       help="a domain for the routing analysis (repeat; default: the built-in five, see analyze-experts)")
+    xpert.add_argument("--k-common", type=int, default=None, help="experts per layer to consolidate (default: top-k)")
+    xpert.add_argument("--strategy", choices=sorted(SELECTION_STRATEGIES), default="common",
+                       help="common (XPERT) or the controls random / least")
+    xpert.add_argument("--score", choices=sorted(COMMONALITY_SCORES), default="min_frequency")
+    xpert.add_argument("--analysis", default=None, metavar="DIR", help="reuse a saved analyze-experts folder")
 
 
 def extraction_kwargs(args: argparse.Namespace) -> dict:
@@ -81,37 +102,72 @@ def extraction_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-@command("extract", "extract a UNITE gene from a MoE causal LM", _extract_arguments)
-def _run_extract(args: argparse.Namespace) -> int:
+def _load_source(args: argparse.Namespace):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .methods.unite import extract_universal_knowledge
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    return AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
+                                                device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
+
+def _extract_unite(args: argparse.Namespace, tokenizer):
     from pathlib import Path
 
     from .gene import UniteGene
+    from .methods.unite import extract_universal_knowledge
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
-                                              trust_remote_code=args.trust_remote_code)
     importance = UniteGene.from_pretrained(args.importance).expert_importance() if args.importance else None
     if Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
         # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
-        gene = extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
+        return extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
                                            trust_remote_code=args.trust_remote_code, source_id=args.source,
                                            source_revision=args.revision, **extraction_kwargs(args))
-    else:
-        dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-        model = AutoModelForCausalLM.from_pretrained(args.source, revision=args.revision, dtype=dtype,
-                                                     device_map=args.device_map, trust_remote_code=args.trust_remote_code)
-        gene = extract_universal_knowledge(model, tokenizer, importance=importance, source_id=args.source,
-                                           source_revision=args.revision, **extraction_kwargs(args))
+    return extract_universal_knowledge(_load_source(args), tokenizer, importance=importance, source_id=args.source,
+                                       source_revision=args.revision, **extraction_kwargs(args))
+
+
+def _extract_masa(args: argparse.Namespace, tokenizer):
+    from .methods.masa import DEFAULT_CORPORA, extract_masa_gene
+
+    if isinstance(args.rank, tuple):
+        raise ValueError("--rank for MASA is one int r (the gene matrices are r x r)")
+    return extract_masa_gene(
+        _load_source(args), tokenizer, args.corpora or DEFAULT_CORPORA, rank=args.rank or 64, selection=args.selection,
+        num_experts=args.num_experts, spectral_weight=args.spectral_weight, tokens=args.tokens, seq_len=args.seq_len,
+        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, source_id=args.source,
+        source_revision=args.revision)
+
+
+def _extract_xpert(args: argparse.Namespace, tokenizer):
+    from .analysis import DEFAULT_DOMAINS, ExpertAnalysis
+    from .methods.xpert import extract_xpert_gene
+
+    analysis = ExpertAnalysis.load(args.analysis) if args.analysis else None
+    return extract_xpert_gene(
+        _load_source(args), tokenizer, dict(args.domains) if args.domains else DEFAULT_DOMAINS, analysis=analysis,
+        k=args.k_common, strategy=args.strategy, rank=args.rank, n_iter_max=args.n_iter_max, num_sequences=args.num_sequences,
+        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, score=args.score, source_id=args.source,
+        source_revision=args.revision)
+
+
+# --method -> extractor(args, tokenizer) -> gene
+EXTRACTORS: dict[str, Callable] = {"unite": _extract_unite, "masa": _extract_masa, "xpert": _extract_xpert}
+
+
+@command("extract", "extract a gene (UNITE, MASA or XPERT) from a source causal LM", _extract_arguments)
+def _run_extract(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
+                                              trust_remote_code=args.trust_remote_code)
+    gene = EXTRACTORS[args.method](args, tokenizer)
     gene.tokenizer = tokenizer
     gene.save_pretrained(args.out)
     if args.push_to_hub:
         gene.push_to_hub(args.push_to_hub)
-    print(json.dumps({"gene": str(args.out), "moe_layers": gene.moe_layers, "ranks": gene.config.ranks,
-                      "relative_error": gene.config.relative_error}))
+    print(json.dumps({"gene": str(args.out), "method": gene.method, "layers": gene.config.moe_layers,
+                      "ranks": gene.config.ranks, "relative_error": gene.config.relative_error}))
     return 0
 
 
@@ -125,7 +181,15 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the one saved with the model)")
     parser.add_argument("--format", choices=FORMATS, default="classification",
                         help="k-way sequence classification (the paper, default) or multiple choice")
-    parser.add_argument("--init", choices=INITS, default="unite", help="unite (the gene), random, or copy-only")
+    parser.add_argument("--init", choices=INITS, default="unite",
+                        help="unite (the gene), random, copy-only, or masa (gene matrices into a Llama target)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="hidden size of a plain Llama target grown from gene matrices (MASA or XPERT genes)")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="FFN width of a Llama target")
+    parser.add_argument("--scaling", choices=["adaptive", "truncate"], default="adaptive",
+                        help="how gene matrices reach the Llama target's shapes (default: MASA adaptive scaling)")
+    parser.add_argument("--pretrain-tokens", type=int, default=0,
+                        help="continued pretraining of a Llama target on local text before the task (default: none)")
     parser.add_argument("--layers", type=int, default=None, help="target depth (default: the source's)")
     parser.add_argument("--rank", type=int, default=None, help="target rank (default: the gene's)")
     parser.add_argument("--core-init", choices=["random", "tucker"], default="random")
@@ -151,7 +215,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
             fmt=args.format, init=args.init, layers=args.layers, rank=args.rank, epochs=args.epochs,
             train_fraction=args.train_fraction, seed=args.seed, learning_rate=args.learning_rate,
             batch_size=args.batch_size, max_length=args.max_length, max_train_examples=args.max_train_examples,
-            max_eval_examples=args.max_eval_examples, core_init=args.core_init,
+            max_eval_examples=args.max_eval_examples, core_init=args.core_init, width=args.width,
+            intermediate_size=args.intermediate_size, scaling=args.scaling, pretrain_tokens=args.pretrain_tokens,
         )
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)  # stdout carries only the JSON line
@@ -206,6 +271,20 @@ def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
          _moefy_arguments)
 def _run_moefy(args: argparse.Namespace) -> int:
     from .moefy import run
+
+    return run(args)
+
+
+def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
+    from .analysis import add_arguments
+
+    add_arguments(parser)
+
+
+@command("analyze-experts", "XPERT's cross-domain routing analysis of a MoE: JSON report and heat map (inference only)",
+         _analyze_arguments)
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import run
 
     return run(args)
 

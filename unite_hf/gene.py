@@ -1,15 +1,23 @@
-"""The gene: the reusable knowledge extracted from a MoE source, as a Hub-shareable checkpoint.
+"""The gene: the reusable knowledge extracted from a source, as a Hub-shareable checkpoint.
 
-On disk (a folder, or a Hub model repo)::
+Every method writes the same folder (a local folder, or a Hub model repo)::
 
-    gene_config.json           GeneConfig: provenance, shapes, ranks, file checksums (written last)
-    gene.safetensors           per projection: core, U_L, U_out, U_in, spectral energy, fused biases;
-                               expert importance (Fisher) and routing frequency
-    source_weights.safetensors non-FFN weights copied from the source (embeddings, attention, norms,
-                               shared experts, dense layers, untied lm_head), under their source names
-    README.md                  model card
+    gene_config.json           GeneConfig: method, provenance, shapes, method settings, file checksums
+                               (written last, so an interrupted save never loads)
+    gene.safetensors           the method's tensors (see each gene class)
+    source_weights.safetensors weights copied from the source as they are (may be empty)
+    README.md                  model card, from model_cards/gene_<method>.md
+    tokenizer files            the source's tokenizer, when set
 
-Tensor keys in ``gene.safetensors``: ``ffn.{proj}.core|layer_factor|out_factor|in_factor``,
+:class:`Gene` holds that machinery once; each method is a subclass registered under its
+``GeneConfig.method`` with :func:`register_gene`, so :func:`load_gene` (or
+``Gene.from_pretrained``) returns the right class for any gene folder or repo:
+
+- ``unite`` (:class:`UniteGene`): Tucker bases and cores of the fused experts;
+- ``xpert`` (:class:`~unite_hf.methods.xpert.XpertGene`): Tucker bases of the common experts;
+- ``masa`` (:class:`~unite_hf.methods.masa.MasaGene`): square gene matrices.
+
+UNITE tensor keys in ``gene.safetensors``: ``ffn.{proj}.core|layer_factor|out_factor|in_factor``,
 ``ffn.{proj}.spectral_energy.{layer,out,in}``, ``ffn.{proj}.fused_bias``, ``importance.fisher``,
 ``importance.frequency``.
 """
@@ -22,7 +30,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -84,6 +92,9 @@ class GeneConfig:
     ranks: dict[str, list[int]] = field(default_factory=dict)
     relative_error: dict[str, float] = field(default_factory=dict)
     retained_energy: dict[str, dict[str, float]] = field(default_factory=dict)
+    # settings and measurements of methods other than UNITE (MASA: gene rank, alignment budget and
+    # losses; XPERT: the expert analysis report); JSON, so it travels inside the checksummed config
+    method_config: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -101,7 +112,176 @@ class GeneConfig:
         return cls(**{key: value for key, value in data.items() if key in known})
 
 
-class UniteGene:
+GeneT = TypeVar("GeneT", bound="Gene")
+GENE_TYPES: dict[str, type["Gene"]] = {}
+
+
+def register_gene(method: str):
+    """Class decorator: genes whose config says ``method`` load as this class."""
+
+    def decorator(cls: type[GeneT]) -> type[GeneT]:
+        cls.method = method
+        GENE_TYPES[method] = cls
+        return cls
+
+    return decorator
+
+
+class Gene:
+    """What every gene shares: config, copied source weights, tokenizer, and the folder / Hub I/O.
+
+    Subclasses implement :meth:`gene_state_dict`, :meth:`_from_tensors` and :meth:`card_variables`.
+    """
+
+    method: ClassVar[str] = ""
+    card_template: ClassVar[str] = ""
+
+    def __init__(self, config: GeneConfig, source_state_dict: dict[str, torch.Tensor] | None = None,
+                 tokenizer=None) -> None:
+        self.config = config
+        self.source_state_dict = source_state_dict if source_state_dict is not None else {}
+        self.tokenizer = tokenizer  # the source's tokenizer, saved beside the gene when set
+
+    # -- per method ------------------------------------------------------------------------------
+    def gene_state_dict(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
+        """The tensors of ``gene.safetensors``."""
+        raise NotImplementedError
+
+    @classmethod
+    def _from_tensors(cls: type[GeneT], config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
+                      source_tensors: dict[str, torch.Tensor]) -> GeneT:  # pragma: no cover - abstract
+        """Rebuild the gene from its files; raise ``KeyError``/``ValueError`` when a tensor is missing."""
+        raise NotImplementedError
+
+    def card_variables(self, config: GeneConfig) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Variables of the card template (``model_cards/<card_template>``)."""
+        raise NotImplementedError
+
+    def render_card(self, config: GeneConfig | None = None) -> str:
+        from .cards import render_card
+
+        config = config or self.config
+        card_data = {"library_name": "unite_hf", "tags": [config.method, "learngene", "gene"],
+                     "base_model": config.source_id or None}
+        return render_card(self.card_template, card_data=card_data, **_common_card_variables(config),
+                           **self.card_variables(config))
+
+    # -- serialisation ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write the gene to a folder. Each file is written atomically and the config, which holds
+        the other files' checksums, goes last: an interrupted save never leaves a gene that loads."""
+        directory = Path(save_directory)
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"{directory} exists and is not a folder")
+        metadata = {"format": "pt", "unite_gene_format": str(GENE_FORMAT_VERSION)}
+        config = dataclasses.replace(self.config, method=self.method, library_version=__version__, files={})
+        json.dumps(config.to_dict())  # an unserialisable config fails here, before any file is written
+        gene_tensors = self.gene_state_dict()
+        # every tensor is validated before the first byte is written
+        check_finite(gene_tensors, f"the gene ({GENE_WEIGHTS_NAME})")
+        check_finite(self.source_state_dict, f"the gene ({SOURCE_WEIGHTS_NAME})")
+        card = self.render_card(config)
+        config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(gene_tensors, directory / GENE_WEIGHTS_NAME, metadata)
+        config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
+            dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
+        )
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        atomic_write_text(card, directory / CARD_NAME)
+        atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
+        self.config = config
+        return directory
+
+    @classmethod
+    def from_pretrained(
+        cls: type[GeneT],
+        path_or_repo_id: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool = False,
+        verify_checksums: bool = True,
+    ) -> GeneT:
+        """Load a gene from a local folder or a Hub repo id (safetensors only, checksums verified).
+
+        ``Gene.from_pretrained`` (or :func:`load_gene`) returns the class registered for the gene's
+        method; a subclass refuses genes of another method."""
+        directory = Path(path_or_repo_id)
+        if not directory.is_dir():
+            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only)
+        config_path = directory / CONFIG_NAME
+        if not config_path.is_file():
+            raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
+        try:
+            config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+        except json.JSONDecodeError as err:
+            raise CorruptedFileError(f"{config_path} is not valid JSON: {err}") from err
+        gene_class = _gene_class(config.method)
+        if not issubclass(gene_class, cls):
+            raise GeneFormatError(f"{directory} holds a {config.method!r} gene ({gene_class.__name__}), not a "
+                                  f"{cls.__name__}; load it with unite_hf.load_gene.")
+        for name in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME):
+            if name not in config.files:
+                raise GeneFormatError(f"{config_path} records no checksum for {name}; the save did not complete.")
+        gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
+        source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
+        try:
+            gene = gene_class._from_tensors(config, gene_tensors, source_tensors)
+        except (KeyError, ValueError) as err:
+            raise GeneFormatError(f"{directory / GENE_WEIGHTS_NAME} does not hold a complete {config.method} gene: "
+                                  f"{err}") from err
+        if (directory / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            gene.tokenizer = AutoTokenizer.from_pretrained(directory)
+        return gene
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        revision: str | None = None,
+        commit_message: str | None = None,
+        create_pr: bool = False,
+    ):
+        """Save to a temporary folder and upload it as one commit; returns the commit info."""
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message or f"Upload {self.method.upper()} gene",
+                                     create_pr=create_pr)
+
+
+# genes of these methods are registered when their module is imported
+GENE_MODULES: dict[str, str] = {"masa": "unite_hf.methods.masa", "xpert": "unite_hf.methods.xpert"}
+
+
+def _gene_class(method: str) -> type[Gene]:
+    if method not in GENE_TYPES and method in GENE_MODULES:
+        import importlib
+
+        importlib.import_module(GENE_MODULES[method])
+    if method not in GENE_TYPES:
+        raise GeneFormatError(f"unknown gene method {method!r}; this unite_hf reads {sorted(GENE_TYPES)}")
+    return GENE_TYPES[method]
+
+
+def load_gene(path_or_repo_id: str | os.PathLike | Gene, **kwargs: Any) -> Gene:
+    """Load any gene (UNITE, XPERT or MASA) from a folder or Hub repo; a loaded gene passes through."""
+    if isinstance(path_or_repo_id, Gene):
+        return path_or_repo_id
+    return Gene.from_pretrained(path_or_repo_id, **kwargs)
+
+
+@register_gene("unite")
+class UniteGene(Gene):
     """Shared FFN bases and cores of a MoE source, with the non-FFN weights and provenance.
 
     Build one with :func:`unite_hf.extract_universal_knowledge`; load one with
@@ -111,6 +291,8 @@ class UniteGene:
     - :attr:`importance`: float tensor ``[len(moe_layers), num_experts]`` (Fisher scores);
     - :meth:`fused_weight`: a layer's fused projection rebuilt from the decomposition, ``(out, in)``.
     """
+
+    card_template = "gene.md"
 
     def __init__(
         self,
@@ -122,13 +304,11 @@ class UniteGene:
         fused_biases: dict[str, torch.Tensor] | None = None,
         tokenizer=None,
     ) -> None:
-        self.config = config
+        super().__init__(config, source_state_dict, tokenizer)
         self.decompositions = decompositions
         self._importance = importance
         self._frequency = frequency
-        self.source_state_dict = source_state_dict
         self.fused_biases = fused_biases or {}
-        self.tokenizer = tokenizer  # the source's tokenizer, saved beside the gene when set
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -187,7 +367,7 @@ class UniteGene:
     def __repr__(self) -> str:
         c = self.config
         return (
-            f"UniteGene(source={c.source_id!r}, moe_layers={c.moe_layers}, experts={c.num_experts}, "
+            f"{type(self).__name__}(source={c.source_id!r}, moe_layers={c.moe_layers}, experts={c.num_experts}, "
             f"fusion={c.fusion!r}, decomposition={c.decomposition!r}, ranks={c.ranks})"
         )
 
@@ -203,93 +383,22 @@ class UniteGene:
         tensors["importance.frequency"] = self._frequency
         return tensors
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the gene to a folder. Each file is written atomically and the config, which holds
-        the other files' checksums, goes last: an interrupted save never leaves a gene that loads."""
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"{directory} exists and is not a folder")
-        metadata = {"format": "pt", "unite_gene_format": str(GENE_FORMAT_VERSION)}
-        config = dataclasses.replace(self.config, library_version=__version__, files={})
-        json.dumps(config.to_dict())  # an unserialisable config fails here, before any file is written
-        # every tensor is validated before the first byte is written
-        check_finite(self.gene_state_dict(), f"the gene ({GENE_WEIGHTS_NAME})")
-        check_finite(self.source_state_dict, f"the gene ({SOURCE_WEIGHTS_NAME})")
-        config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(self.gene_state_dict(), directory / GENE_WEIGHTS_NAME, metadata)
-        config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
-            dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
-        )
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-        atomic_write_text(render_gene_card(config), directory / CARD_NAME)
-        atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
-        self.config = config
-        return directory
-
     @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        *,
-        revision: str | None = None,
-        token: str | bool | None = None,
-        cache_dir: str | os.PathLike | None = None,
-        local_files_only: bool = False,
-        verify_checksums: bool = True,
-    ) -> "UniteGene":
-        """Load a gene from a local folder or a Hub repo id (safetensors only, checksums verified)."""
-        directory = Path(path_or_repo_id)
-        if not directory.is_dir():
-            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only)
-        config_path = directory / CONFIG_NAME
-        if not config_path.is_file():
-            raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
-        try:
-            config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as err:
-            raise CorruptedFileError(f"{config_path} is not valid JSON: {err}") from err
-        for name in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME):
-            if name not in config.files:
-                raise GeneFormatError(f"{config_path} records no checksum for {name}; the save did not complete.")
-        gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
-        source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
-        try:
-            decompositions = {
-                proj: Decomposition.from_state_dict(gene_tensors, f"ffn.{proj}", config.decomposition,
-                                                    config.relative_error.get(proj, float("nan")))
-                for proj in config.projections
-            }
-            fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
-                            if f"ffn.{proj}.fused_bias" in gene_tensors}
-            gene = cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
-                       source_tensors, fused_biases)
-        except (KeyError, ValueError) as err:
-            raise GeneFormatError(f"{directory / GENE_WEIGHTS_NAME} does not hold a complete gene: {err}") from err
-        if (directory / "tokenizer_config.json").is_file():
-            from transformers import AutoTokenizer
+    def _from_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
+                      source_tensors: dict[str, torch.Tensor]) -> "UniteGene":
+        decompositions = {
+            proj: Decomposition.from_state_dict(gene_tensors, f"ffn.{proj}", config.decomposition,
+                                                config.relative_error.get(proj, float("nan")))
+            for proj in config.projections
+        }
+        fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
+                        if f"ffn.{proj}.fused_bias" in gene_tensors}
+        return cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
+                   source_tensors, fused_biases)
 
-            gene.tokenizer = AutoTokenizer.from_pretrained(directory)
-        return gene
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        *,
-        private: bool | None = None,
-        token: str | None = None,
-        revision: str | None = None,
-        commit_message: str = "Upload UNITE gene",
-        create_pr: bool = False,
-    ):
-        """Save to a temporary folder and upload it as one commit; returns the commit info."""
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
-                                     commit_message=commit_message, create_pr=create_pr)
+    def card_variables(self, config: GeneConfig) -> dict[str, Any]:
+        return {"energy_rows": _energy_rows(config), "fisher_labels": config.fisher_labels, "fusion": config.fusion,
+                "decomposition": config.decomposition, "num_experts": config.num_experts}
 
 
 def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_only: bool) -> Path:
@@ -304,32 +413,20 @@ def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_
         raise GeneFormatError(f"{repo_id!r} is neither a local gene folder nor a valid Hub repo id") from err
 
 
-def render_gene_card(config: GeneConfig) -> str:
-    """The gene's model card, from the template in ``model_cards/gene.md``."""
-    from .cards import render_card
+def _common_card_variables(config: GeneConfig) -> dict[str, Any]:
+    return {
+        "source_id": config.source_id or "unknown", "source_revision": config.source_revision or "unknown",
+        "source_model_type": config.source_model_type or "unknown", "moe_layers": config.moe_layers,
+        "calibration": config.calibration, "num_sequences": config.num_sequences, "seq_len": config.seq_len,
+        "seed": config.seed, "library_version": config.library_version, "method_config": config.method_config,
+    }
 
-    energy_rows = "\n".join(
+
+def _energy_rows(config: GeneConfig) -> str:
+    """Markdown rows: ranks, reconstruction error and retained spectral energy per projection."""
+    return "\n".join(
         f"| {proj} | {tuple(config.ranks.get(proj, []))} | {config.relative_error.get(proj, float('nan')):.4f} | "
         + " | ".join(f"{config.retained_energy.get(proj, {}).get(mode, float('nan')):.4f}" for mode in ("layer", "out", "in"))
         + " |"
         for proj in config.projections
-    )
-    return render_card(
-        "gene.md",
-        card_data={"library_name": "unite_hf", "tags": ["unite", "learngene", "gene", "moe"],
-                   "base_model": config.source_id or None},
-        source_id=config.source_id or "unknown",
-        source_revision=config.source_revision or "unknown",
-        source_model_type=config.source_model_type or "unknown",
-        moe_layers=config.moe_layers,
-        num_experts=config.num_experts,
-        calibration=config.calibration,
-        num_sequences=config.num_sequences,
-        seq_len=config.seq_len,
-        seed=config.seed,
-        fisher_labels=config.fisher_labels,
-        fusion=config.fusion,
-        decomposition=config.decomposition,
-        energy_rows=energy_rows,
-        library_version=config.library_version,
     )

@@ -67,6 +67,10 @@ class ExpertImportance:
     fisher_diag_bias: dict[tuple[int, str], torch.Tensor] | None = None
     # (len(moe_layers), E) float64 raw routed (token, slot) counts: what several processes add up
     routed: torch.Tensor | None = None
+    # (len(moe_layers), E) float64 sum of the routing weights each expert's output was scaled by, over
+    # its routed (token, slot) pairs; divide by the token count for the mean router weight per token.
+    # None when a ModuleList block's router output could not be read (see _ROUTER_OUTPUT_READERS).
+    routing_mass: torch.Tensor | None = None
 
     def row(self, layer: int) -> int:
         return self.moe_layers.index(layer)
@@ -168,6 +172,9 @@ class _BlockProbe:
         device = block.expert(0).up.device
         self.fisher = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.routed = torch.zeros(num_experts, dtype=torch.float64, device=device)
+        self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)  # routing-weight sums
+        # ModuleList only: routed counts as read from the router's output, checked against ``routed``
+        self.mass_counts: torch.Tensor | None = None
         self.seq_ids: torch.Tensor | None = None  # token row -> sequence, set per batch
         self.diag_weights: dict[str, torch.Tensor] = {}
         self.diag_biases: dict[str, torch.Tensor] = {}
@@ -250,6 +257,8 @@ def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     num_experts = block.num_experts
     valid = top_k_index < num_experts  # expert-parallel sentinels carry index num_experts
     probe.routed += torch.bincount(top_k_index[valid].flatten(), minlength=num_experts).double()
+    # detached: in a Fisher pass the weights carry a graph that must not outlive the batch
+    probe.mass.index_add_(0, top_k_index[valid].flatten(), top_k_weights[valid].detach().flatten().double())
     seq_ids = probe.seq_ids
     if seq_ids is None or seq_ids.numel() != hidden_states.shape[0]:
         raise RuntimeError(
@@ -292,9 +301,54 @@ def _probe_fused(block: FusedExpertsBlock, probe: _BlockProbe) -> Iterator[None]
         del experts._unite_probe
 
 
+def _read_index_and_weights(output: object, block: MoEBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Routers that return their choice: ``(topk_idx, topk_weight, aux)`` (DeepSeek-MoE remote code) or
+    ``(logits, weights, index)`` (transformers 5): an integer and a float tensor of the same shape."""
+    if not isinstance(output, (tuple, list)):
+        return None
+    tensors = [t if isinstance(t, torch.Tensor) else None for t in output]
+    at = next((i for i, t in enumerate(tensors) if t is not None and not t.is_floating_point() and t.ndim == 2), None)
+    if at is None:
+        return None
+    # the weights sit next to the index in both conventions (logits have the same shape when top-k = E)
+    candidates = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point() and t.shape == tensors[at].shape]
+    return (tensors[at], tensors[min(candidates, key=lambda i: abs(i - at))]) if candidates else None
+
+
+def _read_softmax_logits(output: object, block: MoEBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Routers that return only logits (an ``nn.Linear`` gate, transformers-4 Mixtral / Qwen2-MoE): the
+    block's softmax then top-k, renormalised unless the block says ``norm_topk_prob=False``."""
+    top_k = next((getattr(m, a) for m in (block.block, block.router) for a in ("top_k", "num_experts_per_tok")
+                  if isinstance(getattr(m, a, None), int)), None)
+    if not isinstance(output, torch.Tensor) or output.shape[-1] != block.num_experts or top_k is None:
+        return None
+    weights, index = torch.softmax(output.reshape(-1, block.num_experts).float(), dim=-1).topk(top_k, dim=-1)
+    if getattr(block.block, "norm_topk_prob", True):
+        weights = weights / weights.sum(-1, keepdim=True)
+    return index, weights
+
+
+# Ways to read (top-k index, top-k weight) from a ModuleList block's router output, tried in order. The
+# counts read this way must equal the counts the expert probe observes, else the mass is dropped.
+_ROUTER_OUTPUT_READERS: tuple[Callable[[object, MoEBlock], tuple[torch.Tensor, torch.Tensor] | None], ...] = (
+    _read_index_and_weights, _read_softmax_logits,
+)
+
+
 @contextlib.contextmanager
 def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
     patched: list[tuple[nn.Linear, object]] = []
+    probe.mass_counts = torch.zeros_like(probe.routed)
+
+    def read_router(module: nn.Module, inputs: object, output: object) -> None:
+        routing = next((r for r in (read(output, block) for read in _ROUTER_OUTPUT_READERS) if r is not None), None)
+        if routing is None:
+            probe.mass_counts = None  # unreadable router: no routing mass for this block
+        elif probe.mass_counts is not None:
+            index, weights = routing
+            index = index.reshape(-1).to(probe.mass.device)
+            probe.mass.index_add_(0, index, weights.detach().reshape(-1).double().to(probe.mass.device))
+            probe.mass_counts += torch.bincount(index, minlength=block.num_experts).double()
 
     def probed_forward(linear: nn.Linear, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
@@ -303,6 +357,7 @@ def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Ite
         seq_ids = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)  # one sequence per pass
         return probe.linear(name, expert, flat, linear.weight, linear.bias, seq_ids).reshape(*x.shape[:-1], -1)
 
+    router_handle = block.router.register_forward_hook(read_router)
     try:
         for expert in range(block.num_experts):
             for proj in block.projection_names():
@@ -311,6 +366,7 @@ def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Ite
                 linear.forward = functools.partial(probed_forward, linear, proj, expert)
         yield
     finally:
+        router_handle.remove()
         for linear, previous in patched:
             if previous is None:
                 del linear.forward
@@ -446,6 +502,7 @@ def compute_expert_importance(
         num_sequences=num_sequences,
         labels=labels,
         routed=routed,
+        routing_mass=_routing_mass(probes),
     )
     if diagonal and fisher:
         importance.fisher_diag, importance.fisher_diag_bias = {}, {}
@@ -456,6 +513,18 @@ def compute_expert_importance(
             for proj, value in biases.items():
                 importance.fisher_diag_bias[(block.layer_idx, proj)] = value.cpu() / num_sequences
     return importance
+
+
+def _routing_mass(probes: list[_BlockProbe]) -> torch.Tensor | None:
+    """Stacked routing-weight sums; None when a ModuleList block's router output could not be read, or
+    gave counts that disagree with the tokens its experts actually received (then the weights are not
+    trustworthy either). Callers that need the mass say so; a Fisher pass does not care."""
+    for probe in probes:
+        if probe.mass_counts is not None and not torch.equal(probe.mass_counts, probe.routed):
+            return None
+        if isinstance(probe.block, ModuleListExpertsBlock) and probe.mass_counts is None:
+            return None
+    return torch.stack([p.mass.cpu() for p in probes])
 
 
 def _check_gradients_reached(probes: list[_BlockProbe]) -> None:

@@ -180,7 +180,8 @@ def extract_universal_knowledge(
 
 
 def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, importance: ExpertImportance,
-               source_weights: dict[str, torch.Tensor], **method: Any) -> UniteGene:
+               source_weights: dict[str, torch.Tensor], gene_class: type[UniteGene] = UniteGene,
+               gene_kwargs: dict[str, Any] | None = None, **method: Any) -> UniteGene:
     first = source.blocks[0]
     meta_first = getattr(first, "meta_block", first)
     expert = meta_first.expert(0)
@@ -203,8 +204,8 @@ def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases,
         retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
         **method,
     )
-    return UniteGene(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
-                     source_weights, fused_biases)
+    return gene_class(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
+                      source_weights, fused_biases, **(gene_kwargs or {}))
 
 
 def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_iter_max: int,

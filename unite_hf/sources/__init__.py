@@ -19,7 +19,7 @@ from .module_list import ModuleListExpertsBlock
 
 __all__ = [
     "LAYOUTS", "PROJECTIONS", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",
-    "ModuleListExpertsBlock", "UnsupportedSourceError", "get_source", "register_layout",
+    "ModuleListExpertsBlock", "UnsupportedSourceError", "find_decoder_layers", "get_source", "register_layout",
 ]
 
 # Where dense decoder layers usually keep their FFN (named in errors), and where MoE blocks keep
@@ -86,7 +86,7 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
     return tied
 
 
-def _find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in LAYER_LIST_PATHS:
         module = model
         for attr in path.split("."):
@@ -130,7 +130,7 @@ def _read_block(layer_idx: int, name: str, block: nn.Module) -> MoEBlock:
 def get_source(model: nn.Module) -> MoESource:
     """Read a MoE causal LM's layers. Raises :class:`UnsupportedSourceError` for dense models or
     expert layouts no registered adapter can read, naming the offending module."""
-    layers_path, layers = _find_layers(model)
+    layers_path, layers = find_decoder_layers(model)
     blocks: list[MoEBlock] = []
     dense: list[int] = []
     for idx, layer in enumerate(layers):

@@ -9,6 +9,12 @@ Three initialisations of the *same* target architecture, so that comparisons iso
 - ``"copy-only"``: the copied embeddings, attention and norms, but random FFN weights (bases, cores,
   shared experts and dense MLPs). The ablation the paper lacks: it isolates what the gene's FFN
   bases add on top of simply copying the rest of the source.
+
+Genes with gene matrices (MASA, and XPERT's consolidated cores) also grow plain **Llama targets** of
+any width (``width=``, the hidden size; a MASA gene always does): ``"masa"`` fills the FFNs through
+:func:`unite_hf.scaling.masa_init` and ``"random"`` is the same Llama config with every weight
+random. Their embeddings and attention are random either way, so ``pretrain_tokens`` runs a short
+continued pretraining (:mod:`unite_hf.training.pretrain`) on local text before the task.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
-INITS: tuple[str, ...] = ("unite", "random", "copy-only")
+INITS: tuple[str, ...] = ("unite", "random", "copy-only", "masa")
+LLAMA_INITS: tuple[str, ...] = ("masa", "random")
 FORMATS: tuple[str, ...] = ("classification", "multiple_choice")
 
 
@@ -36,9 +43,9 @@ def _head_class(fmt: str):
 
 
 def _is_gene(model: Any) -> bool:
-    from ..gene import CONFIG_NAME, UniteGene
+    from ..gene import CONFIG_NAME, Gene
 
-    if isinstance(model, UniteGene):
+    if isinstance(model, Gene):
         return True
     return isinstance(model, (str, os.PathLike)) and (Path(model) / CONFIG_NAME).is_file()
 
@@ -79,26 +86,99 @@ def _reinit_ffns(model: nn.Module, seed: int) -> None:
 
 def build_model(model: Any, task_data, *, fmt: str = "classification", init: str = "unite",
                 layers: int | None = None, rank: int | None = None, seed: int = 0, pad_token_id: int | None = None,
+                width: int | None = None, intermediate_size: int | None = None, scaling: str = "adaptive",
+                tokenizer: Any = None, pretrain: dict[str, Any] | None = None,
                 **from_gene_kwargs: Any) -> nn.Module:
-    """A task model: grown from a gene (any ``init``) or loaded from a saved target (``init="unite"``)."""
+    """A task model: grown from a gene (any ``init``) or loaded from a saved target or Llama checkpoint
+    (``init="unite"``, the default, meaning "as saved")."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    cls = _head_class(fmt)
     head_kwargs: dict[str, Any] = {"pad_token_id": pad_token_id}
     if fmt == "classification":
         head_kwargs.update(num_labels=task_data.num_choices, id2label=task_data.id2label, label2id=task_data.label2id)
     torch.manual_seed(seed)
     if not _is_gene(model):
-        if init != "unite" or layers is not None or rank is not None:
-            raise ValueError("--init/--layers/--rank apply when growing from a gene; a saved target is fine-tuned as it is.")
-        return cls.from_pretrained(model, **head_kwargs)
-    target = cls.from_gene(model, num_hidden_layers=layers, rank=rank, **from_gene_kwargs, **head_kwargs)
+        if init != "unite" or layers is not None or rank is not None or width is not None:
+            raise ValueError("--init/--layers/--rank/--width apply when growing from a gene; a saved model is "
+                             "fine-tuned as it is.")
+        return _saved_model_class(model, fmt).from_pretrained(model, **head_kwargs)
+    from ..gene import UniteGene, load_gene
+
+    gene = load_gene(model)
+    if width is not None or init == "masa" or not isinstance(gene, UniteGene):
+        return _llama_target(gene, fmt, init=init, layers=layers, width=width, intermediate_size=intermediate_size,
+                             scaling=scaling, seed=seed, tokenizer=tokenizer, pretrain=pretrain, head_kwargs=head_kwargs)
+    cls = _head_class(fmt)
+    target = cls.from_gene(gene, num_hidden_layers=layers, rank=rank, **from_gene_kwargs, **head_kwargs)
     if init == "random":
         torch.manual_seed(seed)
         return cls(target.config)
     if init == "copy-only":
         _reinit_ffns(target, seed)
     return target
+
+
+def _saved_model_class(path: Any, fmt: str):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    if AutoConfig.from_pretrained(path).model_type == "unite":
+        return _head_class(fmt)
+    if fmt != "classification":
+        raise ValueError(f"format {fmt!r} needs a UNITE target; plain checkpoints are fine-tuned as classifiers")
+    return AutoModelForSequenceClassification
+
+
+def _llama_target(gene, fmt: str, *, init: str, layers: int | None, width: int | None, intermediate_size: int | None,
+                  scaling: str, seed: int, tokenizer: Any, pretrain: dict[str, Any] | None,
+                  head_kwargs: dict[str, Any]) -> nn.Module:
+    """A plain Llama classifier of the given width, FFNs from the gene (``masa``) or random, after an
+    optional continued pretraining of its causal-LM form (``pretrain``: kwargs of
+    :func:`~unite_hf.training.pretrain.continued_pretraining`; the summary is added to it)."""
+    from transformers import LlamaForSequenceClassification
+
+    if init not in LLAMA_INITS:
+        raise ValueError(f"a Llama target from a {gene.method} gene takes init {LLAMA_INITS}, got {init!r}")
+    if fmt != "classification":
+        raise ValueError("Llama targets are fine-tuned as k-way classifiers (transformers has no LlamaForMultipleChoice); "
+                         "use format='classification'")
+    causal_lm = build_llama_causal_lm(gene, init=init, layers=layers, width=width,
+                                      intermediate_size=intermediate_size, scaling=scaling, seed=seed)
+    config = causal_lm.config
+    if pretrain:
+        from .pretrain import continued_pretraining
+
+        pretrain.update(continued_pretraining(causal_lm, tokenizer, seed=seed, **pretrain))
+    head_config = config.to_dict()
+    head_config.update({k: v for k, v in head_kwargs.items() if v is not None})
+    head_config.pop("model_type", None)
+    target = LlamaForSequenceClassification(type(config)(**head_config))
+    missing = target.model.load_state_dict(causal_lm.model.state_dict())
+    if missing.missing_keys or missing.unexpected_keys:
+        raise RuntimeError(f"could not move the pretrained body into the classifier: {missing}")
+    return target
+
+
+def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None, width: int | None = None,
+                          intermediate_size: int | None = None, scaling: str = "adaptive", seed: int = 0) -> nn.Module:
+    """A ``LlamaForCausalLM`` of the given width and depth (defaults: the source's hidden size and the
+    gene's depth) with the source's vocabulary; FFNs from the gene's matrices (``init="masa"``) or random."""
+    from transformers import LlamaForCausalLM
+
+    from ..gene import load_gene
+    from ..scaling import llama_target_config, masa_init
+
+    if init not in LLAMA_INITS:
+        raise ValueError(f"a Llama target takes init {LLAMA_INITS}, got {init!r}")
+    gene = load_gene(gene)
+    if not hasattr(gene, "gene_matrix"):
+        raise ValueError(f"a {gene.method} gene has no gene matrices to scale to a Llama width")
+    config = llama_target_config(gene.config.source_config, hidden_size=width or gene.config.hidden_size,
+                                 intermediate_size=intermediate_size, num_hidden_layers=layers or len(gene.matrix_layers))
+    torch.manual_seed(seed)
+    causal_lm = LlamaForCausalLM(config)
+    if init == "masa":
+        masa_init(causal_lm, gene, scaling=scaling)
+    return causal_lm
 
 
 def _tokenizer_for(model: Any, tokenizer: Any):
@@ -139,10 +219,18 @@ def finetune(
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     show_progress: bool = True,
+    width: int | None = None,
+    intermediate_size: int | None = None,
+    scaling: str = "adaptive",
+    pretrain_tokens: int = 0,
     **from_gene_kwargs: Any,
 ) -> dict[str, Any]:
-    """Fine-tune ``model`` (a gene or a saved target) on ``task``; returns a JSON-able summary with the
-    final eval accuracy and the accuracy after each epoch."""
+    """Fine-tune ``model`` (a gene, a saved target or a Llama checkpoint) on ``task``; returns a
+    JSON-able summary with the final eval accuracy and the accuracy after each epoch.
+
+    ``width``, ``intermediate_size``, ``scaling`` and ``pretrain_tokens`` shape Llama targets grown
+    from gene matrices (see the module docstring); ``pretrain_tokens`` of local text (simplebooks and
+    wikitext2, mixed) are trained as a causal LM before the task."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .tasks import TaskDataCollator, load_task, tokenize_task
@@ -157,8 +245,11 @@ def finetune(
     if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
         dev.dataset = dev.dataset.shuffle(seed=0).select(range(max_eval_examples))  # same eval rows for every seed
     tokenizer = _tokenizer_for(model, tokenizer)
+    pretrain = ({"tokens": pretrain_tokens, "output_dir": Path(output_dir) / "pretrain", "show_progress": show_progress}
+                if pretrain_tokens else None)
     target = build_model(model, train, fmt=fmt, init=init, layers=layers, rank=rank, seed=seed,
-                         pad_token_id=tokenizer.pad_token_id, **from_gene_kwargs)
+                         pad_token_id=tokenizer.pad_token_id, width=width, intermediate_size=intermediate_size,
+                         scaling=scaling, tokenizer=tokenizer, pretrain=pretrain, **from_gene_kwargs)
     train_tok = tokenize_task(train, tokenizer, format=fmt, max_length=max_length)
     dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
     args = TrainingArguments(
@@ -174,14 +265,18 @@ def finetune(
     trainer.train()
     per_epoch = [round(entry["eval_accuracy"], 6) for entry in trainer.state.log_history if "eval_accuracy" in entry]
     final = trainer.evaluate()
-    target.set_card_info(datasets=[task], eval_results=[{
-        "dataset_name": train.spec.pretty_name, "dataset_type": task,
-        "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"])}])
+    if hasattr(target, "set_card_info"):  # UNITE targets write their own card; plain Llama ones are plain
+        target.set_card_info(datasets=[task], eval_results=[{
+            "dataset_name": train.spec.pretty_name, "dataset_type": task,
+            "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"])}])
     target.save_pretrained(Path(output_dir) / "model")
     tokenizer.save_pretrained(Path(output_dir) / "model")
+    text_config = getattr(target.config, "text_config", None) or target.config
     summary = {
-        "task": task, "format": fmt, "init": init, "seed": seed, "layers": target.config.text_config.num_hidden_layers,
-        "ranks": target.config.ranks, "train_examples": len(train.dataset), "eval_examples": len(dev.dataset),
+        "task": task, "format": fmt, "init": init, "seed": seed, "layers": text_config.num_hidden_layers,
+        "ranks": getattr(target.config, "ranks", None), "width": text_config.hidden_size,
+        "pretrain": {k: v for k, v in (pretrain or {}).items() if k not in ("output_dir", "show_progress")} or None,
+        "train_examples": len(train.dataset), "eval_examples": len(dev.dataset),
         "train_fraction": train_fraction, "epochs": epochs, "accuracy": round(float(final["eval_accuracy"]), 6),
         "accuracy_per_epoch": per_epoch, "chance": round(1 / max(train.num_choices, 1), 4),
         "parameters": sum(p.numel() for p in target.parameters()), "notes": list(train.notes) + list(dev.notes),

@@ -1,0 +1,134 @@
+"""XPERT consolidation: stacked common experts, Tucker, the gene, targets at two scales, controls, CLI."""
+
+import json
+
+import pytest
+import torch
+import transformers
+from test_cli import _cli, _save_with_tokenizer, needs_data
+from tiny_models import COMMON, VOCAB, tiny_moe
+
+from unite_hf import UniteForSequenceClassification, UniteGene, load_gene
+from unite_hf.analysis import analyze_experts, select_experts
+from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
+from unite_hf.scaling import adaptive_scale, map_layers, masa_init
+from unite_hf.sources import get_source
+
+DOMAINS = {name: torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
+           for seed, name in enumerate(("news", "books", "science"))}
+
+
+def _analysis(model, k=2):
+    return analyze_experts(model, DOMAINS, k_common=k, show_progress=False)
+
+
+def _full_rank_gene(model, analysis, strategy="common", k=2):
+    with pytest.warns(UserWarning, match="clipped"):  # the default 512 clips to every mode's size: exact
+        return extract_xpert_gene(model, analysis=analysis, k=k, strategy=strategy, n_iter_max=5, show_progress=False)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_full_rank_consolidation_rebuilds_every_selected_expert_and_their_weighted_mean(family):
+    model = tiny_moe(family)
+    analysis = _analysis(model)
+    gene = _full_rank_gene(model, analysis)
+    source = get_source(model)
+    assert gene.selected_experts == [experts[:2] for experts in analysis.common_experts]
+    mean_frequency = analysis.frequency.mean(0)
+    for row, block in enumerate(source.blocks):
+        experts = gene.selected_experts[row]
+        weights = mean_frequency[row, experts] / mean_frequency[row, experts].sum()
+        for proj in ("gate", "up", "down"):
+            for slot, expert in enumerate(experts):
+                torch.testing.assert_close(gene.expert_weight(block.layer_idx, slot, proj),
+                                           block.expert(expert).projection(proj), atol=1e-4, rtol=0)
+            mean = sum(float(w) * block.expert(e).projection(proj) for w, e in zip(weights, experts))
+            torch.testing.assert_close(gene.fused_weight(block.layer_idx, proj), mean.detach(), atol=1e-4, rtol=0)
+
+
+def test_gene_matrix_is_the_common_experts_side_by_side():
+    model = tiny_moe("mixtral")
+    gene = _full_rank_gene(model, _analysis(model))
+    block = get_source(model).blocks[1]
+    experts, weights = gene.selected_experts[1], gene.mix_weights[1]
+    gate = torch.cat([block.expert(e).gate for e in experts])
+    down = torch.cat([block.expert(e).down * float(w) for e, w in zip(experts, weights)], dim=1)
+    torch.testing.assert_close(gene.gene_matrix(1, "gate"), gate.detach(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(gene.gene_matrix(1, "down"), down.detach(), atol=1e-4, rtol=0)
+
+
+def test_controls_use_the_same_count_and_ranks():
+    model = tiny_moe("olmoe")
+    analysis = _analysis(model)
+    genes = {s: extract_xpert_gene(model, analysis=analysis, k=2, strategy=s, rank=(6, 8, 8), show_progress=False)
+             for s in ("common", "random", "least")}
+    assert genes["least"].selected_experts == select_experts(analysis, "least", 2)
+    assert genes["random"].selected_experts == select_experts(analysis, "random", 2, seed=0)
+    params = {s: sum(t.numel() for t in g.gene_state_dict().values()) for s, g in genes.items()}
+    assert len(set(params.values())) == 1
+    assert {g.config.fusion for g in genes.values()} == {"xpert-common", "xpert-random", "xpert-least"}
+
+
+def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
+    model = tiny_moe("mixtral")
+    gene = extract_xpert_gene(model, analysis=_analysis(model), k=2, rank=(6, 16, 16), show_progress=False,
+                              source_id="tiny-mixtral")
+    gene.save_pretrained(tmp_path / "gene")
+    loaded = load_gene(tmp_path / "gene")
+    assert isinstance(loaded, XpertGene) and isinstance(UniteGene.from_pretrained(tmp_path / "gene"), XpertGene)
+    assert loaded.analysis().common_experts == gene.analysis().common_experts
+    for proj in ("gate", "up", "down"):
+        torch.testing.assert_close(loaded.gene_matrix(2, proj), gene.gene_matrix(2, proj), rtol=0, atol=0)
+    card = (tmp_path / "gene" / "README.md").read_text()
+    assert "XPERT gene of `tiny-mixtral`" in card and "xpert" in card
+
+    # source width: a UNITE-style target; its factorized FFN at core_init="tucker" is the fused mean expert
+    target = UniteForSequenceClassification.from_gene(tmp_path / "gene", num_hidden_layers=3, core_init="tucker",
+                                                      num_labels=2)
+    ffn = target.model.ffn(1)
+    torch.testing.assert_close(ffn.up.weight(ffn.up.bases), gene.fused_weight(1, "up"), atol=1e-5, rtol=0)
+    assert target(torch.randint(0, VOCAB, (2, 8))).logits.shape == (2, 2)
+    # smaller width: a plain Llama filled through MASA's adaptive scaling
+    config = transformers.LlamaConfig(**{**COMMON, "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2})
+    llama = masa_init(config, loaded)
+    mapped = map_layers(3, 2)
+    for j, layer in enumerate(llama.model.layers):
+        expected = adaptive_scale(loaded.gene_matrix(mapped[j], "down"), 16, 40).weight
+        torch.testing.assert_close(layer.mlp.down_proj.weight, expected)
+
+
+def test_bad_input_gets_clear_errors():
+    model = tiny_moe("mixtral")
+    with pytest.raises(ValueError, match="k=5 is out of range"):
+        extract_xpert_gene(model, analysis=_analysis(model), k=5, show_progress=False)
+    with pytest.raises(ValueError, match="k_common"):
+        analyze_experts(model, DOMAINS, k_common=9, show_progress=False)
+    with pytest.warns(UserWarning, match="at least 2"):
+        extract_xpert_gene(model, domains={"one": DOMAINS["news"]}, k=2, rank=(6, 8, 8), show_progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        extract_xpert_gene(model, domains={"a": [], "b": ["some text"]}, k=2, show_progress=False)
+    with pytest.raises(ValueError, match="exceeds"):
+        extract_xpert_gene(model, analysis=_analysis(model), k=2, rank=(7, 8, 8), show_progress=False)
+    other = tiny_moe("mixtral", num_hidden_layers=2)
+    with pytest.raises(ValueError, match="covers layers"):
+        extract_xpert_gene(other, analysis=_analysis(model), k=2, show_progress=False)
+
+
+@needs_data
+def test_cli_analyze_experts_then_extract_xpert(tmp_path):
+    config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    _save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
+    for name, text in (("a", "The cat sat on the mat. " * 40), ("b", "Stocks fell sharply on Monday. " * 40)):
+        (tmp_path / f"{name}.txt").write_text(text)
+    domains = ["--domain", f"a={tmp_path / 'a.txt'}", "--domain", f"b={tmp_path / 'b.txt'}"]
+    result = _cli("analyze-experts", "--source", str(tmp_path / "src"), *domains, "--num-sequences", "2", "--seq-len",
+                  "16", "--out", str(tmp_path / "analysis"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "analysis" / "expert_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    result = _cli("extract", "--method", "xpert", "--source", str(tmp_path / "src"), "--analysis",
+                  str(tmp_path / "analysis"), "--rank", "6,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "xpert"
+    gene = load_gene(tmp_path / "gene")
+    assert isinstance(gene, XpertGene) and gene.config.ranks["up"] == [6, 8, 8]

@@ -1,0 +1,195 @@
+"""XPERT (2026): common experts found across domains, consolidated by Tucker, reused at any scale.
+
+1. **Analysis** (:func:`unite_hf.analysis.analyze_experts`): inference-only routing statistics over
+   several domains and a commonality score per expert.
+2. **Consolidation** (:func:`extract_xpert_gene`): the ``k`` selected experts of each of the ``L``
+   MoE layers are stacked per projection layer-major, as ``(L * k, d_out, d_in)`` (row ``l * k + j``
+   is layer ``l``'s ``j``-th selected expert), and decomposed with the same Tucker (HOOI) as UNITE:
+   shared bases ``U_out``, ``U_in``, a core ``G`` and one coefficient row ``U_E[l k + j]`` per expert.
+3. **Reuse across scales.** The factors map to targets in two ways:
+
+   - *source width* (UNITE-style targets, :func:`unite_hf.targets.from_gene`): each layer's
+     coefficient is the mean of its experts' rows weighted by their routing frequency,
+     ``U_L[l] = sum_j w_lj U_E[l k + j]``; with ``U_out``, ``U_in`` and ``G`` this is an ordinary
+     ``(L, d_out, d_in)`` Tucker decomposition, so an :class:`XpertGene` is a :class:`UniteGene`
+     whose fused expert is the frequency-weighted mean of the common experts;
+   - *any width* (plain Llama targets, :func:`unite_hf.scaling.masa_init`): :meth:`XpertGene.gene_matrix`
+     is the layer's common experts rebuilt from the factors and laid side by side as one dense FFN
+     (gate and up stacked along the output, down along the input, its column blocks scaled by the
+     routing weights ``w_lj``, which sum to 1 like a renormalised top-k mixture), which MASA's
+     adaptive scaling then brings to the target's ``(intermediate, hidden)`` shapes.
+
+The control selections of the benchmark (``strategy="random"`` or ``"least"``) go through the same
+consolidation with the same ``k`` and ranks, so they match the parameter count and schedule.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
+from ..decomposition import Decomposition, decompose, resolve_ranks
+from ..gene import GeneConfig, UniteGene, register_gene
+from ..importance import ExpertImportance
+from ..sources import get_source
+from .unite import _make_gene, _source_provenance, check_finite_weights
+
+
+@register_gene("xpert")
+class XpertGene(UniteGene):
+    """A UNITE-shaped gene of the common experts, plus the per-expert coefficients and the analysis.
+
+    Extra tensor keys in ``gene.safetensors``: ``ffn.{proj}.expert_factor`` (``U_E``, ``(L * k, r_L)``).
+    ``importance`` holds the commonality score, ``frequency`` the routing frequency averaged over
+    domains; ``config.method_config`` holds the selected experts, their weights and the analysis.
+    """
+
+    card_template = "gene_xpert.md"
+
+    def __init__(self, *args: Any, expert_factors: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.expert_factors = expert_factors or {}
+
+    @property
+    def selected_experts(self) -> list[list[int]]:
+        return [list(experts) for experts in self.config.method_config["selected_experts"]]
+
+    @property
+    def mix_weights(self) -> torch.Tensor:
+        return torch.tensor(self.config.method_config["mix_weights"], dtype=torch.float64)
+
+    @property
+    def matrix_layers(self) -> list[int]:
+        return self.moe_layers
+
+    def expert_weight(self, layer: int, slot: int, proj: str) -> torch.Tensor:
+        """Layer ``layer``'s ``slot``-th selected expert's ``proj`` rebuilt from the factors, ``(out, in)``."""
+        dec = self._decomposition(proj)
+        k = len(self.selected_experts[0])
+        coefficients = self.expert_factors[proj][self._row(layer) * k + slot]
+        core = torch.tensordot(coefficients, dec.core, dims=([0], [0]))
+        return dec.out_factor @ core @ dec.in_factor.T
+
+    def gene_matrix(self, layer: int, proj: str) -> torch.Tensor:
+        """The layer's common experts side by side as one dense FFN weight (see the module docstring)."""
+        k = len(self.selected_experts[0])
+        weights = self.mix_weights[self._row(layer)]
+        blocks = [self.expert_weight(layer, j, proj) for j in range(k)]
+        if proj == "down":
+            return torch.cat([block * float(weights[j]) for j, block in enumerate(blocks)], dim=1)
+        return torch.cat(blocks, dim=0)
+
+    def gene_state_dict(self) -> dict[str, torch.Tensor]:
+        tensors = super().gene_state_dict()
+        tensors.update({f"ffn.{proj}.expert_factor": factor for proj, factor in self.expert_factors.items()})
+        return tensors
+
+    @classmethod
+    def _from_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
+                      source_tensors: dict[str, torch.Tensor]) -> "XpertGene":
+        gene = super()._from_tensors(config, gene_tensors, source_tensors)
+        gene.expert_factors = {proj: gene_tensors[f"ffn.{proj}.expert_factor"] for proj in config.projections}
+        return gene
+
+    def analysis(self) -> ExpertAnalysis:
+        """The expert analysis the gene was built from."""
+        return ExpertAnalysis.from_dict(self.config.method_config["analysis"])
+
+    def card_variables(self, config: GeneConfig) -> dict[str, Any]:
+        variables = super().card_variables(config)
+        mc = config.method_config
+        analysis = mc["analysis"]
+        variables.update(strategy=mc["strategy"], k=mc["k"], selected=mc["selected_experts"],
+                         domains=analysis["domains"], score=analysis["score"])
+        return variables
+
+
+def extract_xpert_gene(
+    model: nn.Module,
+    tokenizer=None,
+    domains: Any = DEFAULT_DOMAINS,
+    *,
+    analysis: ExpertAnalysis | None = None,
+    k: int | None = None,
+    strategy: str = "common",
+    rank: int | tuple[int, int, int] | None = None,
+    n_iter_max: int = 25,
+    num_sequences: int = 32,
+    seq_len: int = 256,
+    seed: int = 0,
+    batch_size: int = 4,
+    score: str = "min_frequency",
+    source_id: str | None = None,
+    source_revision: str | None = None,
+    show_progress: bool = True,
+) -> XpertGene:
+    """Consolidate a MoE's common experts into an XPERT gene.
+
+    Args:
+        model: a MoE causal LM.
+        tokenizer, domains, num_sequences, seq_len, seed, batch_size, score: for the expert analysis
+            (:func:`~unite_hf.analysis.analyze_experts`), unless ``analysis`` is given.
+        analysis: a precomputed :class:`~unite_hf.analysis.ExpertAnalysis` (skips the routing pass).
+        k: experts per layer (default: the analysis's ``k_common``, else the largest number of common
+            experts any layer has under its threshold; every layer needs the same count to stack).
+        strategy: ``"common"`` (XPERT), or the controls ``"random"`` (seeded) and ``"least"``.
+        rank: Tucker ranks of the stacked ``(L * k, d_out, d_in)`` tensor: ``(r_E, r_out, r_in)``, one
+            int ``r`` for ``(L * k, r, r)``, or ``None`` (512, clipped to the dimensions with a warning).
+    """
+    source = get_source(model)
+    if analysis is not None and analysis.moe_layers != source.moe_layers:
+        raise ValueError(f"the analysis covers layers {analysis.moe_layers}, the model's MoE layers are {source.moe_layers}")
+    if k is not None and not 1 <= k <= source.num_experts:
+        raise ValueError(f"k={k} is out of range: the source has {source.num_experts} experts per layer")
+    check_finite_weights(model)
+    if analysis is None:
+        analysis = analyze_experts(model, domains, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                                   batch_size=batch_size, score=score, k_common=k, source_id=source_id,
+                                   show_progress=show_progress)
+    k = k or analysis.k_common or max(len(experts) for experts in analysis.common_experts)
+    selected = select_experts(analysis, strategy, k, seed=seed)
+    mean_frequency = analysis.frequency.mean(dim=0)  # (L, E)
+    mix = torch.stack([mean_frequency[row, experts] for row, experts in enumerate(selected)])
+    mix = torch.where(mix.sum(1, keepdim=True) > 0, mix / mix.sum(1, keepdim=True).clamp_min(1e-12), 1.0 / k)
+
+    expert = source.blocks[0].expert(0)
+    projections = source.blocks[0].projection_names()
+    # ranks of the stacked (L * k, out, in) tensor; explicit ranks out of range fail here, before any work
+    planned = {proj: resolve_ranks((len(selected) * k, *expert.projection(proj).shape), "tucker", rank)
+               for proj in projections}
+    decompositions, expert_factors, biases = {}, {}, {}
+    for proj in tqdm(projections, desc="XPERT consolidation", unit="proj", disable=not show_progress):
+        stacked = torch.stack([block.expert(e).projection(proj).detach().float()
+                               for block, experts in zip(source.blocks, selected) for e in experts])  # (L*k, out, in)
+        full = decompose(stacked, "tucker", planned[proj], n_iter_max=n_iter_max, name=proj, show_progress=show_progress)
+        expert_factors[proj] = full.layer_factor
+        per_layer = full.layer_factor.reshape(len(selected), k, -1)
+        layer_factor = torch.einsum("lk,lkr->lr", mix.to(per_layer.dtype), per_layer)
+        decompositions[proj] = Decomposition(
+            method="tucker", core=full.core, layer_factor=layer_factor, out_factor=full.out_factor,
+            in_factor=full.in_factor, spectral_energy=full.spectral_energy, relative_error=full.relative_error,
+            ranks=full.ranks)
+        if source.blocks[0].has_bias:
+            biases[proj] = torch.stack([
+                sum(w * block.expert(e).bias(proj).detach().float() for w, e in zip(mix[row].tolist(), experts))
+                for row, (block, experts) in enumerate(zip(source.blocks, selected))])
+
+    importance = ExpertImportance(moe_layers=source.moe_layers, fisher=analysis.commonality.double(),
+                                  frequency=mean_frequency.double(), num_sequences=analysis.num_sequences,
+                                  labels="none")
+    source_weights = {name: t.detach().to("cpu").clone() for name, t in source.non_expert_state_dict().items()}
+    gene = _make_gene(
+        source, _source_provenance(model, source_id, source_revision), decompositions, biases, importance,
+        source_weights, gene_class=XpertGene, gene_kwargs={"expert_factors": expert_factors},
+        calibration=", ".join(analysis.domains), num_sequences=analysis.num_sequences, seq_len=analysis.seq_len,
+        seed=seed, fisher_labels="none", fusion=f"xpert-{strategy}", decomposition="tucker", n_iter_max=n_iter_max,
+        method="xpert",
+        method_config={"strategy": strategy, "k": k, "selected_experts": selected, "mix_weights": mix.tolist(),
+                       "analysis": analysis.to_dict()},
+    )
+    gene.tokenizer = tokenizer
+    return gene

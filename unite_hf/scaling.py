@@ -1,0 +1,196 @@
+"""Width scaling: plain Llama targets of any width and depth, initialised from small gene matrices.
+
+This is MASA's target side (paper §3.3), shared with XPERT's small-width targets. A gene that can
+be scaled exposes, per source layer and projection, one small matrix ``M`` (``r_out x r_in``):
+
+- a MASA gene: its trained ``r x r`` gene matrices (:meth:`MasaGene.gene_matrix`);
+- an XPERT gene: the layer's Tucker core slice ``G x_1 U_L[l]`` (:meth:`XpertGene.gene_matrix`).
+
+**Adaptive scaling** (:func:`adaptive_scale`). With the SVD ``M = U Σ V^T``, rows of ``U`` and ``V``
+are scored by the norms of ``U Σ`` and ``V Σ`` (for a square full-rank ``M`` the rows of ``U`` and
+``V`` alone are orthonormal, so their plain norms are all 1 and say nothing; the Σ-weighted norms
+are the norms of ``M``'s rows and columns). For a target size ``p <= r`` the top-``p`` rows are kept
+(in their original order); for ``p > r`` duplicates of the top ``p - r`` rows are appended (cycling
+through the ranking when ``p > 2r``). Columns likewise with ``q``. Then ``M̂ = U_p Σ V_q^T`` with Σ
+unchanged, which equals ``M[rows_p][:, cols_q]``.
+
+**Layer mapping** (:func:`map_layers`): target layer ``j`` of ``L'`` takes source layer
+``round(j * (L - 1) / (L' - 1))`` (uniform stretch: first to first, last to last; works for
+``L' < L``, where layers are skipped, and ``L' > L``, where they repeat).
+
+:func:`masa_init` fills the FFN weights (gate, up, down) of a standard ``LlamaFor*`` model; all
+other weights keep the standard random init, so the result is a plain Llama checkpoint that loads
+with ``AutoModel*`` and no custom code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import nn
+
+# target FFN projection -> (Linear name in a Llama MLP, which target dims are (out, in))
+LLAMA_FFN: dict[str, tuple[str, tuple[str, str]]] = {
+    "gate": ("gate_proj", ("intermediate_size", "hidden_size")),
+    "up": ("up_proj", ("intermediate_size", "hidden_size")),
+    "down": ("down_proj", ("hidden_size", "intermediate_size")),
+}
+
+
+class ScalableGene(Protocol):
+    """What :func:`masa_init` needs from a gene."""
+
+    @property
+    def matrix_layers(self) -> list[int]: ...  # source layers that hold gene matrices, in order
+
+    def gene_matrix(self, layer: int, proj: str) -> torch.Tensor: ...  # (r_out, r_in)
+
+
+@dataclass
+class ScaledMatrix:
+    """The result of adaptive scaling, with its factors for inspection."""
+
+    weight: torch.Tensor  # (p, q) = U_p Σ V_q^T
+    rows: torch.Tensor  # (p,) row of M behind each target row
+    cols: torch.Tensor  # (q,) column of M behind each target column
+    singular_values: torch.Tensor  # Σ of M, unchanged
+
+
+def _scaled_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
+    """Top-``size`` indices kept in order when shrinking; all, then the top ones again, when growing."""
+    if size < 1:
+        raise ValueError(f"a target dimension must be at least 1, got {size}")
+    ranking = torch.argsort(scores, descending=True, stable=True)
+    r = scores.numel()
+    if size <= r:
+        return torch.sort(ranking[:size]).values
+    extra = ranking.repeat((size - r) // r + 1)[: size - r]
+    return torch.cat([torch.arange(r), extra])
+
+
+def adaptive_scale(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
+    """MASA adaptive scaling of ``matrix`` (``r_out x r_in``) to ``p x q`` (see the module docstring)."""
+    if matrix.ndim != 2:
+        raise ValueError(f"adaptive scaling needs a matrix, got shape {tuple(matrix.shape)}")
+    m = matrix.double()
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    rows = _scaled_indices((u * s).norm(dim=1), p)
+    cols = _scaled_indices((vh.T * s).norm(dim=1), q)
+    weight = (u[rows] * s) @ vh[:, cols]
+    return ScaledMatrix(weight.to(matrix.dtype), rows, cols, s.to(matrix.dtype))
+
+
+def truncate_or_pad(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
+    """The ablation without adaptive scaling: keep the top-left ``p x q`` block, zero-pad beyond ``r``."""
+    if p < 1 or q < 1:
+        raise ValueError(f"a target dimension must be at least 1, got {(p, q)}")
+    weight = matrix.new_zeros(p, q)
+    rp, rq = min(p, matrix.shape[0]), min(q, matrix.shape[1])
+    weight[:rp, :rq] = matrix[:rp, :rq]
+    return ScaledMatrix(weight, torch.arange(rp), torch.arange(rq), torch.linalg.svdvals(matrix.double()).to(matrix.dtype))
+
+
+SCALINGS: dict[str, Callable[[torch.Tensor, int, int], ScaledMatrix]] = {
+    "adaptive": adaptive_scale,
+    "truncate": truncate_or_pad,
+}
+
+
+def map_layers(source_layers: int, target_layers: int) -> list[int]:
+    """Index (into the gene's layers) of the source layer behind each target layer (uniform stretch)."""
+    if source_layers < 1 or target_layers < 1:
+        raise ValueError(f"need at least one source and one target layer, got {source_layers} and {target_layers}")
+    if target_layers == 1:
+        return [0]
+    return [round(j * (source_layers - 1) / (target_layers - 1)) for j in range(target_layers)]
+
+
+def _llama_layers(model: nn.Module) -> nn.ModuleList:
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    mlp = getattr(layers[0], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
+    if mlp is None or not all(isinstance(getattr(mlp, name, None), nn.Linear) for name, _ in LLAMA_FFN.values()):
+        raise TypeError(f"{type(model).__name__} is not a Llama-style model (model.layers[i].mlp with gate_proj, "
+                        "up_proj, down_proj); masa_init fills LlamaFor* models.")
+    return layers
+
+
+def masa_init(
+    llama_config_or_model: Any,
+    gene: ScalableGene,
+    *,
+    scaling: str = "adaptive",
+    model_class: type | None = None,
+) -> nn.Module:
+    """Fill the FFN weights of a standard Llama model of any width and depth from ``gene``.
+
+    Args:
+        llama_config_or_model: a ``LlamaConfig`` (a ``model_class``, default ``LlamaForCausalLM``, is
+            built with the standard random init) or an existing ``LlamaFor*`` model (filled in place).
+        gene: a MASA or XPERT gene, or anything with ``matrix_layers`` and ``gene_matrix(layer, proj)``.
+        scaling: ``"adaptive"`` (MASA) or ``"truncate"`` (the ablation: truncate or zero-pad).
+
+    Each target layer takes the source layer given by :func:`map_layers`; gate, up and down are the
+    gene matrices of that layer, scaled to the target's ``(intermediate, hidden)`` shapes. Biases and
+    every non-FFN weight keep their init. Returns the model.
+    """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {sorted(SCALINGS)}, got {scaling!r}")
+    if not hasattr(gene, "gene_matrix") or not hasattr(gene, "matrix_layers"):
+        raise TypeError(f"{type(gene).__name__} has no gene matrices; pass a MASA or XPERT gene")
+    if isinstance(llama_config_or_model, nn.Module):
+        model = llama_config_or_model
+    else:
+        config = llama_config_or_model
+        for dim in ("hidden_size", "intermediate_size", "num_hidden_layers"):
+            if getattr(config, dim, 0) < 1:
+                raise ValueError(f"target {dim}={getattr(config, dim, None)} must be at least 1")
+        if model_class is None:
+            from transformers import LlamaForCausalLM as model_class  # noqa: N813
+        model = model_class(config)
+    layers = _llama_layers(model)
+    gene_layers = gene.matrix_layers
+    scale = SCALINGS[scaling]
+    with torch.no_grad():
+        for target_idx, gene_idx in enumerate(map_layers(len(gene_layers), len(layers))):
+            mlp = layers[target_idx].mlp
+            for proj, (linear_name, _) in LLAMA_FFN.items():
+                linear: nn.Linear = getattr(mlp, linear_name)
+                matrix = gene.gene_matrix(gene_layers[gene_idx], proj)
+                scaled = scale(matrix.float(), linear.out_features, linear.in_features).weight
+                linear.weight.copy_(scaled.to(linear.weight.dtype))
+    return model
+
+
+def llama_target_config(source_config: Any, *, hidden_size: int, intermediate_size: int | None = None,
+                        num_hidden_layers: int = 2, head_dim: int | None = None, **overrides: Any):
+    """A ``LlamaConfig`` of the given width and depth that keeps the source's vocabulary, positions,
+    norms and rope settings (so the source's tokenizer fits). ``intermediate_size`` defaults to the
+    source's intermediate / hidden ratio (8/3 for a MoE source); heads keep the source's head size."""
+    from transformers import LlamaConfig
+
+    if hidden_size < 1:
+        raise ValueError(f"target hidden_size must be at least 1, got {hidden_size}")
+    source = source_config.to_dict() if hasattr(source_config, "to_dict") else dict(source_config)
+    src_hidden = source["hidden_size"]
+    is_moe = any(source.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
+    # a MoE's expert width is not a dense FFN's: use the SwiGLU convention 8/3 there
+    ratio = 8 / 3 if is_moe or not source.get("intermediate_size") else source["intermediate_size"] / src_hidden
+    intermediate_size = intermediate_size or max(1, round(hidden_size * ratio))
+    if intermediate_size < 1:
+        raise ValueError(f"target intermediate_size must be at least 1, got {intermediate_size}")
+    head_dim = head_dim or source.get("head_dim") or src_hidden // source["num_attention_heads"]
+    if hidden_size % head_dim:
+        raise ValueError(f"hidden_size {hidden_size} is not a multiple of the head size {head_dim}; pass head_dim=")
+    heads = hidden_size // head_dim
+    kv_ratio = max(1, source["num_attention_heads"] // (source.get("num_key_value_heads") or source["num_attention_heads"]))
+    kv_heads = heads // kv_ratio if heads % kv_ratio == 0 else heads
+    keep = ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta", "hidden_act",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
+    kwargs = {k: source[k] for k in keep if source.get(k) is not None}
+    kwargs.update(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
+                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
