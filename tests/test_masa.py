@@ -87,23 +87,26 @@ def test_spectral_loss_by_hand_and_guarded_at_zero():
 
 # -- adaptive scaling ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("p, q", [(3, 5), (9, 4), (4, 13), (17, 2), (6, 6)])
-def test_adaptive_scaling_shapes_sigma_and_rows(p, q):
+@pytest.mark.parametrize("p, q", [(3, 5), (9, 4), (4, 13), (17, 2), (6, 6), (9, 13), (2, 3)])
+def test_adaptive_scaling_is_the_svd_rule(p, q):
     torch.manual_seed(3)
     matrix = torch.randn(6, 6, dtype=torch.float64)
     scaled = adaptive_scale(matrix, p, q)
     assert scaled.weight.shape == (p, q)
-    torch.testing.assert_close(scaled.singular_values, torch.linalg.svdvals(matrix))  # Σ unchanged
-    torch.testing.assert_close(scaled.weight, matrix[scaled.rows][:, scaled.cols])  # = S_p M S_q^T
-    row_rank = torch.argsort(matrix.norm(dim=1), descending=True)
-    col_rank = torch.argsort(matrix.norm(dim=0), descending=True)
-    if p <= 6:
-        assert sorted(scaled.rows.tolist()) == sorted(row_rank[:p].tolist())
-    else:
-        assert scaled.rows[:6].tolist() == list(range(6))
-        assert scaled.rows[6:].tolist() == row_rank.repeat(3)[: p - 6].tolist()
-    if q > 6:
-        assert scaled.cols[6:].tolist() == col_rank.repeat(3)[: q - 6].tolist()
+    # the reference, straight from the issue: SVD, score rows of U Σ and V Σ, keep or duplicate, U_p Σ V_q^T
+    u, sigma, vh = torch.linalg.svd(matrix)
+    row_rank = torch.argsort((u * sigma).norm(dim=1), descending=True)
+    col_rank = torch.argsort((vh.T * sigma).norm(dim=1), descending=True)
+
+    def pick(rank, size):
+        if size <= 6:
+            return torch.sort(rank[:size]).values
+        return torch.cat([torch.arange(6), rank.repeat(3)[: size - 6]])
+
+    rows, cols = pick(row_rank, p), pick(col_rank, q)
+    assert scaled.rows.tolist() == rows.tolist() and scaled.cols.tolist() == cols.tolist()
+    torch.testing.assert_close(scaled.weight, (u[rows] * sigma) @ vh[:, cols])  # Σ in the middle, unchanged
+    torch.testing.assert_close(scaled.singular_values, sigma)
     if (p, q) == (6, 6):
         torch.testing.assert_close(scaled.weight, matrix)
 
@@ -120,7 +123,8 @@ def test_truncate_or_pad_and_bad_sizes():
 
 def test_layer_mapping_rule():
     assert map_layers(30, 4) == [0, 10, 19, 29]
-    assert map_layers(3, 5) == [0, 0, 1, 2, 2]
+    assert map_layers(3, 5) == [0, 1, 1, 2, 2]  # halves round up: a uniform stretch
+    assert map_layers(5, 9) == [0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert map_layers(7, 1) == [0]
 
 
@@ -231,6 +235,11 @@ def test_bad_input_gets_clear_errors():
         llama_target_config(model.config, hidden_size=0)
     with pytest.raises(ValueError, match="must be at least 1"):
         masa_init(transformers.LlamaConfig(**{**COMMON, "intermediate_size": 0}), _extract(tiny_dense()))
+    from unite_hf.training.finetune import build_llama_causal_lm
+
+    for bad in ({"width": 0}, {"layers": 0}, {"intermediate_size": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            build_llama_causal_lm(_extract(tiny_dense()), **bad)
 
 
 # -- the gene and its targets ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from tiny_models import COMMON, VOCAB, tiny_moe
 from unite_hf import UniteForSequenceClassification, UniteGene, load_gene
 from unite_hf.analysis import analyze_experts, select_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
-from unite_hf.scaling import adaptive_scale, map_layers, masa_init
+from unite_hf.scaling import map_layers, masa_init
 from unite_hf.sources import get_source
 
 DOMAINS = {name: torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))
@@ -88,13 +88,19 @@ def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
     ffn = target.model.ffn(1)
     torch.testing.assert_close(ffn.up.weight(ffn.up.bases), gene.fused_weight(1, "up"), atol=1e-5, rtol=0)
     assert target(torch.randint(0, VOCAB, (2, 8))).logits.shape == (2, 2)
-    # smaller width: a plain Llama filled through MASA's adaptive scaling
+    # smaller width: a plain Llama; coupled scaling keeps every target neuron one real neuron of the mixture
     config = transformers.LlamaConfig(**{**COMMON, "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2})
     llama = masa_init(config, loaded)
     mapped = map_layers(3, 2)
     for j, layer in enumerate(llama.model.layers):
-        expected = adaptive_scale(loaded.gene_matrix(mapped[j], "down"), 16, 40).weight
-        torch.testing.assert_close(layer.mlp.down_proj.weight, expected)
+        gate, up, down = (loaded.gene_matrix(mapped[j], p).double() for p in ("gate", "up", "down"))  # 48 neurons
+        neurons = torch.sort(torch.topk(gate.norm(dim=1) + up.norm(dim=1) + down.norm(dim=0), 40).indices).values
+        channels = torch.sort(torch.topk(gate.norm(dim=0) + up.norm(dim=0) + down.norm(dim=1), 16).indices).values
+        torch.testing.assert_close(layer.mlp.gate_proj.weight, gate[neurons][:, channels].float())
+        torch.testing.assert_close(layer.mlp.up_proj.weight, up[neurons][:, channels].float())
+        torch.testing.assert_close(layer.mlp.down_proj.weight, down[channels][:, neurons].float())
+    independent = masa_init(config, loaded, scaling="adaptive")
+    assert not torch.equal(independent.model.layers[0].mlp.up_proj.weight, llama.model.layers[0].mlp.up_proj.weight)
 
 
 def test_bad_input_gets_clear_errors():

@@ -29,6 +29,7 @@ import json
 import os
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,7 @@ class Bench:
                 "selected_experts": gene.config.method_config["selected_experts"],
                 "relative_error": gene.config.relative_error}
 
-    def base(self, key: str, gene: str, init: str, width: int, scaling: str = "adaptive") -> Path:
+    def base(self, key: str, gene: str, init: str, width: int, scaling: str | None = None) -> Path:
         """A Llama causal LM of ``width`` from ``gene`` (or random), continued-pretrained once and saved."""
         from .training.finetune import build_llama_causal_lm
         from .training.pretrain import continued_pretraining
@@ -595,17 +596,22 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
     stored = out_dir / "results.json"
     if stored.is_file():  # keep the other experiments' runs, so RESULTS.md reports them all
         previous = json.loads(stored.read_text())
-        if previous.get("profile") == json.loads(json.dumps(asdict(PROFILES[profile]))):
+        same = (previous.get("profile") == json.loads(json.dumps(asdict(PROFILES[profile])))
+                and previous.get("tiny", False) == tiny)
+        if same:
             bench.runs = [r for r in previous["runs"] if r["experiment"] not in rerun]
             bench.meta = previous.get("meta", {})
             bench.meta["commands"] = [c for c in bench.meta.get("commands", []) if not set(c["experiments"]) <= set(experiments)]
+        else:
+            warnings.warn(f"{stored} holds runs of another profile or source; they are replaced, not merged",
+                          UserWarning, stacklevel=2)
     bench.prepare(list(experiments))
     bench.run_all(list(experiments))
     seconds = time.perf_counter() - started
     bench.meta.setdefault("commands", []).append({"command": command, "experiments": list(experiments),
                                                   "minutes": round(seconds / 60)})
     bench.plots()
-    atomic_write_json({"profile": asdict(PROFILES[profile]), "source": bench.source_name, "meta": bench.meta,
+    atomic_write_json({"profile": asdict(PROFILES[profile]), "tiny": tiny, "source": bench.source_name, "meta": bench.meta,
                        "runs": bench.runs}, stored)
     report = out_dir / "RESULTS.md"
     atomic_write_text(bench.report(), report)

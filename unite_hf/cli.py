@@ -117,7 +117,12 @@ def _extract_unite(args: argparse.Namespace, tokenizer):
     from .gene import UniteGene
     from .methods.unite import extract_universal_knowledge
 
-    importance = UniteGene.from_pretrained(args.importance).expert_importance() if args.importance else None
+    importance = None
+    if args.importance:
+        donor = UniteGene.from_pretrained(args.importance)
+        if donor.method != "unite":  # an XPERT gene's "importance" is a commonality score, not a Fisher
+            raise ValueError(f"--importance needs a UNITE gene (it reuses the Fisher); {args.importance} is {donor.method}")
+        importance = donor.expert_importance()
     if Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
         # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
         return extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
@@ -133,7 +138,8 @@ def _extract_masa(args: argparse.Namespace, tokenizer):
     if isinstance(args.rank, tuple):
         raise ValueError("--rank for MASA is one int r (the gene matrices are r x r)")
     return extract_masa_gene(
-        _load_source(args), tokenizer, args.corpora or DEFAULT_CORPORA, rank=args.rank or 64, selection=args.selection,
+        _load_source(args), tokenizer, args.corpora or DEFAULT_CORPORA, rank=64 if args.rank is None else args.rank,
+        selection=args.selection,
         num_experts=args.num_experts, spectral_weight=args.spectral_weight, tokens=args.tokens, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, source_id=args.source,
         source_revision=args.revision)
@@ -186,8 +192,9 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int, default=None,
                         help="hidden size of a plain Llama target grown from gene matrices (MASA or XPERT genes)")
     parser.add_argument("--intermediate-size", type=int, default=None, help="FFN width of a Llama target")
-    parser.add_argument("--scaling", choices=["adaptive", "truncate"], default="adaptive",
-                        help="how gene matrices reach the Llama target's shapes (default: MASA adaptive scaling)")
+    parser.add_argument("--scaling", choices=["adaptive", "coupled", "truncate"], default=None,
+                        help="how gene matrices reach the Llama target's shapes (default: the gene's; MASA adaptive, "
+                             "XPERT coupled)")
     parser.add_argument("--pretrain-tokens", type=int, default=0,
                         help="continued pretraining of a Llama target on local text before the task (default: none)")
     parser.add_argument("--layers", type=int, default=None, help="target depth (default: the source's)")

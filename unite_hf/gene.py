@@ -269,7 +269,7 @@ def _gene_class(method: str) -> type[Gene]:
 
         importlib.import_module(GENE_MODULES[method])
     if method not in GENE_TYPES:
-        raise GeneFormatError(f"unknown gene method {method!r}; this unite_hf reads {sorted(GENE_TYPES)}")
+        raise GeneFormatError(f"unknown gene method {method!r}; this unite_hf reads {sorted(set(GENE_TYPES) | set(GENE_MODULES))}")
     return GENE_TYPES[method]
 
 

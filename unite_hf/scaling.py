@@ -9,14 +9,25 @@ be scaled exposes, per source layer and projection, one small matrix ``M`` (``r_
 **Adaptive scaling** (:func:`adaptive_scale`). With the SVD ``M = U Σ V^T``, rows of ``U`` and ``V``
 are scored by the norms of ``U Σ`` and ``V Σ`` (for a square full-rank ``M`` the rows of ``U`` and
 ``V`` alone are orthonormal, so their plain norms are all 1 and say nothing; the Σ-weighted norms
-are the norms of ``M``'s rows and columns). For a target size ``p <= r`` the top-``p`` rows are kept
-(in their original order); for ``p > r`` duplicates of the top ``p - r`` rows are appended (cycling
-through the ranking when ``p > 2r``). Columns likewise with ``q``. Then ``M̂ = U_p Σ V_q^T`` with Σ
-unchanged, which equals ``M[rows_p][:, cols_q]``.
+are exactly the norms of ``M``'s rows and columns, which is how they are computed: no SVD of a large
+matrix is needed). For a target size ``p <= r`` the top-``p`` rows are kept (in their original
+order); for ``p > r`` duplicates of the top ``p - r`` rows are appended (cycling through the ranking
+when ``p > 2r``). Columns likewise with ``q``. Then ``M̂ = U_p Σ V_q^T`` with Σ unchanged, which
+equals ``M[rows_p][:, cols_q]``.
+
+Scalings (:data:`FFN_SCALINGS`), applied to a layer's gate, up and down together:
+
+- ``"adaptive"`` (MASA): each matrix scaled on its own, as the paper does;
+- ``"coupled"``: one set of intermediate neurons (gate and up rows, down columns) and one set of
+  hidden channels (gate and up columns, down rows) per layer, ranked by the summed norms of the three
+  matrices, so neuron ``i`` of the target is one real neuron of the source. The default for XPERT,
+  whose gene matrices are real experts side by side; with independent choices gate row ``i``, up row
+  ``i`` and down column ``i`` would come from three different neurons;
+- ``"truncate"``: the ablation without adaptive scaling (top-left block, zero padding).
 
 **Layer mapping** (:func:`map_layers`): target layer ``j`` of ``L'`` takes source layer
-``round(j * (L - 1) / (L' - 1))`` (uniform stretch: first to first, last to last; works for
-``L' < L``, where layers are skipped, and ``L' > L``, where they repeat).
+``floor(j * (L - 1) / (L' - 1) + 1/2)`` (uniform stretch, halves rounded up: first to first, last
+to last; works for ``L' < L``, where layers are skipped, and ``L' > L``, where they repeat).
 
 :func:`masa_init` fills the FFN weights (gate, up, down) of a standard ``LlamaFor*`` model; all
 other weights keep the standard random init, so the result is a plain Llama checkpoint that loads
@@ -25,6 +36,7 @@ with ``AutoModel*`` and no custom code.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
@@ -70,16 +82,17 @@ def _scaled_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([torch.arange(r), extra])
 
 
-def adaptive_scale(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
-    """MASA adaptive scaling of ``matrix`` (``r_out x r_in``) to ``p x q`` (see the module docstring)."""
+def adaptive_scale(matrix: torch.Tensor, p: int, q: int, *, rows: torch.Tensor | None = None,
+                   cols: torch.Tensor | None = None) -> ScaledMatrix:
+    """MASA adaptive scaling of ``matrix`` (``r_out x r_in``) to ``p x q`` (see the module docstring).
+    ``rows`` / ``cols`` impose an index choice (coupled scaling)."""
     if matrix.ndim != 2:
         raise ValueError(f"adaptive scaling needs a matrix, got shape {tuple(matrix.shape)}")
     m = matrix.double()
-    u, s, vh = torch.linalg.svd(m, full_matrices=False)
-    rows = _scaled_indices((u * s).norm(dim=1), p)
-    cols = _scaled_indices((vh.T * s).norm(dim=1), q)
-    weight = (u[rows] * s) @ vh[:, cols]
-    return ScaledMatrix(weight.to(matrix.dtype), rows, cols, s.to(matrix.dtype))
+    # ||(U Σ)_i|| = ||M_i,:|| and ||(V Σ)_j|| = ||M_:,j||: the SVD's row scores without the SVD
+    rows = _scaled_indices(m.norm(dim=1), p) if rows is None else rows
+    cols = _scaled_indices(m.norm(dim=0), q) if cols is None else cols
+    return ScaledMatrix(m[rows][:, cols].to(matrix.dtype), rows, cols, torch.linalg.svdvals(m).to(matrix.dtype))
 
 
 def truncate_or_pad(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
@@ -92,10 +105,30 @@ def truncate_or_pad(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
     return ScaledMatrix(weight, torch.arange(rp), torch.arange(rq), torch.linalg.svdvals(matrix.double()).to(matrix.dtype))
 
 
-SCALINGS: dict[str, Callable[[torch.Tensor, int, int], ScaledMatrix]] = {
-    "adaptive": adaptive_scale,
-    "truncate": truncate_or_pad,
+def _scale_each(matrices: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
+                scale: Callable[[torch.Tensor, int, int], ScaledMatrix]) -> dict[str, torch.Tensor]:
+    return {proj: scale(matrices[proj], *shapes[proj]).weight for proj in matrices}
+
+
+def _scale_coupled(matrices: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
+    gate, up, down = (matrices[p].double() for p in ("gate", "up", "down"))
+    if gate.shape != up.shape or down.shape != gate.T.shape:
+        raise ValueError(f"coupled scaling needs gate/up (I, H) and down (H, I), got {gate.shape}, {up.shape}, {down.shape}")
+    inter, hidden = shapes["gate"]
+    neurons = _scaled_indices(gate.norm(dim=1) + up.norm(dim=1) + down.norm(dim=0), inter)
+    channels = _scaled_indices(gate.norm(dim=0) + up.norm(dim=0) + down.norm(dim=1), hidden)
+    return {proj: adaptive_scale(matrices[proj], *shapes[proj],
+                                 rows=neurons if proj != "down" else channels,
+                                 cols=channels if proj != "down" else neurons).weight for proj in matrices}
+
+
+# name -> (matrices {proj: (out, in)}, target shapes {proj: (p, q)}) -> scaled weights
+FFN_SCALINGS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, tuple[int, int]]], dict[str, torch.Tensor]]] = {
+    "adaptive": lambda matrices, shapes: _scale_each(matrices, shapes, adaptive_scale),
+    "coupled": _scale_coupled,
+    "truncate": lambda matrices, shapes: _scale_each(matrices, shapes, truncate_or_pad),
 }
+SCALINGS = tuple(FFN_SCALINGS)
 
 
 def map_layers(source_layers: int, target_layers: int) -> list[int]:
@@ -104,7 +137,7 @@ def map_layers(source_layers: int, target_layers: int) -> list[int]:
         raise ValueError(f"need at least one source and one target layer, got {source_layers} and {target_layers}")
     if target_layers == 1:
         return [0]
-    return [round(j * (source_layers - 1) / (target_layers - 1)) for j in range(target_layers)]
+    return [math.floor(j * (source_layers - 1) / (target_layers - 1) + 0.5) for j in range(target_layers)]
 
 
 def _llama_layers(model: nn.Module) -> nn.ModuleList:
@@ -121,7 +154,7 @@ def masa_init(
     llama_config_or_model: Any,
     gene: ScalableGene,
     *,
-    scaling: str = "adaptive",
+    scaling: str | None = None,
     model_class: type | None = None,
 ) -> nn.Module:
     """Fill the FFN weights of a standard Llama model of any width and depth from ``gene``.
@@ -130,16 +163,22 @@ def masa_init(
         llama_config_or_model: a ``LlamaConfig`` (a ``model_class``, default ``LlamaForCausalLM``, is
             built with the standard random init) or an existing ``LlamaFor*`` model (filled in place).
         gene: a MASA or XPERT gene, or anything with ``matrix_layers`` and ``gene_matrix(layer, proj)``.
-        scaling: ``"adaptive"`` (MASA) or ``"truncate"`` (the ablation: truncate or zero-pad).
+        scaling: ``"adaptive"`` (MASA), ``"coupled"`` or ``"truncate"`` (see :data:`FFN_SCALINGS`);
+            default: the gene's ``default_scaling`` (MASA: adaptive, XPERT: coupled).
 
     Each target layer takes the source layer given by :func:`map_layers`; gate, up and down are the
     gene matrices of that layer, scaled to the target's ``(intermediate, hidden)`` shapes. Biases and
     every non-FFN weight keep their init. Returns the model.
     """
-    if scaling not in SCALINGS:
-        raise ValueError(f"scaling must be one of {sorted(SCALINGS)}, got {scaling!r}")
     if not hasattr(gene, "gene_matrix") or not hasattr(gene, "matrix_layers"):
         raise TypeError(f"{type(gene).__name__} has no gene matrices; pass a MASA or XPERT gene")
+    scaling = scaling or getattr(gene, "default_scaling", "adaptive")
+    if scaling not in FFN_SCALINGS:
+        raise ValueError(f"scaling must be one of {sorted(FFN_SCALINGS)}, got {scaling!r}")
+    projections = list(getattr(getattr(gene, "config", None), "projections", LLAMA_FFN))
+    if set(projections) != set(LLAMA_FFN):
+        raise ValueError(f"the gene has projections {projections}: a Llama FFN needs gate, up and down "
+                         "(non-gated sources cannot fill a gated Llama MLP)")
     if isinstance(llama_config_or_model, nn.Module):
         model = llama_config_or_model
     else:
@@ -152,15 +191,14 @@ def masa_init(
         model = model_class(config)
     layers = _llama_layers(model)
     gene_layers = gene.matrix_layers
-    scale = SCALINGS[scaling]
+    scale = FFN_SCALINGS[scaling]
     with torch.no_grad():
         for target_idx, gene_idx in enumerate(map_layers(len(gene_layers), len(layers))):
-            mlp = layers[target_idx].mlp
-            for proj, (linear_name, _) in LLAMA_FFN.items():
-                linear: nn.Linear = getattr(mlp, linear_name)
-                matrix = gene.gene_matrix(gene_layers[gene_idx], proj)
-                scaled = scale(matrix.float(), linear.out_features, linear.in_features).weight
-                linear.weight.copy_(scaled.to(linear.weight.dtype))
+            linears = {proj: getattr(layers[target_idx].mlp, name) for proj, (name, _) in LLAMA_FFN.items()}
+            matrices = {proj: gene.gene_matrix(gene_layers[gene_idx], proj).detach().float().cpu() for proj in LLAMA_FFN}
+            shapes = {proj: (lin.out_features, lin.in_features) for proj, lin in linears.items()}
+            for proj, weight in scale(matrices, shapes).items():
+                linears[proj].weight.copy_(weight.to(linears[proj].weight.dtype))
     return model
 
 
@@ -171,17 +209,19 @@ def llama_target_config(source_config: Any, *, hidden_size: int, intermediate_si
     source's intermediate / hidden ratio (8/3 for a MoE source); heads keep the source's head size."""
     from transformers import LlamaConfig
 
-    if hidden_size < 1:
-        raise ValueError(f"target hidden_size must be at least 1, got {hidden_size}")
+    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                        ("num_hidden_layers", num_hidden_layers), ("head_dim", head_dim)):
+        if value is not None and value < 1:
+            raise ValueError(f"target {name} must be at least 1, got {value}")
     source = source_config.to_dict() if hasattr(source_config, "to_dict") else dict(source_config)
     src_hidden = source["hidden_size"]
     is_moe = any(source.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
     # a MoE's expert width is not a dense FFN's: use the SwiGLU convention 8/3 there
     ratio = 8 / 3 if is_moe or not source.get("intermediate_size") else source["intermediate_size"] / src_hidden
-    intermediate_size = intermediate_size or max(1, round(hidden_size * ratio))
-    if intermediate_size < 1:
-        raise ValueError(f"target intermediate_size must be at least 1, got {intermediate_size}")
-    head_dim = head_dim or source.get("head_dim") or src_hidden // source["num_attention_heads"]
+    if intermediate_size is None:
+        intermediate_size = max(1, round(hidden_size * ratio))
+    if head_dim is None:
+        head_dim = source.get("head_dim") or src_hidden // source["num_attention_heads"]
     if hidden_size % head_dim:
         raise ValueError(f"hidden_size {hidden_size} is not a multiple of the head size {head_dim}; pass head_dim=")
     heads = hidden_size // head_dim

@@ -90,7 +90,7 @@ def pooling_matrix(n: int, m: int) -> torch.Tensor:
 def effective_weight(matrix: torch.Tensor, d_out: int, d_in: int) -> torch.Tensor:
     """The ``d_out x d_in`` weight a gene matrix stands for: ``(P ⊗ M)[:d_out, :d_in]``."""
     r = matrix.shape[0]
-    pool = pooling_matrix(math.ceil(d_in / r), math.ceil(d_out / r)).to(matrix.dtype)
+    pool = pooling_matrix(math.ceil(d_in / r), math.ceil(d_out / r)).to(matrix)
     return torch.kron(pool, matrix)[:d_out, :d_in]
 
 
@@ -99,7 +99,7 @@ def kronecker_init(weight: torch.Tensor, r: int) -> torch.Tensor:
     ``r x r`` blocks, each entry over the blocks that reach it."""
     d_out, d_in = weight.shape
     n, m = math.ceil(d_in / r), math.ceil(d_out / r)
-    pool = pooling_matrix(n, m)
+    pool = pooling_matrix(n, m).to(weight.device)
     padded = F.pad(weight.double(), (0, n * r - d_in, 0, m * r - d_out)).reshape(m, r, n, r)
     mask = F.pad(torch.ones_like(weight, dtype=torch.float64), (0, n * r - d_in, 0, m * r - d_out)).reshape(m, r, n, r)
     numerator = torch.einsum("ij,iajb->ab", pool, padded)
@@ -229,6 +229,7 @@ class MasaGene(Gene):
     """
 
     card_template = "gene_masa.md"
+    default_scaling = "adaptive"
 
     def __init__(self, config: GeneConfig, matrices: dict[tuple[int, str, str], torch.Tensor],
                  spectra: dict[tuple[int, str, str], torch.Tensor] | None = None, tokenizer=None) -> None:
@@ -300,17 +301,20 @@ def _spectral_loss(matrix: torch.Tensor, target_log_spectrum: torch.Tensor) -> t
     return (target_log_spectrum - log_s).square().mean()
 
 
-def _validate(units: list[FFNUnit], rank: int, spectral_weight: float, tokens: int) -> None:
+def _validate_settings(rank: int, spectral_weight: float, tokens: int) -> None:
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank must be a positive int, got {rank!r}")
-    smallest = min(min(w.shape) for unit in units for w in unit.weights.values())
-    if rank > smallest:
-        raise ValueError(f"rank {rank} is larger than the source's smallest FFN dimension ({smallest}); "
-                         f"a gene matrix has at most that many singular values to align. Choose rank <= {smallest}.")
     if spectral_weight < 0 or not math.isfinite(spectral_weight):
         raise ValueError(f"spectral_weight must be a finite number >= 0, got {spectral_weight}")
     if tokens < 1:
         raise ValueError(f"tokens must be positive, got {tokens}")
+
+
+def _validate_rank(units: list[FFNUnit], rank: int) -> None:
+    smallest = min(min(w.shape) for unit in units for w in unit.weights.values())
+    if rank > smallest:
+        raise ValueError(f"rank {rank} is larger than the source's smallest FFN dimension ({smallest}); "
+                         f"a gene matrix has at most that many singular values to align. Choose rank <= {smallest}.")
 
 
 def extract_masa_gene(
@@ -348,8 +352,14 @@ def extract_masa_gene(
     """
     torch.manual_seed(seed)
     selection = _resolve_selection(model, selection)
+    _validate_settings(rank, spectral_weight, tokens)
+    check_finite_weights(model)  # before any pass over the data
     frequency = None
     if selection == "frequent":
+        num_source_experts = get_source(model).num_experts
+        if not 1 <= num_experts <= num_source_experts:
+            raise ValueError(f"num_experts={num_experts} is out of range: the source has {num_source_experts} "
+                             "experts per layer")
         from ..importance import compute_routing_frequency
 
         probe = _alignment_text(corpora, tokenizer, max(1, min(16, tokens // seq_len)), seq_len, seed, show_progress)
@@ -359,8 +369,7 @@ def extract_masa_gene(
         raise UnsupportedSourceError(
             f"{type(model).__name__} has no FFN weights of the kind {selection!r} "
             f"({'no shared experts' if selection == 'shared' else 'no gate/up/down MLPs or experts found'}).")
-    _validate(units, rank, spectral_weight, tokens)
-    check_finite_weights(model)
+    _validate_rank(units, rank)
     num_sequences = max(1, math.ceil(tokens / seq_len))
     calib = _alignment_text(corpora, tokenizer, num_sequences, seq_len, seed, show_progress)
     if calib.input_ids.max() >= model.get_input_embeddings().num_embeddings:
@@ -373,10 +382,11 @@ def extract_masa_gene(
     for unit in units:
         for proj, weight in unit.weights.items():
             key = (unit.layer, unit.name, proj)
-            matrices[key] = kronecker_init(weight.float(), rank).to(device).requires_grad_(True)
+            # each matrix lives where its weight does (device_map="auto" spreads layers over devices)
+            matrices[key] = kronecker_init(weight.float(), rank).requires_grad_(True)
             s = torch.linalg.svdvals(weight.double())[:rank].float()
             spectra[key] = s.cpu()
-            log_spectra[key] = s.clamp_min(SINGULAR_VALUE_FLOOR).log().to(device)
+            log_spectra[key] = s.clamp_min(SINGULAR_VALUE_FLOOR).log()
     optimizer = torch.optim.Adam(list(matrices.values()), lr=learning_rate)
     steps = math.ceil(calib.num_sequences / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
@@ -389,7 +399,7 @@ def extract_masa_gene(
             with torch.enable_grad():
                 for unit in layer_units:
                     with torch.no_grad():
-                        inputs = unit.inputs(hidden.to(unit.weights["up"].dtype))
+                        inputs = unit.inputs(hidden.to(unit.weights["up"]))
                     for proj, x in inputs.items():
                         key = (unit.layer, unit.name, proj)
                         x = x.float()

@@ -25,6 +25,7 @@ consolidation with the same ``k`` and ranks, so they match the parameter count a
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -49,6 +50,7 @@ class XpertGene(UniteGene):
     """
 
     card_template = "gene_xpert.md"
+    default_scaling = "coupled"  # gene matrices are real experts side by side: keep neurons whole
 
     def __init__(self, *args: Any, expert_factors: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -141,8 +143,9 @@ def extract_xpert_gene(
             int ``r`` for ``(L * k, r, r)``, or ``None`` (512, clipped to the dimensions with a warning).
     """
     source = get_source(model)
-    if analysis is not None and analysis.moe_layers != source.moe_layers:
-        raise ValueError(f"the analysis covers layers {analysis.moe_layers}, the model's MoE layers are {source.moe_layers}")
+    if analysis is not None and (analysis.moe_layers != source.moe_layers or analysis.num_experts != source.num_experts):
+        raise ValueError(f"the analysis covers layers {analysis.moe_layers} with {analysis.num_experts} experts; the "
+                         f"model's MoE layers are {source.moe_layers} with {source.num_experts}")
     if k is not None and not 1 <= k <= source.num_experts:
         raise ValueError(f"k={k} is out of range: the source has {source.num_experts} experts per layer")
     check_finite_weights(model)
@@ -150,7 +153,12 @@ def extract_xpert_gene(
         analysis = analyze_experts(model, domains, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                    batch_size=batch_size, score=score, k_common=k, source_id=source_id,
                                    show_progress=show_progress)
-    k = k or analysis.k_common or max(len(experts) for experts in analysis.common_experts)
+    if k is None:
+        k = analysis.k_common or max(len(experts) for experts in analysis.common_experts)
+        if analysis.k_common is None and len({len(e) for e in analysis.common_experts}) > 1:
+            warnings.warn(f"the threshold keeps a different number of common experts per layer; every layer is "
+                          f"consolidated with k={k} (layers with fewer take their next most common experts)",
+                          UserWarning, stacklevel=2)
     selected = select_experts(analysis, strategy, k, seed=seed)
     mean_frequency = analysis.frequency.mean(dim=0)  # (L, E)
     mix = torch.stack([mean_frequency[row, experts] for row, experts in enumerate(selected)])
@@ -166,9 +174,13 @@ def extract_xpert_gene(
         stacked = torch.stack([block.expert(e).projection(proj).detach().float()
                                for block, experts in zip(source.blocks, selected) for e in experts])  # (L*k, out, in)
         full = decompose(stacked, "tucker", planned[proj], n_iter_max=n_iter_max, name=proj, show_progress=show_progress)
+        full = Decomposition(method="tucker", core=full.core.cpu(), layer_factor=full.layer_factor.cpu(),
+                             out_factor=full.out_factor.cpu(), in_factor=full.in_factor.cpu(),
+                             spectral_energy={m: e.cpu() for m, e in full.spectral_energy.items()},
+                             relative_error=full.relative_error, ranks=full.ranks)
         expert_factors[proj] = full.layer_factor
         per_layer = full.layer_factor.reshape(len(selected), k, -1)
-        layer_factor = torch.einsum("lk,lkr->lr", mix.to(per_layer.dtype), per_layer)
+        layer_factor = torch.einsum("lk,lkr->lr", mix.to(per_layer), per_layer)
         decompositions[proj] = Decomposition(
             method="tucker", core=full.core, layer_factor=layer_factor, out_factor=full.out_factor,
             in_factor=full.in_factor, spectral_energy=full.spectral_energy, relative_error=full.relative_error,

@@ -86,7 +86,7 @@ def _reinit_ffns(model: nn.Module, seed: int) -> None:
 
 def build_model(model: Any, task_data, *, fmt: str = "classification", init: str = "unite",
                 layers: int | None = None, rank: int | None = None, seed: int = 0, pad_token_id: int | None = None,
-                width: int | None = None, intermediate_size: int | None = None, scaling: str = "adaptive",
+                width: int | None = None, intermediate_size: int | None = None, scaling: str | None = None,
                 tokenizer: Any = None, pretrain: dict[str, Any] | None = None,
                 **from_gene_kwargs: Any) -> nn.Module:
     """A task model: grown from a gene (any ``init``) or loaded from a saved target or Llama checkpoint
@@ -105,6 +105,8 @@ def build_model(model: Any, task_data, *, fmt: str = "classification", init: str
     from ..gene import UniteGene, load_gene
 
     gene = load_gene(model)
+    if not isinstance(gene, UniteGene) and init == "unite":
+        init = "masa"  # "grown from the gene" is MASA's scaling for a gene of plain matrices
     if width is not None or init == "masa" or not isinstance(gene, UniteGene):
         return _llama_target(gene, fmt, init=init, layers=layers, width=width, intermediate_size=intermediate_size,
                              scaling=scaling, seed=seed, tokenizer=tokenizer, pretrain=pretrain, head_kwargs=head_kwargs)
@@ -129,7 +131,7 @@ def _saved_model_class(path: Any, fmt: str):
 
 
 def _llama_target(gene, fmt: str, *, init: str, layers: int | None, width: int | None, intermediate_size: int | None,
-                  scaling: str, seed: int, tokenizer: Any, pretrain: dict[str, Any] | None,
+                  scaling: str | None, seed: int, tokenizer: Any, pretrain: dict[str, Any] | None,
                   head_kwargs: dict[str, Any]) -> nn.Module:
     """A plain Llama classifier of the given width, FFNs from the gene (``masa``) or random, after an
     optional continued pretraining of its causal-LM form (``pretrain``: kwargs of
@@ -159,7 +161,7 @@ def _llama_target(gene, fmt: str, *, init: str, layers: int | None, width: int |
 
 
 def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None, width: int | None = None,
-                          intermediate_size: int | None = None, scaling: str = "adaptive", seed: int = 0) -> nn.Module:
+                          intermediate_size: int | None = None, scaling: str | None = None, seed: int = 0) -> nn.Module:
     """A ``LlamaForCausalLM`` of the given width and depth (defaults: the source's hidden size and the
     gene's depth) with the source's vocabulary; FFNs from the gene's matrices (``init="masa"``) or random."""
     from transformers import LlamaForCausalLM
@@ -172,8 +174,10 @@ def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None
     gene = load_gene(gene)
     if not hasattr(gene, "gene_matrix"):
         raise ValueError(f"a {gene.method} gene has no gene matrices to scale to a Llama width")
-    config = llama_target_config(gene.config.source_config, hidden_size=width or gene.config.hidden_size,
-                                 intermediate_size=intermediate_size, num_hidden_layers=layers or len(gene.matrix_layers))
+    config = llama_target_config(gene.config.source_config,
+                                 hidden_size=gene.config.hidden_size if width is None else width,
+                                 intermediate_size=intermediate_size,
+                                 num_hidden_layers=len(gene.matrix_layers) if layers is None else layers)
     torch.manual_seed(seed)
     causal_lm = LlamaForCausalLM(config)
     if init == "masa":
@@ -221,7 +225,7 @@ def finetune(
     show_progress: bool = True,
     width: int | None = None,
     intermediate_size: int | None = None,
-    scaling: str = "adaptive",
+    scaling: str | None = None,
     pretrain_tokens: int = 0,
     **from_gene_kwargs: Any,
 ) -> dict[str, Any]:
