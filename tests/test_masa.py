@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -130,8 +131,16 @@ def test_layer_mapping_rule():
 
 # -- alignment on real activations -----------------------------------------------------------------------
 
-def test_hooked_inputs_are_what_reaches_each_projection():
-    model = tiny_dense()
+@pytest.mark.parametrize("mlp_bias", [False, True])
+def test_hooked_inputs_are_what_reaches_each_projection(mlp_bias):
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "intermediate_size": 24},
+                                                                   mlp_bias=mlp_bias)).eval()
+    if mlp_bias:
+        with torch.no_grad():
+            for module in model.modules():
+                if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                    module.bias.normal_(0, 0.5)
     seen = {}
     mlp = model.model.layers[1].mlp
     handles = [mlp.register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0])),
@@ -249,6 +258,11 @@ def test_gene_round_trip_card_and_method_dispatch(tmp_path):
     gene.save_pretrained(tmp_path / "gene")
     config = json.loads((tmp_path / "gene" / "gene_config.json").read_text())
     assert config["method"] == "masa" and config["method_config"]["rank"] == 8
+    assert config["format_version"] == 2  # older unite_hf versions refuse it with "upgrade"
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("gene_config.json", "gene.safetensors", "README.md"):  # atomic writes keep normal permissions
+        assert (tmp_path / "gene" / name).stat().st_mode & 0o777 == 0o666 & ~umask
     loaded = load_gene(tmp_path / "gene")
     assert isinstance(loaded, MasaGene) and isinstance(MasaGene.from_pretrained(tmp_path / "gene"), MasaGene)
     for key, matrix in gene.matrices.items():

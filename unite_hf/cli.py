@@ -240,6 +240,8 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="benchmarks", help="where RESULTS.md, results.json and plots go")
     parser.add_argument("--work-dir", default="runs/bench", help="genes and fine-tuned models (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random source instead of SmolLM2 (plumbing only)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="re-render RESULTS.md and the plots from the stored results.json; runs nothing")
 
 
 @command("bench", "reproduce the paper's experiments at our scale; writes benchmarks/RESULTS.md", _bench_arguments)
@@ -248,7 +250,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     command_line = "unite-hf bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "unite-hf bench"
     report = run_bench(args.out, args.profile, work_dir=args.work_dir, experiments=tuple(args.experiments),
-                       tiny=args.tiny, command=command_line)
+                       tiny=args.tiny, command=command_line, report_only=args.report_only)
     print(json.dumps({"report": str(report)}))
     return 0
 

@@ -42,7 +42,9 @@ from .io import (
 )
 from .sources import PROJECTIONS
 
-GENE_FORMAT_VERSION = 1
+# 1: UNITE genes (still written as 1, so older readers keep reading them); 2: the method registry
+# (MASA, XPERT), which older unite_hf versions must refuse with "upgrade", not misread
+GENE_FORMAT_VERSION = 2
 CONFIG_NAME = "gene_config.json"
 GENE_WEIGHTS_NAME = "gene.safetensors"
 SOURCE_WEIGHTS_NAME = "source_weights.safetensors"
@@ -173,8 +175,9 @@ class Gene:
         directory = Path(save_directory)
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"{directory} exists and is not a folder")
-        metadata = {"format": "pt", "unite_gene_format": str(GENE_FORMAT_VERSION)}
-        config = dataclasses.replace(self.config, method=self.method, library_version=__version__, files={})
+        config = dataclasses.replace(self.config, method=self.method, library_version=__version__, files={},
+                                     format_version=1 if self.method == "unite" else GENE_FORMAT_VERSION)
+        metadata = {"format": "pt", "unite_gene_format": str(config.format_version)}
         json.dumps(config.to_dict())  # an unserialisable config fails here, before any file is written
         gene_tensors = self.gene_state_dict()
         # every tensor is validated before the first byte is written

@@ -39,8 +39,16 @@ def _atomic_target(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
 
 
+def _default_mode() -> int:
+    """What a plain ``open()`` would give: 0o666 less the umask (``mkstemp`` makes 0o600 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _replace(tmp: str, path: Path) -> None:
     try:
+        os.chmod(tmp, _default_mode())  # genes and reports are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -38,7 +38,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -119,26 +119,39 @@ class FFNUnit:
     weights: dict[str, torch.Tensor]  # proj -> (out, in)
     activation: Callable[[torch.Tensor], torch.Tensor]
     mix_weight: float = 1.0  # share in the layer's mean matrix
+    biases: dict[str, torch.Tensor] = field(default_factory=dict)  # proj -> (out,), where the FFN has them
+
+    def _linear(self, x: torch.Tensor, proj: str) -> torch.Tensor:
+        out = x @ self.weights[proj].T
+        return out + self.biases[proj] if proj in self.biases else out
 
     def inputs(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The activations reaching each projection, from the FFN input ``hidden`` ``(tokens, H)``."""
-        up = hidden @ self.weights["up"].T
+        """The activations reaching each projection, from the FFN input ``hidden`` ``(tokens, H)``
+        (the unit's own weights and biases; a hook on ``down`` itself would see routed tokens only)."""
+        up = self._linear(hidden, "up")
         if "gate" in self.weights:
-            inner = self.activation(hidden @ self.weights["gate"].T) * up
+            inner = self.activation(self._linear(hidden, "gate")) * up
         else:
             inner = self.activation(up)
         return {proj: inner if proj == "down" else hidden for proj in self.weights}
 
 
-def _linear_weights(mlp: nn.Module) -> dict[str, torch.Tensor] | None:
-    """``proj -> weight`` of a gate/up/down (or w1/w3/w2, or up/down) MLP, else ``None``."""
+def _mlp_linears(mlp: nn.Module) -> dict[str, nn.Linear] | None:
+    """``proj -> nn.Linear`` of a gate/up/down (or w1/w3/w2, or up/down) MLP, else ``None``."""
     for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), (None, "up_proj", "down_proj"),
                   (None, "fc1", "fc2")):
         linears = [getattr(mlp, n, None) if n else None for n in names]
         if all(isinstance(lin, nn.Linear) for lin in linears[1:]) and (names[0] is None or isinstance(linears[0], nn.Linear)):
-            found = {proj: lin.weight.detach() for proj, lin in zip(PROJECTIONS, linears) if lin is not None}
-            return found
+            return {proj: lin for proj, lin in zip(PROJECTIONS, linears) if lin is not None}
     return None
+
+
+def _mlp_unit(layer: int, name: str, module: nn.Module, mlp: nn.Module) -> FFNUnit | None:
+    linears = _mlp_linears(mlp)
+    if not linears:
+        return None
+    return FFNUnit(layer, name, module, {p: lin.weight.detach() for p, lin in linears.items()}, _activation(mlp),
+                   biases={p: lin.bias.detach() for p, lin in linears.items() if lin.bias is not None})
 
 
 def _activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -155,9 +168,9 @@ def _dense_units(model: nn.Module, **_: Any) -> list[FFNUnit]:
     for idx, layer in enumerate(layers):
         for attr in FFN_ATTRS:
             mlp = getattr(layer, attr, None)
-            weights = _linear_weights(mlp) if isinstance(mlp, nn.Module) and not hasattr(mlp, "experts") else None
-            if weights:
-                units.append(FFNUnit(idx, "mlp", mlp, weights, _activation(mlp)))
+            unit = _mlp_unit(idx, "mlp", mlp, mlp) if isinstance(mlp, nn.Module) and not hasattr(mlp, "experts") else None
+            if unit:
+                units.append(unit)
                 break
     return units
 
@@ -166,9 +179,9 @@ def _shared_units(model: nn.Module, **_: Any) -> list[FFNUnit]:
     units = []
     for block in get_source(model).blocks:
         for attr, shared in block.shared_experts:
-            weights = _linear_weights(shared)
-            if weights:  # skips Qwen2-MoE's shared_expert_gate (a 1-output Linear, not an FFN)
-                units.append(FFNUnit(block.layer_idx, attr, block.block, weights, _activation(shared)))
+            unit = _mlp_unit(block.layer_idx, attr, block.block, shared)
+            if unit:  # skips Qwen2-MoE's shared_expert_gate (a 1-output Linear, not an FFN)
+                units.append(unit)
     return units
 
 
@@ -187,7 +200,9 @@ def _frequent_units(model: nn.Module, *, frequency: torch.Tensor | None = None, 
         for expert, weight in zip(top, share.tolist()):
             ew = block.expert(expert)
             weights = {proj: ew.projection(proj).detach() for proj in block.projection_names()}
-            units.append(FFNUnit(block.layer_idx, f"expert{expert}", block.block, weights, block.activation, weight))
+            biases = {proj: ew.bias(proj).detach() for proj in weights if ew.bias(proj) is not None}
+            units.append(FFNUnit(block.layer_idx, f"expert{expert}", block.block, weights, block.activation, weight,
+                                 biases))
     return units
 
 
