@@ -33,6 +33,10 @@ def test_smoke_bench_writes_a_report(tmp_path):
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r for r in again["runs"] if r["experiment"] not in ("xpert", "xpert_control")] == before
     assert len(again["meta"]["commands"]) == 2 and "Generalization across tasks" in report.read_text()
+    rendered = report.read_text()
+    run_bench(tmp_path / "out", "smoke", tiny=True, report_only=True)  # re-render only: same report, nothing lost
+    assert report.read_text() == rendered
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == again
     assert (tmp_path / "out" / "convergence.png").is_file() and (tmp_path / "out" / "data_efficiency.png").is_file()
     # every number in the generalization table comes from the runs
     unite = [r["accuracy"] for r in results["runs"] if r["experiment"] == "generalization" and r["init"] == "unite"]

@@ -34,7 +34,6 @@ import io
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet, find_local_data_dir, load_calibration
 from .importance import compute_expert_importance
-from .io import atomic_write_json
+from .io import atomic_write_bytes, atomic_write_json
 from .sources import get_source
 
 __all__ = [
@@ -355,7 +354,7 @@ class ExpertAnalysis:
         """Write :data:`HEATMAP_FILE` then :data:`ANALYSIS_FILE` (both atomically) into ``directory``."""
         directory = Path(directory)
         paths = {"json": str(directory / ANALYSIS_FILE), "heatmap": str(directory / HEATMAP_FILE)}
-        _atomic_write_bytes(self.heatmap_png(), directory / HEATMAP_FILE)
+        atomic_write_bytes(self.heatmap_png(), directory / HEATMAP_FILE)
         atomic_write_json(self.to_dict(), directory / ANALYSIS_FILE)
         return paths
 
@@ -416,21 +415,6 @@ class ExpertAnalysis:
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
         return buffer.getvalue()
-
-
-def _atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Temporary file in the destination folder, then a rename: never a half-written file under ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------------

@@ -482,7 +482,8 @@ class Bench:
                  f"stacked and Tucker-decomposed (ranks ({p.xpert_k} L, {p.gene_rank[1]}, {p.gene_rank[2]})). Source "
                  f"width: UNITE-style {p.layers}-layer targets at rank {p.rank}, random cores, against the same "
                  f"architecture with random weights. Width {small}: plain Llama targets (the common experts side by "
-                 f"side, brought to size by MASA's adaptive scaling) against a random Llama, both continued-pretrained "
+                 f"side, brought to size by coupled scaling: one neuron set for gate, up and down) against a random Llama, "
+                 f"both continued-pretrained "
                  f"for {p.pretrain_tokens} tokens.", ""]
         genes = meta.get("xpert_genes", {})
         if genes:
@@ -646,7 +647,7 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
         previous = json.loads(stored.read_text())
         same = (previous.get("profile") == json.loads(json.dumps(asdict(PROFILES[profile])))
                 and previous.get("tiny", False) == tiny)
-        if same:
+        if same and not report_only:
             bench.runs = [r for r in previous["runs"] if r["experiment"] not in rerun]
             bench.meta = previous.get("meta", {})
             bench.meta["commands"] = [c for c in bench.meta.get("commands", []) if not set(c["experiments"]) <= set(experiments)]

@@ -98,16 +98,22 @@ def atomic_write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
     _replace(tmp, path)
 
 
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
     path = Path(path)
     handle, tmp = _atomic_target(path)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(text)
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def load_safetensors_checked(path: str | os.PathLike, record: dict[str, Any] | None = None,
