@@ -83,21 +83,6 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.Pat
     return record
 
 
-def atomic_write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    path = Path(path)
-    handle, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            json.dump(data, out, indent=2, sort_keys=True)
-            out.write("\n")
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
-
-
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
     path = Path(path)
     handle, tmp = _atomic_target(path)
@@ -114,6 +99,10 @@ def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
+
+
+def atomic_write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
+    atomic_write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
 
 
 def load_safetensors_checked(path: str | os.PathLike, record: dict[str, Any] | None = None,
