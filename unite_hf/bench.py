@@ -352,14 +352,14 @@ class Bench:
         lines += self._masa_section() + self._xpert_section()
         return "\n".join(lines) + "\n"
 
-    def _task_table(self, experiment: str, labels: list[str]) -> tuple[list[str], dict[str, float]]:
-        """Rows task x label (mean ± std over seeds) and each label's mean over tasks."""
+    def _task_table(self, experiment: str, labels: list[str], **match: Any) -> tuple[list[str], dict[str, float]]:
+        """Rows task x label (mean ± std over seeds) and each label's mean over tasks; ``match`` filters runs."""
         lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
         means: dict[str, list[float]] = {label: [] for label in labels}
         for task in self.profile.tasks:
             cells = []
             for label in labels:
-                values = self._values(experiment, task=task, init=label)
+                values = self._values(experiment, task=task, init=label, **match)
                 cells.append(_fmt(values) if values else "-")
                 if values:
                     means[label].append(statistics.fmean(values))
@@ -400,12 +400,9 @@ class Bench:
             lines.append("")
         for width in p.widths:
             labels = ["masa-dense", "masa-moe", "random"]
-            rows = [r for r in self.runs if r["experiment"] == "masa" and r.get("width") == width]
-            if not rows:
+            if not self._values("masa", width=width):
                 continue
-            saved, self.runs = self.runs, rows
-            table, overall = self._task_table("masa", labels)
-            self.runs = saved
+            table, overall = self._task_table("masa", labels, width=width)
             noise = self._noise("masa")
             lines += [f"### Width {width}", "", *table, ""]
             if "random" in overall:
