@@ -249,3 +249,49 @@ def test_parameter_breakdown_matches_paper_a25_for_qwen3_30b():
     assert counts["head"] == hidden * 4
     assert counts["norms"] == 2 * (2 * hidden + 2 * head_dim) + hidden  # layer norms, q/k norms, final norm
     assert abs(counts["total"] - 360e6) / 360e6 < 0.01, counts
+
+
+def test_loading_arguments_never_reach_the_saved_config(genes, tmp_path):
+    """Regression: from_gene(token=...) wrote the token (and cache_dir, device_map) into config.json."""
+    _, gene = genes["mixtral"]
+    gene.save_pretrained(tmp_path / "gene")
+    secret = "hf_leakcheckDoNotWriteMe0123456789"
+    model = UniteForCausalLM.from_gene(tmp_path / "gene", token=secret, cache_dir=str(tmp_path / "cache"),
+                                       local_files_only=True, force_download=False, revision=None, device_map="cpu")
+    model.save_pretrained(tmp_path / "target")
+    for path in (tmp_path / "target").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert secret.encode() not in data, f"the token was written to {path.name}"
+    config = json.loads((tmp_path / "target" / "config.json").read_text())
+    for key in ("token", "cache_dir", "device_map", "local_files_only", "force_download", "revision"):
+        assert key not in config, key
+    assert str(tmp_path / "cache") not in (tmp_path / "target" / "config.json").read_text()
+    assert not hasattr(model.config, "token")
+
+
+def test_from_gene_refuses_unknown_keywords_and_bad_num_labels(genes):
+    _, gene = genes["mixtral"]
+    with pytest.raises(TypeError, match="num_hidden_layer"):
+        UniteForCausalLM.from_gene(gene, num_hidden_layer=1)  # typo of num_hidden_layers
+    with pytest.raises(TypeError, match="ranks"):
+        UniteForCausalLM.from_gene(gene, ranks={"up": [2, 2]})  # owned by from_gene: use rank=
+    for bad in (0, -3, True, 2.0):
+        with pytest.raises(ValueError, match="num_labels must be a positive int"):
+            UniteForSequenceClassification.from_gene(gene, num_labels=bad)
+    with pytest.raises(ValueError, match="one device"):
+        UniteForCausalLM.from_gene(gene, device_map={"a": "cpu", "b": "meta"})
+
+
+def test_dtype_and_deprecated_torch_dtype_are_honoured(genes):
+    _, gene = genes["mixtral"]
+    model = UniteForCausalLM.from_gene(gene, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert model.config.dtype == torch.bfloat16
+    with pytest.warns(FutureWarning, match="torch_dtype is deprecated"):
+        old = UniteForCausalLM.from_gene(gene, torch_dtype=torch.float16)
+    assert {p.dtype for p in old.parameters()} == {torch.float16}
+    assert old.config.dtype == torch.float16
+    assert UniteForCausalLM.from_gene(gene, dtype="bfloat16").config.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="floating torch dtype"):
+        UniteForCausalLM.from_gene(gene, dtype=torch.int64)

@@ -204,6 +204,7 @@ class Gene:
         token: str | bool | None = None,
         cache_dir: str | os.PathLike | None = None,
         local_files_only: bool = False,
+        force_download: bool = False,
         verify_checksums: bool = True,
     ) -> GeneT:
         """Load a gene from a local folder or a Hub repo id (safetensors only, checksums verified).
@@ -212,7 +213,7 @@ class Gene:
         method; a subclass refuses genes of another method."""
         directory = Path(path_or_repo_id)
         if not directory.is_dir():
-            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only)
+            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only, force_download)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
@@ -404,13 +405,14 @@ class UniteGene(Gene):
                 "decomposition": config.decomposition, "num_experts": config.num_experts}
 
 
-def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_only: bool) -> Path:
+def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_only: bool,
+              force_download: bool = False) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                      local_files_only=local_files_only,
+                                      local_files_only=local_files_only, force_download=force_download,
                                       allow_patterns=list(GENE_FILES + TOKENIZER_FILES)))
     except HFValidationError as err:
         raise GeneFormatError(f"{repo_id!r} is neither a local gene folder nor a valid Hub repo id") from err

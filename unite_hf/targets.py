@@ -35,10 +35,10 @@ from .gene import UniteGene
 from .sources import SHARED_EXPERT_PREFIX, get_source
 
 
-def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None) -> tuple[UniteGene, str | None]:
+def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None, **loading: Any) -> tuple[UniteGene, str | None]:
     if isinstance(gene, UniteGene):
         return gene, gene.config.source_id
-    return UniteGene.from_pretrained(gene, revision=revision), str(gene)
+    return UniteGene.from_pretrained(gene, revision=revision, **loading), str(gene)
 
 
 def select_layers(source_layers: int, target_layers: int, selection: str) -> list[int]:
@@ -265,21 +265,43 @@ def grow_from_gene(
     tie_bases: bool = False,
     shared_experts: str = "keep",
     revision: str | None = None,
-    dtype: torch.dtype | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool = False,
+    force_download: bool = False,
+    dtype: torch.dtype | str | None = None,
+    device_map: str | int | torch.device | None = None,
     **config_kwargs: Any,
 ):
     """Build a ``UniteFor*`` target from a gene (object, folder or Hub id); see the module docstring.
 
-    Extra keyword arguments go to the config (``num_labels``, ``id2label``, ``pad_token_id``, ...).
+    Loading arguments work as in ``from_pretrained`` and are never written to the config:
+    ``revision``, ``token``, ``cache_dir``, ``local_files_only``, ``force_download`` (for a Hub gene),
+    ``dtype`` (``torch_dtype`` is accepted with a deprecation warning; ``"auto"`` keeps float32) and
+    ``device_map`` (one device: ``"cpu"``, ``"cuda:0"``, an index, or ``"auto"`` for the first
+    accelerator if any). Every other keyword argument must be a config field (``num_labels``,
+    ``id2label``, ``pad_token_id``, ...); anything else is an error, so a typo is not silently kept.
     Classifiers require ``num_labels`` (or ``id2label``).
     """
     from .modeling_unite import UniteForMultipleChoice, UniteForSequenceClassification
 
+    if "torch_dtype" in config_kwargs:
+        warnings.warn("torch_dtype is deprecated, use dtype", FutureWarning, stacklevel=3)
+        torch_dtype = config_kwargs.pop("torch_dtype")
+        dtype = dtype if dtype is not None else torch_dtype
+    dtype = _resolve_dtype(dtype)
+    device = _resolve_device(device_map)
+    _check_config_kwargs(config_kwargs)
     if cls is UniteForSequenceClassification and "num_labels" not in config_kwargs and "id2label" not in config_kwargs:
         raise ValueError(f"{cls.__name__}.from_gene needs num_labels (or id2label): how many classes does the task have?")
+    if "num_labels" in config_kwargs:
+        num_labels = config_kwargs["num_labels"]
+        if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
+            raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
     if cls is UniteForMultipleChoice and "num_labels" in config_kwargs:
         warnings.warn("num_labels is ignored by UniteForMultipleChoice: the number of choices comes from the input.")
-    gene, name = _load_gene(gene, revision)
+    gene, name = _load_gene(gene, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
+                            force_download=force_download)
     source = _meta_source(gene)  # built once: config validation and weight mapping both read it
     config = build_target_config(gene, num_hidden_layers=num_hidden_layers, rank=rank, core_init=core_init,
                                  layer_selection=layer_selection, tie_bases=tie_bases, shared_experts=shared_experts,
@@ -295,4 +317,60 @@ def grow_from_gene(
         raise ValueError(f"target weights the gene does not provide: {lost[:5]}")
     if dtype is not None:
         model = model.to(dtype)
+        model.config.dtype = dtype  # in memory too, not only in the saved file
+    if device is not None:
+        model = model.to(device)
     return model
+
+
+# from_pretrained-style arguments that steer loading and never belong in a saved config
+LOADING_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "dtype", "torch_dtype",
+                  "device_map")
+# config arguments PreTrainedConfig accepts that are not dataclass fields
+_EXTRA_CONFIG_KWARGS = ("num_labels",)
+
+
+def _check_config_kwargs(config_kwargs: dict[str, Any]) -> None:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(UniteConfig)} | set(_EXTRA_CONFIG_KWARGS)
+    # fields from_gene sets itself from the gene and its options
+    owned = {"text_config", "ffn_layers", "source_layers", "projections", "ranks", "expert_intermediate_size",
+             "expert_activation", "expert_bias", "gene", "gene_source", "tie_bases", "shared_experts", "core_init",
+             "layer_selection"}
+    unknown = sorted(k for k in config_kwargs if k not in fields or k in owned)
+    if unknown:
+        raise TypeError(f"from_gene got unexpected keyword arguments {unknown}: they are neither loading arguments "
+                        f"{list(LOADING_KWARGS)} nor UniteConfig fields a caller may set (e.g. num_labels, id2label, "
+                        "label2id, pad_token_id, problem_type).")
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":  # a gene is stored in float32; "auto" keeps it
+        return None
+    if isinstance(dtype, str):
+        resolved = getattr(torch, dtype.removeprefix("torch."), None)
+        if not isinstance(resolved, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} is not a torch dtype")
+        dtype = resolved
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating torch dtype, got {dtype!r}")
+    return dtype
+
+
+def _resolve_device(device_map) -> torch.device | None:
+    """One device for the whole target (targets are small: no multi-device dispatch)."""
+    if device_map is None:
+        return None
+    if device_map == "auto":
+        return torch.device(torch.accelerator.current_accelerator() or "cpu") if torch.accelerator.is_available() \
+            else torch.device("cpu")
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map places a target on one device; got several: {sorted(map(str, devices))}")
+        device_map = devices.pop()
+    try:
+        return torch.device(device_map)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device_map {device_map!r} is not a device: {err}") from err
