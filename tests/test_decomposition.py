@@ -17,6 +17,7 @@ from unite_hf.decomposition import (
     MODES,
     Decomposition,
     decompose,
+    decompose_streaming,
     register_decomposition,
     resolve_ranks,
 )
@@ -410,3 +411,57 @@ def test_state_dict_round_trip_through_safetensors(method, low_rank_plus_noise, 
     assert loaded.retained_energy() == dec.retained_energy()
     with pytest.raises(KeyError, match="layers.up.core"):
         Decomposition.from_state_dict(tensors, "layers.up", method, 0.0)
+
+
+# -- tucker_hidden: bases shared along the hidden axis only ------------------------------------------------
+
+@pytest.mark.parametrize("hidden_mode", ["in", "out"])
+def test_tucker_hidden_at_full_hidden_rank_is_the_per_layer_truncated_svd(hidden_mode):
+    """With U_h spanning the whole hidden axis, the best fit is each layer's own rank-r SVD (Eckart-Young)."""
+    x = torch.randn(3, 10, 7, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    if hidden_mode == "out":
+        x = x.transpose(1, 2).contiguous()  # (3, 7, 10): hidden axis 7 is the out axis
+    hidden = x.shape[2] if hidden_mode == "in" else x.shape[1]
+    ranks = (3, 4, hidden) if hidden_mode == "in" else (3, hidden, 4)
+    dec = decompose(x, "tucker_hidden", ranks, hidden_mode=hidden_mode)
+    residual = sum(float((torch.linalg.svdvals(x[layer])[4:] ** 2).sum()) for layer in range(3))
+    assert dec.relative_error == pytest.approx(math.sqrt(residual / float((x ** 2).sum())), rel=1e-9)
+    for layer in range(3):  # every rebuilt layer is that layer's best rank-4 approximation
+        u, s, vh = torch.linalg.svd(x[layer], full_matrices=False)
+        torch.testing.assert_close(dec.reconstruct_layer(layer).double(), u[:, :4] @ torch.diag(s[:4]) @ vh[:4], rtol=1e-5, atol=1e-5)
+    assert (dec.shared_in, dec.shared_out) == ((True, False) if hidden_mode == "in" else (False, True))
+
+
+def test_tucker_hidden_at_full_neuron_rank_is_the_pca_projection_of_the_hidden_axis():
+    """With every neuron kept, the fit is X_l U U^T with U the top eigenvectors of sum_l X_l^T X_l."""
+    x = torch.randn(4, 5, 9, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    dec = decompose(x, "tucker_hidden", (4, 5, 6), hidden_mode="in")
+    evals, evecs = torch.linalg.eigh(sum(x[layer].T @ x[layer] for layer in range(4)))
+    u = evecs[:, -6:]
+    expected = x @ u @ u.T
+    torch.testing.assert_close(dec.reconstruct().double(), expected, rtol=1e-5, atol=1e-5)
+    # the shared basis spans the same subspace as the hand-computed one
+    torch.testing.assert_close(dec.in_factor @ dec.in_factor.T, (u @ u.T).float(), rtol=1e-5, atol=1e-5)
+
+
+def test_tucker_hidden_is_exact_at_full_rank_and_beats_tucker_on_unaligned_neurons():
+    """Layers whose neurons are permuted copies share nothing along the neuron axis: tucker_hidden keeps them."""
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(12, 6, generator=g)
+    x = torch.stack([base[torch.randperm(12, generator=g)] for _ in range(5)])  # same rows, shuffled per layer
+    assert decompose(x, "tucker_hidden", (5, 6, 6), hidden_mode="in").relative_error < 1e-5
+    hidden = decompose(x, "tucker_hidden", (5, 4, 4), hidden_mode="in").relative_error
+    tucker = decompose(x, "tucker", (5, 4, 4)).relative_error
+    assert hidden < tucker
+
+
+def test_tucker_hidden_refuses_bad_input():
+    x = torch.randn(3, 8, 4)
+    with pytest.raises(ValueError, match="hidden_mode"):
+        decompose(x, "tucker_hidden", (3, 4, 4))
+    with pytest.raises(ValueError, match="r_L = L"):
+        decompose(x, "tucker_hidden", (2, 4, 4), hidden_mode="in")
+    with pytest.raises(ValueError, match="neuron-axis rank"):
+        decompose(x, "tucker_hidden", (3, 4, 2), hidden_mode="in")
+    with pytest.raises(ValueError, match="does not stream"):
+        decompose_streaming(x.__getitem__, 3, (8, 4), "tucker_hidden", (3, 4, 4))

@@ -51,6 +51,29 @@ def fused_reference(model, gene):
     return reference
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tucker_hidden_targets_reproduce_the_fused_source_and_redraw_neuron_factors(genes, family):
+    source, _ = genes[family]
+    gene = extract_universal_knowledge(source, calibration=CALIBRATION, decomposition="tucker_hidden",
+                                       show_progress=False)
+    target = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()
+    reference = fused_reference(source, gene).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(input_ids=INPUT).logits, reference(input_ids=INPUT).logits,
+                                   rtol=1e-4, atol=1e-4)
+    layer = gene.moe_layers[0]
+    # random cores: the shared hidden-axis bases are the gene's, the per-layer neuron factors are re-drawn
+    random = UniteForCausalLM.from_gene(gene, core_init="random", rank=4)
+    up, down = random.model.ffn(layer).up.bases, random.model.ffn(layer).down.bases
+    torch.testing.assert_close(up.in_basis, gene.decompositions["up"].in_factor[:, :4])
+    torch.testing.assert_close(down.out_basis, gene.decompositions["down"].out_factor[:, :4])
+    row = gene.moe_layers.index(layer)
+    assert not torch.allclose(up.out_basis, gene.decompositions["up"].out_factor[row, :, :4])
+    torch.testing.assert_close(up.out_basis.T @ up.out_basis, torch.eye(4), rtol=1e-5, atol=1e-5)  # orthogonal draw
+    with pytest.raises(ValueError, match="bases shared on both sides"):
+        UniteForCausalLM.from_gene(gene, tie_bases=True)
+
+
 @pytest.fixture(scope="module")
 def genes():
     return {family: (tiny_moe(family), extract_universal_knowledge(tiny_moe(family), calibration=CALIBRATION,

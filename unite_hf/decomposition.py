@@ -43,6 +43,22 @@ from them and its own small core ``G_l``.  The three methods are defined exactly
     ``core`` (L, r, r) with ``core[l] = diag(s_l)`` and ``layer_factor = I_L`` (r_L = L), so that
     ``G_l = core[l]`` and the bases are per layer (``shared_bases`` is False).
 
+``"tucker_hidden"`` (bases shared along the hidden axis only; beyond the paper)
+    The residual stream is one space for every layer, but FFN neuron indices do not correspond
+    across layers, so a neuron-axis basis shared by all layers keeps little of each layer. This
+    method shares one orthonormal basis ``U_h`` only along the hidden (residual-stream) axis given
+    by ``hidden_mode`` (``"in"`` for gate/up, ``"out"`` for down) and gives every layer its own
+    orthonormal factor ``A_l`` along the neuron axis (for ``hidden_mode="in"``):
+
+        X[l] ~= A_l @ G_l @ U_h.T,   A_l (d_out, r_out) per layer, U_h (d_in, r_in) shared,
+
+    fitted by alternating least squares on orthonormal factors: ``U_h`` = top-r_in eigenvectors of
+    ``sum_l X_l^T A_l A_l^T X_l`` (initially ``sum_l X_l^T X_l``), then per layer the rank-r_out
+    truncated SVD ``X_l U_h = A_l S_l B_l^T``, ``G_l = S_l B_l^T`` (the optimal per-layer fit for
+    the given ``U_h``); ``||X - X_hat||`` never increases. ``r_L = L`` (no compression across
+    layers: ``layer_factor = I_L``), and ``r_out <= r_in``. In Tucker form the shared factor is 2D
+    and the per-layer one 3D (``out_factor`` (L, d_out, r_out) here). At full ranks it is exact.
+
 Ranks are ``(r_L, r_out, r_in)``; an integer ``r`` means ``(L, r, r)`` (no compression across
 layers; for "cp" it means ``(r, r, r)``).  Factor columns are sign-normalised (the entry of largest
 magnitude of each column is positive) so results are reproducible across runs.
@@ -72,6 +88,7 @@ __all__ = [
     "Decomposition",
     "decompose",
     "decompose_streaming",
+    "NEEDS_HIDDEN_MODE",
     "register_decomposition",
     "resolve_ranks",
 ]
@@ -136,8 +153,6 @@ class Decomposition:
                 raise ValueError(
                     f"{label} must be (d, {rank}) or ({n_layers}, d, {rank}), got shape {tuple(factor.shape)}"
                 )
-        if self.out_factor.ndim != self.in_factor.ndim:
-            raise ValueError("out_factor and in_factor must both be shared (2D) or both per layer (3D)")
         missing = set(MODES) - set(self.spectral_energy)
         if missing:
             raise ValueError(f"spectral_energy is missing modes {sorted(missing)}")
@@ -146,8 +161,19 @@ class Decomposition:
 
     @property
     def shared_bases(self) -> bool:
-        """True when U_out / U_in are shared by all layers (tucker, cp); False for per-layer svd."""
+        """True when U_out and U_in are both shared by all layers (tucker, cp); False for per-layer
+        svd and for tucker_hidden (one shared hidden-axis factor, one per-layer neuron-axis factor)."""
+        return self.out_factor.ndim == 2 and self.in_factor.ndim == 2
+
+    @property
+    def shared_out(self) -> bool:
+        """True when U_out is one (d_out, r_out) basis for all layers."""
         return self.out_factor.ndim == 2
+
+    @property
+    def shared_in(self) -> bool:
+        """True when U_in is one (d_in, r_in) basis for all layers."""
+        return self.in_factor.ndim == 2
 
     @property
     def num_layers(self) -> int:
@@ -174,12 +200,12 @@ class Decomposition:
     def layer_out_factor(self, layer: int) -> torch.Tensor:
         """The (d_out, r_out) output basis used by ``layer``."""
         layer = self._check_layer(layer)
-        return self.out_factor if self.shared_bases else self.out_factor[layer]
+        return self.out_factor if self.shared_out else self.out_factor[layer]
 
     def layer_in_factor(self, layer: int) -> torch.Tensor:
         """The (d_in, r_in) input basis used by ``layer``."""
         layer = self._check_layer(layer)
-        return self.in_factor if self.shared_bases else self.in_factor[layer]
+        return self.in_factor if self.shared_in else self.in_factor[layer]
 
     def reconstruct_layer(self, layer: int) -> torch.Tensor:
         """W_l = U_out @ G_l @ U_in.T, shape (d_out, d_in)."""
@@ -253,10 +279,17 @@ DecompositionFn = Callable[..., Decomposition]
 DECOMPOSITIONS: dict[str, DecompositionFn] = {}
 
 
-def register_decomposition(name: str) -> Callable[[DecompositionFn], DecompositionFn]:
-    """Decorator adding ``fn(tensor, ranks, *, n_iter_max, tol, show_progress)`` to the registry."""
+#: methods that need to know which axis is the hidden (residual-stream) one: ``fn(..., hidden_mode=)``
+NEEDS_HIDDEN_MODE: set[str] = set()
+
+
+def register_decomposition(name: str, *, needs_hidden_mode: bool = False) -> Callable[[DecompositionFn], DecompositionFn]:
+    """Decorator adding ``fn(tensor, ranks, *, n_iter_max, tol, show_progress)`` to the registry
+    (``needs_hidden_mode``: the method also takes ``hidden_mode="in"|"out"``)."""
 
     def decorator(fn: DecompositionFn) -> DecompositionFn:
+        if needs_hidden_mode:
+            NEEDS_HIDDEN_MODE.add(name)
         existing = DECOMPOSITIONS.get(name)
         if existing is not None and existing.__qualname__ != fn.__qualname__:
             raise ValueError(f"decomposition {name!r} is already registered (by {existing.__qualname__})")
@@ -366,6 +399,7 @@ def decompose(
     tol: float = 1e-6,
     show_progress: bool = False,
     name: str = "",
+    hidden_mode: str | None = None,
 ) -> Decomposition:
     """Decompose X (L, d_out, d_in) with a registered method; see the module docstring.
 
@@ -379,6 +413,8 @@ def decompose(
             relative reconstruction error (cp, tensorly's criterion) drops below it.
         show_progress: tqdm bar over the iterations.
         name: label for warnings and the progress bar (e.g. "gate").
+        hidden_mode: ``"in"`` or ``"out"``: which matrix axis is the hidden (residual-stream) one;
+            required by methods that share bases only along it (``tucker_hidden``), ignored otherwise.
 
     Raises:
         TypeError: non-tensor or non-floating input, non-int rank.
@@ -412,7 +448,14 @@ def decompose(
         x = tensor.detach().to(dtype)
         if _sq_norm(x) == 0.0:
             raise ValueError(f"tensor{label} is all zeros; its decomposition is undefined")
-        return DECOMPOSITIONS[method](x, ranks, n_iter_max=n_iter_max, tol=float(tol), show_progress=show_progress)
+        options = {}
+        if method in NEEDS_HIDDEN_MODE:
+            if hidden_mode not in ("in", "out"):
+                raise ValueError(f"decomposition {method!r} needs hidden_mode='in' (gate/up) or 'out' (down), "
+                                 f"got {hidden_mode!r}")
+            options["hidden_mode"] = hidden_mode
+        return DECOMPOSITIONS[method](x, ranks, n_iter_max=n_iter_max, tol=float(tol), show_progress=show_progress,
+                                      **options)
     finally:
         _PROGRESS_LABEL.reset(token)
 
@@ -480,6 +523,8 @@ def decompose_streaming(
         raise ValueError(f"n_iter_max must be >= 0, got {n_iter_max}")
     if not tol >= 0:
         raise ValueError(f"tol must be >= 0, got {tol}")
+    if method in NEEDS_HIDDEN_MODE:
+        raise ValueError(f"decomposition {method!r} does not stream yet; extract from a loaded model instead")
     if method != "tucker":
         read = _Layers(layer_fn, num_layers, (d_out, d_in), dtype, device, None)
         stacked = torch.stack([read(layer) for layer in range(num_layers)])
@@ -985,3 +1030,53 @@ def per_layer_svd(
         core[layer, idx, idx] = s[:r]
     layer_factor = torch.eye(n_layers, dtype=x.dtype, device=x.device)
     return _finalise("svd", x, core, layer_factor, u_all, v_all, _spectral_energies(x))
+
+
+@register_decomposition("tucker_hidden", needs_hidden_mode=True)
+def tucker_hidden(
+    tensor: torch.Tensor, ranks: tuple[int, int, int], *, n_iter_max: int, tol: float, show_progress: bool,
+    hidden_mode: str,
+) -> Decomposition:
+    """Bases shared along the hidden axis only, a factor per layer along the neuron axis (module docstring).
+
+    Alternating updates of the shared ``U_h`` and the per-layer SVDs; stops after ``n_iter_max``
+    sweeps or when the relative change of the fitted energy ``sum_l ||G_l||^2`` drops below ``tol``.
+    """
+    x = tensor if hidden_mode == "in" else tensor.transpose(1, 2)  # hidden axis last
+    n_layers, d_neuron, d_hidden = x.shape
+    r_layer, r_out, r_in = ranks
+    r_neuron, r_hidden = (r_out, r_in) if hidden_mode == "in" else (r_in, r_out)
+    if r_layer != n_layers:
+        raise ValueError(f"tucker_hidden keeps every layer (r_L = L = {n_layers}), got r_L = {r_layer}")
+    if r_neuron > r_hidden:
+        raise ValueError(f"tucker_hidden needs the neuron-axis rank ({r_neuron}) <= the hidden-axis rank ({r_hidden}): "
+                         "each layer's factor comes from the SVD of X_l U_h, which has rank <= r_hidden")
+    gram = torch.einsum("lnh,lnk->hk", x, x)  # sum_l X_l^T X_l
+    neuron_factors = x.new_empty(n_layers, d_neuron, r_neuron)
+    cores = x.new_empty(n_layers, r_neuron, r_hidden)
+    previous = None
+    for _ in _progress(range(max(1, n_iter_max)), max(1, n_iter_max), show_progress, "tucker_hidden"):
+        u_hidden = _sorted_eigh(gram)[1][:, :r_hidden]
+        projected = x @ u_hidden  # (L, d_neuron, r_hidden)
+        fitted = 0.0
+        for layer in range(n_layers):
+            u, s, vh = torch.linalg.svd(projected[layer], full_matrices=False)
+            neuron_factors[layer] = u[:, :r_neuron]
+            cores[layer] = s[:r_neuron, None] * vh[:r_neuron]
+            fitted += float((s[:r_neuron].double() ** 2).sum())
+        if previous is not None and abs(fitted - previous) <= tol * max(previous, 1e-300):
+            break
+        previous = fitted
+        # optimal shared basis for the current per-layer factors: top eigenvectors of sum_l X_l^T A_l A_l^T X_l
+        reduced = neuron_factors.transpose(1, 2) @ x  # (L, r_neuron, d_hidden)
+        gram = torch.einsum("lrh,lrk->hk", reduced, reduced)
+    u_hidden, signs = _sign_normalise(u_hidden)
+    cores = cores * signs  # keep A_l G_l U_h^T unchanged
+    neuron_factors, neuron_signs = _sign_normalise(neuron_factors)
+    cores = cores * neuron_signs.unsqueeze(-1)
+    layer_factor = torch.eye(n_layers, dtype=x.dtype, device=x.device)
+    if hidden_mode == "in":
+        return _finalise("tucker_hidden", tensor, cores, layer_factor, neuron_factors, u_hidden,
+                         _spectral_energies(tensor))
+    return _finalise("tucker_hidden", tensor, cores.transpose(1, 2), layer_factor, u_hidden, neuron_factors,
+                     _spectral_energies(tensor))

@@ -2,7 +2,9 @@
 
 Defaults follow the paper:
 
-- ``core_init="random"``: the cores ``G_l`` start random and everything is fine-tuned. ``"tucker"``
+- ``core_init="random"``: the cores ``G_l`` start random and everything is fine-tuned (with a
+  ``tucker_hidden`` gene, each layer's own neuron-axis factor is re-drawn too: it belongs to the
+  layer's coordinates, not to the shared gene). ``"tucker"``
   inherits the Tucker core slice of each source layer (``G_l = sum_k U_L[l, k] G[k]``), which goes
   beyond the paper (its listed limitation is random ``G_l``); at full depth and rank the target then
   reproduces the fused source exactly.
@@ -141,9 +143,9 @@ def build_target_config(
     selected = select_layers(gc.num_layers, depth, layer_selection)
     text_config = _target_text_config(source_config, selected, gc.dense_layers)
     ffn_layers = [i for i, s in enumerate(selected) if s in gc.moe_layers]
-    if tie_bases and gene.decompositions[gc.projections[0]].out_factor.ndim == 3:
+    if tie_bases and not gene.decompositions[gc.projections[0]].shared_bases:
         raise ValueError(f"the gene's {gc.decomposition!r} decomposition has per-layer bases; tie_bases=True needs "
-                         "shared bases (tucker or cp).")
+                         "bases shared on both sides (tucker or cp).")
     source = source or _meta_source(gene)  # the source's structure, for free: where experts live, their activation
     activation = _expert_activation(source.blocks[0], source_config)
     if shared_experts == "fuse":
@@ -214,14 +216,22 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
                 state[f"{prefix}unite_bases.{proj}.out_basis"] = out_basis
                 state[f"{prefix}unite_bases.{proj}.in_basis"] = in_basis
             else:
-                state[f"{ffn_name}.{proj}.bases.out_basis"] = out_basis
-                state[f"{ffn_name}.{proj}.bases.in_basis"] = in_basis
+                for side, basis, shared in (("out", out_basis, decomposition.shared_out),
+                                            ("in", in_basis, decomposition.shared_in)):
+                    # a per-layer factor beside a shared one (tucker_hidden) is part of the layer's own
+                    # coordinates: inherited with its core, re-drawn (orthogonal init) with random cores
+                    if shared or decomposition.shared_out == decomposition.shared_in or config.core_init == "tucker":
+                        state[f"{ffn_name}.{proj}.bases.{side}_basis"] = basis
             if config.core_init == "tucker":
                 state[f"{ffn_name}.{proj}.core"] = decomposition.layer_core(row)[:r_out, :r_in]
             bias = gene.fused_bias(config.source_layers[i], proj)
             if bias is not None:
                 state[f"{ffn_name}.{proj}.bias"] = bias
         if ffn.shared_cores is not None:
+            if not all(gene.decompositions[p].shared_out == gene.decompositions[p].shared_in for p in config.projections):
+                raise ValueError("shared_experts='fuse' needs bases of one kind on both sides; the gene's "
+                                 f"{gene.config.decomposition!r} decomposition mixes shared and per-layer bases. "
+                                 "Use 'keep' or 'drop'.")
             for proj, weight in shared_expert_weights(gene, config.source_layers[i], source).items():
                 bases = (state[f"{prefix}unite_bases.{proj}.out_basis"], state[f"{prefix}unite_bases.{proj}.in_basis"]) \
                     if config.tie_bases else (state[f"{ffn_name}.{proj}.bases.out_basis"], state[f"{ffn_name}.{proj}.bases.in_basis"])
@@ -312,6 +322,9 @@ def grow_from_gene(
     if unexpected:
         raise ValueError(f"gene tensors without a place in the target (a mapping bug): {unexpected[:5]}")
     allowed = ("core", "score.weight", "lm_head.weight", "rotary_emb")
+    mixed = any(d.shared_out != d.shared_in for d in gene.decompositions.values())
+    if core_init == "random" and mixed:  # re-drawn per-layer neuron factors of tucker_hidden
+        allowed += ("bases.out_basis", "bases.in_basis")
     lost = [k for k in missing if not k.endswith(allowed) and "rotary" not in k]
     if lost:
         raise ValueError(f"target weights the gene does not provide: {lost[:5]}")

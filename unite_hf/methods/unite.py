@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from ..calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
 from ..decomposition import (
     DECOMPOSITIONS,
+    NEEDS_HIDDEN_MODE,
     decompose,
     decompose_streaming,
     resolve_ranks,
@@ -108,7 +109,8 @@ def extract_universal_knowledge(
         rank: Tucker ranks: ``None`` (512, clipped to the dimensions with a warning), an int ``r``
             (``(L, r, r)``) or ``(r_L, r_out, r_in)``. Explicit ranks out of range raise.
         fusion: ``fisher`` (paper Eq. 3), ``uniform`` (Eq. 1), ``frequency`` or ``fisher_diag``.
-        decomposition: ``tucker`` (HOOI), or the ablations ``cp`` and ``svd``.
+        decomposition: ``tucker`` (HOOI), the ablations ``cp`` and ``svd``, or ``tucker_hidden`` (bases
+            shared across layers only along the hidden axis, a factor per layer along the neuron axis).
         fisher_labels: ``empirical`` (observed next tokens) or ``sampled`` (the true Fisher).
         num_sequences, seq_len, seed: calibration sample (N sequences of T tokens, seeded).
         batch_size: calibration sequences per forward/backward pass.
@@ -166,7 +168,7 @@ def extract_universal_knowledge(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rank was already resolved (and any clipping warned) above
             decompositions[proj] = decompose(stacked, decomposition, ranks[proj], n_iter_max=n_iter_max, name=proj,
-                                             show_progress=show_progress)
+                                             show_progress=show_progress, hidden_mode=hidden_mode(proj))
         if fused[0][proj][1] is not None:
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
 
@@ -215,6 +217,9 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
     strategy = get_fusion(fusion)
     if decomposition not in DECOMPOSITIONS:
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {sorted(DECOMPOSITIONS)}")
+    if decomposition in NEEDS_HIDDEN_MODE:
+        raise ValueError(f"decomposition {decomposition!r} does not stream from a checkpoint yet; load the model and "
+                         "pass it instead of the path")
     with MoECheckpoint(path, trust_remote_code=trust_remote_code) as checkpoint:
         source = checkpoint.source
         ranks = _planned_ranks(source, decomposition, rank)
@@ -273,6 +278,11 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                           importance, source_weights, calibration="precomputed importance",
                           num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,
                           fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
+
+
+def hidden_mode(proj: str) -> str:
+    """Which axis of a projection's (out, in) matrix is the hidden (residual-stream) one."""
+    return "out" if proj == "down" else "in"
 
 
 def _check_importance(importance: ExpertImportance) -> None:
