@@ -298,6 +298,51 @@ def _run_analyze(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _retention_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gene", required=True, help="a UNITE or XPERT gene (folder or Hub id)")
+    parser.add_argument("--source", required=True, help="the MoE the gene was extracted from (folder or Hub id)")
+    parser.add_argument("--rank", type=_target_rank, default=None,
+                        help="target ranks: r or r_out,r_in, at most the gene's (default: the gene's)")
+    parser.add_argument("--text", default=None,
+                        help="held-out text file (default: the last 20%% of SimpleBooks-92 valid in the data dir)")
+    parser.add_argument("--num-windows", type=int, default=8, help="held-out windows (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per window (default: %(default)s)")
+    parser.add_argument("--layers", type=int, nargs="+", default=None,
+                        help="MoE layers for the swap gap (default: 3 spread over depth)")
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="for sources with remote code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _target_rank(value: str) -> int | tuple[int, int]:
+    parts = [int(p) for p in value.split(",")]
+    if len(parts) in (1, 2):
+        return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+    raise argparse.ArgumentTypeError("rank is an int or r_out,r_in")
+
+
+@command("retention", "how much of the source's function a gene keeps on held-out text: swap gap, per-layer error, "
+         "perplexity; prints one JSON line", _retention_arguments)
+def _run_retention(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .evaluation import measure_retention
+    from .gene import UniteGene
+
+    gene = UniteGene.from_pretrained(args.gene)
+    tokenizer = gene.tokenizer or AutoTokenizer.from_pretrained(args.source, trust_remote_code=args.trust_remote_code)
+    source = AutoModelForCausalLM.from_pretrained(args.source, dtype=torch.float32,
+                                                  trust_remote_code=args.trust_remote_code)
+    report = measure_retention(gene, source, tokenizer=tokenizer, text=args.text, num_windows=args.num_windows,
+                               seq_len=args.seq_len, rank=args.rank, layers=args.layers, batch_size=args.batch_size,
+                               data_dir=args.data_dir, show_progress=not args.quiet)
+    report.gene, report.source = args.gene, args.source
+    print(report.to_json())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 

@@ -121,7 +121,15 @@ class UniteFFN(nn.Module):
         return ((x @ bases.in_basis) @ self.shared_cores[proj].T) @ bases.out_basis.T
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        out = self._mlp(hidden_states, self.project)
+        return self.combine(self._mlp(hidden_states, self.project), hidden_states)
+
+    def routed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The fused routed expert alone (no shared experts)."""
+        return self._mlp(hidden_states, self.project)
+
+    def combine(self, out: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Add the shared experts to a routed output ``out``, as the family does (retention swaps
+        other routed outputs in here)."""
         shared = None
         if self.shared_cores is not None:
             shared = self._mlp(hidden_states, self._shared_on_bases)

@@ -1,0 +1,388 @@
+"""How much of the source's function a gene keeps, measured on held-out text.
+
+For a UNITE-shaped gene (UNITE or XPERT) and the MoE it came from, on fixed held-out windows that
+calibration never saw (by default the last 20% of SimpleBooks-92's valid file; calibration uses
+WikiText-2):
+
+- **Swap gap** of MoE layer ``l``: the source with only that layer's routed experts replaced by
+  the gene's rebuilt FFN, against the source with them replaced by nothing. With ``KL(m)`` the mean
+  per-token ``KL(source || m)`` over the held-out tokens,
+
+      gap_l = 1 - KL(swap_l) / KL(zero_l)
+
+  1 means the layer is intact, 0 no better than deleting its experts, below 0 worse than deleting
+  them. Shared experts (Qwen2-MoE, DeepSeek) stay in both, so the gap judges the routed part only.
+  The standard error treats each window as one sample: the KLs of one window are paired, and the
+  ratio's error is propagated with the delta method from their covariance.
+- **Relative output error** of each MoE layer's rebuilt routed FFN against the routed experts' real
+  output, ``||y_hat - y||_F / ||y||_F``, on that layer's own held-out input hidden states.
+- **Perplexity** of the source, of the source with every MoE block's routed experts replaced by the
+  gene's fused FFN *before* decomposition (re-fused from the source with the gene's statistics: what
+  fusion alone loses), and of the full-depth ``core_init="tucker"`` target at the requested ranks
+  (what fusion and compression lose together).
+- **FFN parameter fraction**: the target's factorized FFN parameters (bases, cores, biases; untied
+  bases, as targets are grown by default) over the source's routed expert parameters.
+
+The rebuilt FFN is the real target's :class:`~unite_hf.modeling_unite.UniteFFN`, so what is scored is
+what ``from_gene`` grows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import find_local_data_dir
+from ..gene import UniteGene
+from ..sources import MoESource, get_source
+
+#: held-out text: a file under the data dir and the fraction at its end that is used
+DEFAULT_HELD_OUT = ("simplebooks/simplebooks92_valid.txt", 0.2)
+
+
+@dataclass
+class LayerRetention:
+    """Swap gap and its parts for one MoE layer (KLs are mean nats per token)."""
+
+    layer: int
+    swap_gap: float
+    swap_gap_se: float
+    kl_swap: float
+    kl_swap_se: float
+    kl_zero: float
+    kl_zero_se: float
+    kl_difference_se: float  # paired: standard error of mean(KL_zero - KL_swap) over windows
+
+
+@dataclass
+class RetentionReport:
+    """What :func:`measure_retention` measured; ``to_json()`` gives the CLI's one line."""
+
+    gene: str | None
+    source: str | None
+    fusion: str
+    decomposition: str
+    ranks: dict[str, list[int]]
+    num_windows: int
+    seq_len: int
+    held_out: str
+    layers: list[LayerRetention]
+    mean_swap_gap: float
+    relative_error: dict[int, float]
+    perplexity: dict[str, float | None]
+    ffn_parameter_fraction: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["relative_error"] = {str(k): v for k, v in self.relative_error.items()}
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def held_out_windows(tokenizer, text: str | os.PathLike | torch.Tensor | None = None, *, num_windows: int = 8,
+                     seq_len: int = 256, tail_fraction: float | None = None,
+                     data_dir: str | os.PathLike | None = None) -> tuple[torch.Tensor, str]:
+    """``num_windows`` consecutive, non-overlapping windows of ``seq_len`` tokens from held-out text.
+
+    ``text``: a text file, an input_ids tensor ``[N, T]``, or ``None`` for the default (the last 20% of
+    SimpleBooks-92 valid in ``data_dir`` / ``$UNITE_HF_DATA_DIR``). Only the windows' share of the text
+    is tokenized. Raises ``ValueError`` when the text is shorter than the windows asked for.
+    """
+    if num_windows < 2 or seq_len < 2:
+        raise ValueError(f"need at least 2 windows of at least 2 tokens (standard errors), got {num_windows} x {seq_len}")
+    if isinstance(text, torch.Tensor):
+        if text.ndim != 2 or text.shape[0] < num_windows or text.shape[1] < seq_len:
+            raise ValueError(f"input_ids of shape {tuple(text.shape)} hold fewer than {num_windows} x {seq_len} tokens")
+        return text[:num_windows, :seq_len].long(), "input_ids"
+    if text is None:
+        root = Path(data_dir) if data_dir is not None else find_local_data_dir()
+        if root is None:
+            raise FileNotFoundError("no local data dir for the default held-out text; pass text=PATH or set "
+                                    "UNITE_HF_DATA_DIR")
+        path = root / DEFAULT_HELD_OUT[0]
+        tail_fraction = DEFAULT_HELD_OUT[1] if tail_fraction is None else tail_fraction
+    else:
+        path = Path(text)
+        tail_fraction = 1.0 if tail_fraction is None else tail_fraction
+    if not path.is_file():
+        raise FileNotFoundError(f"held-out text {path} does not exist")
+    if not 0 < tail_fraction <= 1:
+        raise ValueError(f"tail_fraction must be in (0, 1], got {tail_fraction}")
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to read held-out text (the gene carries none)")
+    content = path.read_text(encoding="utf-8")
+    content = content[int(len(content) * (1 - tail_fraction)):]
+    needed = num_windows * seq_len
+    ids: list[int] = []
+    chunk = max(needed * 8, 4096)  # characters; tokens are rarely shorter than 1 character on average
+    start = 0
+    while len(ids) < needed and start < len(content):  # tokenize only what the windows need
+        ids.extend(tokenizer(content[start:start + chunk], add_special_tokens=False)["input_ids"])
+        start += chunk
+    if len(ids) < needed:
+        raise ValueError(f"{path} (last {tail_fraction:.0%}) holds {len(ids)} tokens, fewer than the "
+                         f"{num_windows} x {seq_len} = {needed} asked for")
+    label = f"{path.name} (last {tail_fraction:.0%})" if tail_fraction < 1 else path.name
+    return torch.tensor(ids[:needed]).view(num_windows, seq_len), label
+
+
+class _DenseRoutedFFN(nn.Module):
+    """``down(act(gate x) * up x)`` with plain matrices: the fused FFN before decomposition."""
+
+    def __init__(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor | None]], activation) -> None:
+        super().__init__()
+        self.weights = weights
+        self.activation = activation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def project(proj: str, inputs: torch.Tensor) -> torch.Tensor:
+            weight, bias = self.weights[proj]
+            out = inputs @ weight.to(inputs.dtype).T
+            return out if bias is None else out + bias.to(inputs.dtype)
+
+        hidden = self.activation(project("gate", x)) * project("up", x) if "gate" in self.weights \
+            else self.activation(project("up", x))
+        return project("down", hidden)
+
+
+@contextmanager
+def _replaced(model: nn.Module, replacements: dict[str, Callable[[torch.Tensor], torch.Tensor]]) -> Iterator[None]:
+    """Replace the output of the named modules by ``fn(input)`` (forward hooks, removed on exit)."""
+    handles = []
+    for name, fn in replacements.items():
+        def hook(module, args, output, fn=fn):
+            new = fn(args[0] if args else None)
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        handles.append(model.get_submodule(name).register_forward_hook(hook))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _log_probs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    device = next(model.parameters()).device
+    for start in range(0, len(windows), batch_size):
+        batch = windows[start:start + batch_size].to(device)
+        yield torch.log_softmax(model(input_ids=batch).logits.float(), -1)
+
+
+def _kl_per_window(model: nn.Module, windows: torch.Tensor, reference: list[torch.Tensor], batch_size: int) -> torch.Tensor:
+    """Mean per-token KL(reference || model) of each window, float64 ``[N]``."""
+    out = []
+    for ref, logp in zip(reference, _log_probs(model, windows, batch_size)):
+        out.append((ref.exp() * (ref - logp)).sum(-1).mean(-1).double().cpu())
+    return torch.cat(out)
+
+
+def _perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    nll, count = 0.0, 0
+    for start, logp in zip(range(0, len(windows), batch_size), _log_probs(model, windows, batch_size)):
+        targets = windows[start:start + batch_size, 1:].to(logp.device)
+        nll -= float(logp[:, :-1].gather(-1, targets.unsqueeze(-1)).double().sum())
+        count += targets.numel()
+    return math.exp(nll / count)
+
+
+def _ratio_with_se(swap: torch.Tensor, zero: torch.Tensor) -> tuple[float, float]:
+    """``1 - mean(swap) / mean(zero)`` and its delta-method standard error from paired windows."""
+    n = len(swap)
+    a, b = float(swap.mean()), float(zero.mean())
+    cov = torch.cov(torch.stack([swap, zero])) / n  # covariance of the two means
+    var = cov[0, 0] / b ** 2 + a ** 2 * cov[1, 1] / b ** 4 - 2 * a * cov[0, 1] / b ** 3
+    return 1 - a / b, float(var.clamp_min(0).sqrt())
+
+
+def _se(values: torch.Tensor) -> float:
+    return float(values.std(unbiased=True) / math.sqrt(len(values)))
+
+
+def _check_match(gene: UniteGene, source: MoESource, model: nn.Module) -> None:
+    """A gene and a source that do not belong together fail here, before any forward pass."""
+    gc = gene.config
+    problems = []
+    if source.moe_layers != gc.moe_layers:
+        problems.append(f"MoE layers {source.moe_layers} vs the gene's {gc.moe_layers}")
+    if source.num_layers != gc.num_layers:
+        problems.append(f"{source.num_layers} layers vs the gene's {gc.num_layers}")
+    hidden = source.blocks[0].expert(0).down.shape[0]
+    if hidden != gc.hidden_size:
+        problems.append(f"hidden size {hidden} vs the gene's {gc.hidden_size}")
+    vocab = model.get_input_embeddings().num_embeddings
+    gene_vocab = gc.source_config.get("vocab_size")
+    if gene_vocab is not None and vocab != gene_vocab:
+        problems.append(f"vocabulary {vocab} vs the gene's {gene_vocab}")
+    if source.num_experts != gc.num_experts:
+        problems.append(f"{source.num_experts} experts per layer vs the gene's {gc.num_experts}")
+    if problems:
+        raise ValueError("the gene was not extracted from this source: " + "; ".join(problems))
+
+
+def _default_layers(moe_layers: list[int], count: int = 3) -> list[int]:
+    if len(moe_layers) <= count:
+        return list(moe_layers)
+    return sorted({moe_layers[round(i * (len(moe_layers) - 1) / (count - 1))] for i in range(count)})
+
+
+def measure_retention(
+    gene: UniteGene | str | os.PathLike,
+    source: nn.Module | str | os.PathLike,
+    *,
+    tokenizer=None,
+    text: str | os.PathLike | torch.Tensor | None = None,
+    num_windows: int = 8,
+    seq_len: int = 256,
+    rank: int | tuple[int, int] | None = None,
+    layers: list[int] | None = None,
+    batch_size: int = 4,
+    data_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> RetentionReport:
+    """Measure how much of ``source``'s function ``gene`` keeps (see the module docstring).
+
+    Args:
+        gene: a UNITE-shaped gene (UNITE or XPERT), or its folder / Hub id.
+        source: the MoE it was extracted from (a loaded causal LM, or a folder / Hub id to load).
+        tokenizer: reads ``text``; defaults to the gene's tokenizer.
+        text, num_windows, seq_len, data_dir: the held-out windows (:func:`held_out_windows`).
+        rank: target ranks (an int or ``(r_out, r_in)``, at most the gene's); default the gene's.
+        layers: MoE layers whose swap gap is measured (default: 3 spread over depth). The relative
+            error is measured for every MoE layer.
+        batch_size: windows per forward pass.
+    """
+    from ..modeling_unite import UniteForCausalLM
+    from ..targets import _resolve_target_ranks
+
+    name = None if isinstance(gene, UniteGene) else str(gene)
+    if not isinstance(gene, UniteGene):
+        gene = UniteGene.from_pretrained(gene)
+    source_name = None
+    if not isinstance(source, nn.Module):
+        from transformers import AutoModelForCausalLM
+
+        source_name = str(source)
+        source = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    source_name = source_name or gene.config.source_id
+    model = source.eval()
+    moe = get_source(model)
+    # cheap checks first: the pair, the ranks, the layers, the text
+    _check_match(gene, moe, model)
+    if gene.config.source_layout == "module_list":
+        raise ValueError("retention scores the target that from_gene grows, and targets cannot be grown yet from "
+                         "sources with per-expert ModuleList experts (their family stack has no MoE slot to fill)")
+    ranks = _resolve_target_ranks(gene, rank)
+    layers = _default_layers(gene.moe_layers) if layers is None else list(layers)
+    bad = [layer for layer in layers if layer not in gene.moe_layers]
+    if bad or not layers:
+        raise ValueError(f"layers {bad or layers} hold no experts; choose from the MoE layers {gene.moe_layers}")
+    windows, held_out = held_out_windows(tokenizer if tokenizer is not None else gene.tokenizer, text,
+                                         num_windows=num_windows, seq_len=seq_len, data_dir=data_dir)
+    vocab = model.get_input_embeddings().num_embeddings
+    if int(windows.max()) >= vocab:
+        raise ValueError(f"held-out token id {int(windows.max())} is outside the source's vocabulary ({vocab}); wrong tokenizer?")
+
+    notes: list[str] = []
+    steps = 3 + 2 * len(layers) + len(gene.moe_layers)
+    bar = tqdm(total=steps, desc="Retention", unit="pass", disable=not show_progress)
+    target = UniteForCausalLM.from_gene(gene, rank=rank, core_init="tucker").eval()
+    device = next(model.parameters()).device
+    target.to(device)
+    ffns = {s: target.model.ffn(i) for i, s in enumerate(target.config.source_layers) if s in gene.moe_layers}
+    blocks = {block.layer_idx: block for block in moe.blocks}
+
+    def shared_only(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: ffns[layer].combine(torch.zeros_like(x), x)
+
+    def rebuilt(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: ffns[layer](x)
+
+    with torch.no_grad():
+        reference = list(_log_probs(model, windows, batch_size))
+        source_ppl = _perplexity(model, windows, batch_size)
+        bar.update()
+        results = []
+        for layer in layers:
+            with _replaced(model, {blocks[layer].name: rebuilt(layer)}):
+                kl_swap = _kl_per_window(model, windows, reference, batch_size)
+            bar.update()
+            with _replaced(model, {blocks[layer].name: shared_only(layer)}):
+                kl_zero = _kl_per_window(model, windows, reference, batch_size)
+            bar.update()
+            gap, gap_se = _ratio_with_se(kl_swap, kl_zero)
+            results.append(LayerRetention(layer, gap, gap_se, float(kl_swap.mean()), _se(kl_swap), float(kl_zero.mean()),
+                                          _se(kl_zero), _se(kl_zero - kl_swap)))
+        relative_error = {}
+        for layer in gene.moe_layers:
+            captured: list[torch.Tensor] = []
+            handle = model.get_submodule(blocks[layer].name).register_forward_pre_hook(
+                lambda module, args: captured.append(args[0].detach()))
+            try:
+                model(input_ids=windows[:1].to(device))  # one window's hidden states per layer keeps memory small
+            finally:
+                handle.remove()
+            x = captured[0]
+            true_routed = _block_output(model.get_submodule(blocks[layer].name), x) - ffns[layer].combine(torch.zeros_like(x), x)
+            error = torch.linalg.vector_norm((ffns[layer].routed(x) - true_routed).double()) \
+                / torch.linalg.vector_norm(true_routed.double()).clamp_min(1e-30)
+            relative_error[layer] = float(error)
+            bar.update()
+        fused_ppl = None
+        try:
+            fused = _fused_routed(gene, moe)
+        except ValueError as err:  # e.g. a fusion that needs statistics the gene does not store
+            notes.append(f"fused perplexity not measured: {err}")
+        else:
+            with _replaced(model, {blocks[s].name: (lambda x, s=s: ffns[s].combine(fused[s](x), x)) for s in fused}):
+                fused_ppl = _perplexity(model, windows, batch_size)
+        bar.update()
+        target_ppl = _perplexity(target, windows, batch_size)
+        bar.update()
+    bar.close()
+    if gene.config.num_layers > len(ffns):
+        notes.append("dense layers of the source are copied unchanged")
+    return RetentionReport(
+        gene=name or gene.config.source_id, source=source_name, fusion=gene.config.fusion,
+        decomposition=gene.config.decomposition, ranks=ranks, num_windows=num_windows, seq_len=seq_len,
+        held_out=held_out, layers=results, mean_swap_gap=sum(r.swap_gap for r in results) / len(results),
+        relative_error=relative_error,
+        perplexity={"source": source_ppl, "fused": fused_ppl, "target": target_ppl},
+        ffn_parameter_fraction=_ffn_parameter_fraction(target, moe), notes=notes,
+    )
+
+
+def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _fused_routed(gene: UniteGene, moe: MoESource) -> dict[int, _DenseRoutedFFN]:
+    """Each MoE layer's fused FFN before decomposition, re-fused from the source with the gene's statistics."""
+    from ..fusion import fuse_block, get_fusion
+
+    strategy = get_fusion(gene.config.fusion)
+    if strategy.requires == "fisher_diag":
+        raise ValueError(f"fusion {gene.config.fusion!r} needs the diagonal Fisher, which genes do not store")
+    importance = gene.expert_importance()
+    return {block.layer_idx: _DenseRoutedFFN(fuse_block(block, importance, gene.config.fusion), block.activation)
+            for block in moe.blocks}
+
+
+def _ffn_parameter_fraction(target: nn.Module, moe: MoESource) -> float:
+    breakdown = target.unite_parameter_breakdown()
+    target_ffn = breakdown.get("bases", 0) + breakdown.get("cores", 0) + breakdown.get("ffn_bias", 0)
+    source_ffn = sum(p.numel() for block in moe.blocks for p in block.expert_parameters())
+    return target_ffn / source_ffn
