@@ -461,7 +461,10 @@ def test_tucker_hidden_refuses_bad_input():
         decompose(x, "tucker_hidden", (3, 4, 4))
     with pytest.raises(ValueError, match="r_L = L"):
         decompose(x, "tucker_hidden", (2, 4, 4), hidden_mode="in")
-    with pytest.raises(ValueError, match="neuron-axis rank"):
-        decompose(x, "tucker_hidden", (3, 4, 2), hidden_mode="in")
+    # a neuron-axis rank above the hidden one completes the basis: still orthonormal, the fit of rank 2
+    wide = decompose(x.double(), "tucker_hidden", (3, 4, 2), hidden_mode="in")
+    narrow = decompose(x.double(), "tucker_hidden", (3, 2, 2), hidden_mode="in")
+    assert wide.relative_error == pytest.approx(narrow.relative_error, rel=1e-6)
+    torch.testing.assert_close(wide.out_factor[0].T @ wide.out_factor[0], torch.eye(4), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not stream"):
         decompose_streaming(x.__getitem__, 3, (8, 4), "tucker_hidden", (3, 4, 4))

@@ -132,11 +132,17 @@ def test_kl_gap_and_perplexity_match_a_hand_computation():
 
 @pytest.mark.parametrize("make", [lambda: tiny_moe("qwen2_moe"), lambda: tiny_moe("deepseek_v3"),
                                   lambda: tiny_moe("granitemoe")], ids=["shared_expert", "dense_first_layer", "granite"])
-def test_runs_on_other_layouts_and_tucker_hidden(make):
+def test_runs_on_other_layouts_fusions_and_decompositions(make, tmp_path):
     source = make()
-    for decomposition in ("tucker", "tucker_hidden"):
-        gene = extract_universal_knowledge(source, calibration=CALIBRATION, decomposition=decomposition,
-                                           show_progress=False)
+    experts = get_source(source).blocks[0]
+    width = experts.num_experts * experts.expert(0).down.shape[1] // 2
+    for fusion, decomposition, options in (("fisher", "tucker", {}), ("fisher_aligned", "tucker_hidden", {}),
+                                           ("concat", "tucker_hidden", {"fused_width": width})):
+        gene = extract_universal_knowledge(source, calibration=CALIBRATION, fusion=fusion, decomposition=decomposition,
+                                           show_progress=False, **options)
+        gene.save_pretrained(tmp_path / fusion)  # the reloaded gene re-fuses from what it stored
+        gene = type(gene).from_pretrained(tmp_path / fusion)
+        assert gene.config.expert_intermediate_size == options.get("fused_width", width * 2 // experts.num_experts)
         report = measure_retention(gene, source, text=HELD_OUT, num_windows=4, seq_len=16, show_progress=False)
         assert set(report.relative_error) == set(gene.moe_layers)
         assert all(math.isfinite(layer.swap_gap) for layer in report.layers)

@@ -56,7 +56,8 @@ from them and its own small core ``G_l``.  The three methods are defined exactly
     ``sum_l X_l^T A_l A_l^T X_l`` (initially ``sum_l X_l^T X_l``), then per layer the rank-r_out
     truncated SVD ``X_l U_h = A_l S_l B_l^T``, ``G_l = S_l B_l^T`` (the optimal per-layer fit for
     the given ``U_h``); ``||X - X_hat||`` never increases. ``r_L = L`` (no compression across
-    layers: ``layer_factor = I_L``), and ``r_out <= r_in``. In Tucker form the shared factor is 2D
+    layers: ``layer_factor = I_L``). ``X_l U_h`` has rank at most ``r_hidden``, so neuron-axis
+    columns past it only complete an orthonormal basis (zero rows of ``G_l``). In Tucker form the shared factor is 2D
     and the per-layer one 3D (``out_factor`` (L, d_out, r_out) here). At full ranks it is exact.
 
 Ranks are ``(r_L, r_out, r_in)``; an integer ``r`` means ``(L, r, r)`` (no compression across
@@ -1048,9 +1049,8 @@ def tucker_hidden(
     r_neuron, r_hidden = (r_out, r_in) if hidden_mode == "in" else (r_in, r_out)
     if r_layer != n_layers:
         raise ValueError(f"tucker_hidden keeps every layer (r_L = L = {n_layers}), got r_L = {r_layer}")
-    if r_neuron > r_hidden:
-        raise ValueError(f"tucker_hidden needs the neuron-axis rank ({r_neuron}) <= the hidden-axis rank ({r_hidden}): "
-                         "each layer's factor comes from the SVD of X_l U_h, which has rank <= r_hidden")
+    # X_l U_h has rank <= r_hidden: neuron-axis columns past it complete the basis and carry zero core rows
+    full = r_neuron > min(d_neuron, r_hidden)
     gram = torch.einsum("lnh,lnk->hk", x, x)  # sum_l X_l^T X_l
     neuron_factors = x.new_empty(n_layers, d_neuron, r_neuron)
     cores = x.new_empty(n_layers, r_neuron, r_hidden)
@@ -1060,10 +1060,12 @@ def tucker_hidden(
         projected = x @ u_hidden  # (L, d_neuron, r_hidden)
         fitted = 0.0
         for layer in range(n_layers):
-            u, s, vh = torch.linalg.svd(projected[layer], full_matrices=False)
+            u, s, vh = torch.linalg.svd(projected[layer], full_matrices=full)
+            kept = min(r_neuron, s.shape[0])
             neuron_factors[layer] = u[:, :r_neuron]
-            cores[layer] = s[:r_neuron, None] * vh[:r_neuron]
-            fitted += float((s[:r_neuron].double() ** 2).sum())
+            cores[layer] = 0
+            cores[layer, :kept] = s[:kept, None] * vh[:kept]
+            fitted += float((s[:kept].double() ** 2).sum())
         if previous is not None and abs(fitted - previous) <= tol * max(previous, 1e-300):
             break
         previous = fitted

@@ -313,6 +313,8 @@ class UniteGene(Gene):
         self._importance = importance
         self._frequency = frequency
         self.fused_biases = fused_biases or {}
+        # optional (len(moe_layers), E) routed counts and routing mass: what `concat` fusion scales by
+        self.routing: dict[str, torch.Tensor] = {}
 
     # -- inspection ------------------------------------------------------------------------------
     @property
@@ -344,9 +346,10 @@ class UniteGene(Gene):
         to re-extract with another fusion, decomposition or rank without a new calibration pass."""
         from .importance import ExpertImportance
 
+        routing = {name: tensor.double() for name, tensor in self.routing.items()}
         return ExpertImportance(moe_layers=self.moe_layers, fisher=self._importance.double(),
                                 frequency=self._frequency.double(), num_sequences=self.config.num_sequences,
-                                labels=self.config.fisher_labels)
+                                labels=self.config.fisher_labels, **routing)
 
     def _row(self, layer: int) -> int:
         if layer not in self.config.moe_layers:
@@ -385,6 +388,7 @@ class UniteGene(Gene):
             tensors[f"ffn.{proj}.fused_bias"] = bias
         tensors["importance.fisher"] = self._importance
         tensors["importance.frequency"] = self._frequency
+        tensors.update({f"importance.{name}": tensor for name, tensor in self.routing.items()})
         return tensors
 
     @classmethod
@@ -397,8 +401,11 @@ class UniteGene(Gene):
         }
         fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
                         if f"ffn.{proj}.fused_bias" in gene_tensors}
-        return cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
+        gene = cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
                    source_tensors, fused_biases)
+        gene.routing = {name: gene_tensors[f"importance.{name}"] for name in ("routed", "routing_mass")
+                        if f"importance.{name}" in gene_tensors}
+        return gene
 
     def card_variables(self, config: GeneConfig) -> dict[str, Any]:
         return {"energy_rows": _energy_rows(config), "fisher_labels": config.fisher_labels, "fusion": config.fusion,

@@ -377,8 +377,9 @@ def _fused_routed(gene: UniteGene, moe: MoESource) -> dict[int, _DenseRoutedFFN]
     if strategy.requires == "fisher_diag":
         raise ValueError(f"fusion {gene.config.fusion!r} needs the diagonal Fisher, which genes do not store")
     importance = gene.expert_importance()
-    return {block.layer_idx: _DenseRoutedFFN(fuse_block(block, importance, gene.config.fusion), block.activation)
-            for block in moe.blocks}
+    width = gene.config.expert_intermediate_size if strategy.variable_width else None
+    return {block.layer_idx: _DenseRoutedFFN(fuse_block(block, importance, gene.config.fusion, width=width),
+                                             block.activation) for block in moe.blocks}
 
 
 def _ffn_parameter_fraction(target: nn.Module, moe: MoESource) -> float:

@@ -52,14 +52,17 @@ def _source_provenance(model: nn.Module, source_id: str | None, source_revision:
     }
 
 
-def _planned_ranks(source: MoESource, decomposition: str, rank) -> dict[str, tuple[int, int, int]]:
+def _planned_ranks(source: MoESource, decomposition: str, rank, fused_width: int | None = None) -> dict[str, tuple[int, int, int]]:
     block = source.blocks[0]
     expert = block.expert(0)
     ranks = {}
     for proj in block.projection_names():
+        shape = list(expert.projection(proj).shape)
+        if fused_width is not None:  # the fused FFN's neuron axis: rows of gate/up, columns of down
+            shape[1 if proj == "down" else 0] = fused_width
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ranks[proj] = resolve_ranks((len(source.blocks), *expert.projection(proj).shape), decomposition, rank)
+            ranks[proj] = resolve_ranks((len(source.blocks), *shape), decomposition, rank)
         for warning in caught:  # say which projection was clipped
             warnings.warn(f"{proj} projection: {warning.message}", UserWarning, stacklevel=3)
     return ranks
@@ -89,6 +92,7 @@ def extract_universal_knowledge(
     show_progress: bool = True,
     trust_remote_code: bool = False,
     spill_dir: str | os.PathLike | None = None,
+    fused_width: int | None = None,
 ) -> UniteGene:
     """Extract a UNITE gene from a MoE causal LM.
 
@@ -121,8 +125,12 @@ def extract_universal_knowledge(
         importance: precomputed :class:`ExpertImportance` (skips calibration).
         source_id, source_revision: provenance; defaults to the model's ``name_or_path``.
         trust_remote_code, spill_dir: for a checkpoint path only.
+        fused_width: width of the fused FFN for fusions that keep neurons side by side (``concat``:
+            ``1..E*I``, default ``E*I``); other fusions keep the experts' width.
     """
     if is_checkpoint_path(model):
+        if fused_width is not None:
+            raise ValueError("fused_width is not supported when streaming from a checkpoint path; load the model")
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
             source_id=source_id, source_revision=source_revision, show_progress=show_progress,
@@ -137,7 +145,8 @@ def extract_universal_knowledge(
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {sorted(DECOMPOSITIONS)}")
     if fisher_labels not in LABEL_MODES:
         raise ValueError(f"fisher_labels must be one of {LABEL_MODES}, got {fisher_labels!r}")
-    ranks = _planned_ranks(source, decomposition, rank)
+    check_fused_width(source.blocks[0], strategy, fused_width)
+    ranks = _planned_ranks(source, decomposition, rank, fused_width)
     check_finite_weights(model)
 
     if importance is None:
@@ -159,7 +168,7 @@ def extract_universal_knowledge(
     fisher_labels = importance.labels
     _check_importance(importance)
 
-    fused = [fuse_block(block, importance, fusion) for block in
+    fused = [fuse_block(block, importance, fusion, width=fused_width) for block in
              tqdm(source.blocks, desc="Fusing experts", unit="layer", disable=not show_progress)]
     projections = source.blocks[0].projection_names()
     decompositions, fused_biases = {}, {}
@@ -196,7 +205,7 @@ def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases,
         dense_layers=source.dense_layers,
         num_experts=source.num_experts,
         hidden_size=expert.down.shape[0],
-        expert_intermediate_size=expert.down.shape[1],
+        expert_intermediate_size=decompositions["down"].shape[2],  # the fused width (concat may widen it)
         projections=list(projections),
         has_bias=first.has_bias,
         custom_gating=isinstance(meta_first, FusedExpertsBlock) and meta_first.custom_gating,
@@ -206,8 +215,11 @@ def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases,
         retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
         **method,
     )
-    return gene_class(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
+    gene = gene_class(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
                       source_weights, fused_biases, **(gene_kwargs or {}))
+    if importance.routed is not None and importance.routing_mass is not None:  # concat fusion re-fuses from these
+        gene.routing = {"routed": importance.routed.clone(), "routing_mass": importance.routing_mass.clone()}
+    return gene
 
 
 def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_iter_max: int,
@@ -278,6 +290,13 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                           importance, source_weights, calibration="precomputed importance",
                           num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,
                           fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
+
+
+def check_fused_width(block, strategy, fused_width: int | None) -> None:
+    """The fusion's width rules, checked before calibration (the same check fuse_block runs)."""
+    from ..fusion import _check_width
+
+    _check_width(block, strategy, fused_width)
 
 
 def hidden_mode(proj: str) -> str:
