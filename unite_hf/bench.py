@@ -313,6 +313,12 @@ class Bench:
             "Reproduce (each command re-runs its experiments and keeps the stored runs of the others):", "",
             *reproduce, "",
         ]
+        retention = self.out_dir / "RETENTION.md"  # retention and LM-probe tables (benchmarks/bench_retention.py)
+        if retention.is_file():
+            body = retention.read_text(encoding="utf-8").split("\n", 1)[1].replace("\n## ", "\n### ")
+            lines += ["## Retention: what a gene keeps of the source (issue 11)", body.strip(), "",
+                      "## Downstream experiments (earlier runs; see the retention section for why they cannot tell "
+                      "variants apart)", ""]
         if any(r["experiment"] == "generalization" for r in self.runs):
             lines += ["## Generalization across tasks (paper Table 5)", "",
                       "| task | UNITE | random init | copy-only | UNITE - random |", "|---|---|---|---|---|"]

@@ -102,6 +102,27 @@ def _tiny_source(data_dir: Path | None):
     return model, tokenizer, "TINY RANDOM MoE (fallback: the real model could not be fetched; accuracies mean nothing)"
 
 
+def _demo_retention(model, tokenizer, gene, rank, data) -> dict:
+    """Swap gap of the paper's gene against the function-keeping variant (concat fusion + tucker_hidden),
+    both at the demo's target rank; copy-only (no FFN) scores 0 by definition."""
+    from .evaluation import measure_retention
+    from .methods.unite import extract_universal_knowledge
+
+    block = gene.config
+    windows = dict(num_windows=4, seq_len=128, show_progress=False, data_dir=data)
+    target_rank = min(DEMO["target_rank"], *(min(r[1:]) for r in gene.ranks.values()))
+    paper = measure_retention(gene, model, tokenizer=tokenizer, rank=target_rank, **windows)
+    variant = extract_universal_knowledge(model, tokenizer, importance=gene.expert_importance(), fusion="concat",
+                                          decomposition="tucker_hidden", rank=rank,
+                                          fused_width=block.num_experts * block.expert_intermediate_size // 2,
+                                          show_progress=False)
+    kept = measure_retention(variant, model, tokenizer=tokenizer, rank=target_rank, **windows)
+    return {"paper (fisher + tucker)": round(paper.mean_swap_gap, 3),
+            "concat + tucker_hidden": round(kept.mean_swap_gap, 3), "copy-only": 0.0,
+            "ffn_fraction": {"paper": round(paper.ffn_parameter_fraction, 3),
+                             "concat + tucker_hidden": round(kept.ffn_parameter_fraction, 3)}}
+
+
 def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike | None = None,
              tiny: bool = False) -> dict:
     from .methods.unite import extract_universal_knowledge
@@ -126,6 +147,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike |
                                        seq_len=DEMO["seq_len"], batch_size=4, source_id=source_name)
     gene.tokenizer = tokenizer
     gene.save_pretrained(out / "gene")
+    retention = _demo_retention(model, tokenizer, gene, rank, data)
     del model
 
     results = {}
@@ -144,6 +166,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike |
         "gene_energy_out": {k: round(v["out"], 4) for k, v in gene.config.retained_energy.items()},
         "task": f"{DEMO['task']} ({DEMO['train_examples']} train / {DEMO['eval_examples']} eval examples, "
                 f"{DEMO['epochs']} epochs, {DEMO['target_layers']}-layer targets)",
+        "retention (held-out swap gap, mean of 3 layers)": retention,
         "accuracy": {init: r["accuracy"] for init, r in results.items()},
         "accuracy_per_epoch": {init: r["accuracy_per_epoch"] for init, r in results.items()},
         "minutes": round((time.perf_counter() - started) / 60, 1),

@@ -250,6 +250,7 @@ def measure_retention(
     layers: list[int] | None = None,
     batch_size: int = 4,
     data_dir: str | os.PathLike | None = None,
+    measure_fused: bool = True,
     show_progress: bool = True,
 ) -> RetentionReport:
     """Measure how much of ``source``'s function ``gene`` keeps (see the module docstring).
@@ -263,6 +264,8 @@ def measure_retention(
         layers: MoE layers whose swap gap is measured (default: 3 spread over depth). The relative
             error is measured for every MoE layer.
         batch_size: windows per forward pass.
+        measure_fused: re-fuse the source to measure the uncompressed row (it does not depend on the
+            rank: a caller sweeping ranks measures it once).
     """
     from ..modeling_unite import UniteForCausalLM
     from ..targets import _resolve_target_ranks
@@ -296,7 +299,7 @@ def measure_retention(
         raise ValueError(f"held-out token id {int(windows.max())} is outside the source's vocabulary ({vocab}); wrong tokenizer?")
 
     notes: list[str] = []
-    steps = 3 + 2 * len(layers) + len(gene.moe_layers)
+    steps = 4 + 2 * len(layers) + int(measure_fused)
     bar = tqdm(total=steps, desc="Retention", unit="pass", disable=not show_progress)
     target = UniteForCausalLM.from_gene(gene, rank=rank, core_init="tucker").eval()
     device = next(model.parameters()).device
@@ -326,29 +329,31 @@ def measure_retention(
             results.append(LayerRetention(layer, gap, gap_se, float(kl_swap.mean()), _se(kl_swap), float(kl_zero.mean()),
                                           _se(kl_zero), _se(kl_zero - kl_swap)))
         relative_error = {}
-        for layer in gene.moe_layers:
-            captured: list[torch.Tensor] = []
-            handle = model.get_submodule(blocks[layer].name).register_forward_pre_hook(
-                lambda module, args: captured.append(args[0].detach()))
-            try:
-                model(input_ids=windows[:1].to(device))  # one window's hidden states per layer keeps memory small
-            finally:
+        captured: dict[int, torch.Tensor] = {}
+        handles = [model.get_submodule(blocks[layer].name).register_forward_pre_hook(
+            lambda module, args, layer=layer: captured.setdefault(layer, args[0].detach())) for layer in gene.moe_layers]
+        try:
+            model(input_ids=windows[:1].to(device))  # every layer's inputs from one window, in one pass
+        finally:
+            for handle in handles:
                 handle.remove()
-            x = captured[0]
+        for layer in gene.moe_layers:
+            x = captured[layer]
             true_routed = _block_output(model.get_submodule(blocks[layer].name), x) - ffns[layer].combine(torch.zeros_like(x), x)
             error = torch.linalg.vector_norm((ffns[layer].routed(x) - true_routed).double()) \
                 / torch.linalg.vector_norm(true_routed.double()).clamp_min(1e-30)
             relative_error[layer] = float(error)
-            bar.update()
+        bar.update()
         fused_ppl = None
         try:
-            fused = _fused_routed(gene, moe)
+            fused = _fused_routed(gene, moe) if measure_fused else None
         except ValueError as err:  # e.g. a fusion that needs statistics the gene does not store
             notes.append(f"fused perplexity not measured: {err}")
         else:
-            with _replaced(model, {blocks[s].name: (lambda x, s=s: ffns[s].combine(fused[s](x), x)) for s in fused}):
-                fused_ppl = _perplexity(model, windows, batch_size)
-        bar.update()
+            if fused is not None:
+                with _replaced(model, {blocks[s].name: (lambda x, s=s: ffns[s].combine(fused[s](x), x)) for s in fused}):
+                    fused_ppl = _perplexity(model, windows, batch_size)
+                bar.update()
         target_ppl = _perplexity(target, windows, batch_size)
         bar.update()
     bar.close()

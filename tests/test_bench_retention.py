@@ -1,0 +1,45 @@
+"""Smoke runs of the retention and LM-probe benchmarks on a tiny random source (plumbing only)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unite_hf.calibration import find_local_data_dir
+
+ROOT = Path(__file__).resolve().parent.parent
+needs_data = pytest.mark.skipif(find_local_data_dir() is None, reason="../shared/data not found")
+
+
+def _run(script, *args, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@needs_data
+def test_retention_benchmark_runs_every_variant_on_a_tiny_source(tmp_path):
+    out = tmp_path / "retention.json"
+    stdout = _run("bench_retention.py", "--tiny", "--sources", "moefied", "--ranks", "8", "16", "--fisher-sequences", "2",
+                  "--seq-len", "16", "--num-windows", "2", "--retention-seq-len", "16", "--json", str(out),
+                  tmp_path=tmp_path)
+    runs = json.loads(out.read_text())["runs"]
+    assert {(r["variant"], r["rank"]) for r in runs} == {(v, k) for v in ("paper", "hidden", "aligned+hidden",
+                                                                          "concat+hidden") for k in (8, 16)}
+    assert all(0 < r["ffn_parameter_fraction"] for r in runs)
+    assert "| moefied | concat+hidden" in stdout
+
+
+@needs_data
+def test_lm_probe_runs_and_reports_the_separation(tmp_path):
+    out = tmp_path / "probe.json"
+    stdout = _run("bench_lm_probe.py", "--tiny", "--seeds", "0", "1", "--steps", "2", "--eval-every", "1", "--rank", "8",
+                  "--train-windows", "8", "--held-out-windows", "2", "--seq-len", "16", "--fisher-sequences", "2",
+                  "--json", str(out), "--work-dir", str(tmp_path / "runs"), tmp_path=tmp_path)
+    data = json.loads(out.read_text())
+    assert set(data["summary"]) == {"kept+inherited", "paper (random cores)", "copy-only", "random"}
+    assert all(set(per) == {"0", "1", "2"} for per in data["summary"].values())
+    assert "standard errors" in stdout
