@@ -318,3 +318,16 @@ def test_dtype_and_deprecated_torch_dtype_are_honoured(genes):
     assert UniteForCausalLM.from_gene(gene, dtype="bfloat16").config.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="floating torch dtype"):
         UniteForCausalLM.from_gene(gene, dtype=torch.int64)
+
+
+def test_forward_and_generate_raise_no_cache_rename_warning(genes):
+    """Regression: naming past_key_values= for the backbone warned on every forward (renamed to cache)."""
+    import warnings
+
+    _, gene = genes["qwen2_moe"]
+    model = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with torch.no_grad():
+            model(input_ids=INPUT)
+        model.generate(INPUT[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)

@@ -312,9 +312,12 @@ class UniteModel(UnitePreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
-        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-                             **kwargs)
+        # The family backbones take the cache as their 4th argument, named past_key_values before
+        # transformers 5.2x and cache after: passed by position, it works on both sides of the rename.
+        cache = kwargs.pop("cache", None)
+        cache = cache if cache is not None else past_key_values
+        return self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds=inputs_embeds,
+                             use_cache=use_cache, **kwargs)
 
 
 def _last_token_pool(hidden: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
