@@ -28,6 +28,7 @@ VARIANTS = {  # name -> (fusion, decomposition, extra extraction options)
     "hidden": ("fisher", "tucker_hidden", {}),
     "aligned+hidden": ("fisher_aligned", "tucker_hidden", {}),
     "concat+hidden": ("concat", "tucker_hidden", {}),
+    "concat+hidden+aa": ("concat", "tucker_hidden", {"activation_aware": True}),
 }
 
 
@@ -79,6 +80,8 @@ def run(args: argparse.Namespace) -> dict:
             fusion, decomposition, options = VARIANTS[variant]
             if fusion == "concat":
                 options = {**options, "fused_width": int(args.concat_width * intermediate * moe.num_experts)}
+            if options.get("activation_aware"):  # the input-moment pass reads the same calibration windows
+                options = {**options, "num_sequences": args.fisher_sequences, "seq_len": args.seq_len}
             top = max(ranks)
             extract_started = time.perf_counter()
             try:
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> dict:
                 results["runs"].append(row)
                 print(f"[{source_name}] {variant} rank {rank}: swap gap {report.mean_swap_gap:.3f}, "
                       f"ffn fraction {report.ffn_parameter_fraction:.2f}, ppl {report.perplexity}", flush=True)
-                Path(args.json).write_text(json.dumps(results, indent=1, sort_keys=True))
+                Path(args.json[0]).write_text(json.dumps(results, indent=1, sort_keys=True))
         del model
     return results
 
@@ -145,11 +148,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq-len", type=int, default=128, help="calibration sequence length")
     parser.add_argument("--num-windows", type=int, default=8, help="held-out windows (SimpleBooks, last 20%%)")
     parser.add_argument("--retention-seq-len", type=int, default=128, help="tokens per held-out window")
-    parser.add_argument("--json", default="benchmarks/retention.json", help="where the results go")
+    parser.add_argument("--json", nargs="+", default=["benchmarks/retention.json"],
+                        help="where the results go (with --report-only: several files are merged)")
     parser.add_argument("--tiny", action="store_true", help="tiny random sources (plumbing only)")
     parser.add_argument("--report-only", action="store_true", help="print the table from --json, run nothing")
     args = parser.parse_args(argv)
-    results = json.loads(Path(args.json).read_text()) if args.report_only else run(args)
+    if args.report_only:
+        results = {"runs": [run for path in args.json for run in json.loads(Path(path).read_text())["runs"]]}
+    else:
+        results = run(args)
     print(render(results))
     return 0
 

@@ -28,7 +28,8 @@ def test_retention_benchmark_runs_every_variant_on_a_tiny_source(tmp_path):
                   tmp_path=tmp_path)
     runs = json.loads(out.read_text())["runs"]
     assert {(r["variant"], r["rank"]) for r in runs} == {(v, k) for v in ("paper", "hidden", "aligned+hidden",
-                                                                          "concat+hidden") for k in (8, 16)}
+                                                                          "concat+hidden", "concat+hidden+aa")
+                                                         for k in (8, 16)}
     assert all(0 < r["ffn_parameter_fraction"] for r in runs)
     assert "| moefied | concat+hidden" in stdout
 

@@ -18,6 +18,7 @@ from unite_hf.decomposition import (
     Decomposition,
     decompose,
     decompose_streaming,
+    input_weight_from_moment,
     register_decomposition,
     resolve_ranks,
 )
@@ -468,3 +469,39 @@ def test_tucker_hidden_refuses_bad_input():
     torch.testing.assert_close(wide.out_factor[0].T @ wide.out_factor[0], torch.eye(4), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="does not stream"):
         decompose_streaming(x.__getitem__, 3, (8, 4), "tucker_hidden", (3, 4, 4))
+
+
+# -- activation-aware bases -----------------------------------------------------------------------------
+
+def test_activation_aware_svd_is_the_weighted_eckart_young_fit():
+    """Per layer: the best rank-r W_hat under ||(W - W_hat) S|| is SVD_r(W S) S^{-1} (computed by hand)."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 9, 6, generator=g, dtype=torch.float64)
+    inputs = torch.randn(3, 200, 6, generator=g, dtype=torch.float64) * torch.tensor([5.0, 3, 1, 0.5, 0.2, 0.1])
+    moment = inputs.transpose(1, 2) @ inputs / 200
+    weight = input_weight_from_moment(moment)
+    torch.testing.assert_close(weight @ weight, moment)  # a square root of the moment
+    dec = decompose(x, "svd", (3, 2, 2), input_weight=weight)
+    plain = decompose(x, "svd", (3, 2, 2))
+    for layer in range(3):
+        u, s, vh = torch.linalg.svd(x[layer] @ weight[layer])
+        expected = u[:, :2] @ torch.diag(s[:2]) @ vh[:2] @ torch.linalg.inv(weight[layer])
+        torch.testing.assert_close(dec.reconstruct_layer(layer).double(), expected, rtol=1e-4, atol=1e-4)
+        # better on the inputs, worse (or equal) on the weights
+        on_inputs = lambda d: float(((x[layer] - d.reconstruct_layer(layer).double()) @ inputs[layer].T).norm())  # noqa: E731
+        assert on_inputs(dec) <= on_inputs(plain) + 1e-6
+    assert dec.relative_error >= plain.relative_error - 1e-9
+
+
+def test_activation_aware_with_identity_weight_changes_nothing_and_refuses_bad_weights():
+    x = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(8))
+    for method, options in (("tucker", {}), ("tucker_hidden", {"hidden_mode": "in"})):
+        weighted = decompose(x, method, (3, 4, 4), input_weight=torch.eye(5), **options)
+        plain = decompose(x, method, (3, 4, 4), **options)
+        torch.testing.assert_close(weighted.reconstruct(), plain.reconstruct(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="shares one input factor"):
+        decompose(x, "tucker", (3, 4, 4), input_weight=torch.eye(5).expand(3, 5, 5))
+    with pytest.raises(ValueError, match="input_weight must be"):
+        decompose(x, "tucker", (3, 4, 4), input_weight=torch.eye(4))
+    # tucker_hidden's down (hidden axis = out) has a per-layer input factor: a per-layer weight fits
+    decompose(x, "tucker_hidden", (3, 4, 4), hidden_mode="out", input_weight=torch.eye(5).expand(3, 5, 5))

@@ -74,6 +74,25 @@ def test_tucker_hidden_targets_reproduce_the_fused_source_and_redraw_neuron_fact
         UniteForCausalLM.from_gene(gene, tie_bases=True)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])
+@pytest.mark.parametrize("decomposition", ["tucker", "tucker_hidden"])
+def test_activation_aware_genes_grow_exact_targets(genes, family, decomposition):
+    source, _ = genes[family]
+    gene = extract_universal_knowledge(source, calibration=CALIBRATION, decomposition=decomposition,
+                                       activation_aware=True, show_progress=False)
+    assert gene.config.method_config == {"activation_aware": True}
+    target = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()
+    reference = fused_reference(source, gene).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(input_ids=INPUT).logits, reference(input_ids=INPUT).logits,
+                                   rtol=1e-4, atol=1e-4)
+    plain = extract_universal_knowledge(source, calibration=CALIBRATION, decomposition=decomposition,
+                                        show_progress=False)
+    for proj in gene.config.projections:  # at full rank both are the fused FFN
+        torch.testing.assert_close(gene.fused_weight(gene.moe_layers[0], proj), plain.fused_weight(plain.moe_layers[0], proj),
+                                   rtol=1e-3, atol=1e-4)
+
+
 @pytest.fixture(scope="module")
 def genes():
     return {family: (tiny_moe(family), extract_universal_knowledge(tiny_moe(family), calibration=CALIBRATION,

@@ -60,6 +60,14 @@ from them and its own small core ``G_l``.  The three methods are defined exactly
     columns past it only complete an orthonormal basis (zero rows of ``G_l``). In Tucker form the shared factor is 2D
     and the per-layer one 3D (``out_factor`` (L, d_out, r_out) here). At full ranks it is exact.
 
+**Activation-aware bases** (``input_weight=S``, any method): the kept subspace should be the one
+the layer's inputs occupy, not the one that fits the weights best (SVD-LLM, ASVD). With ``S`` a
+square root of the inputs' second moment ``E[x x^T]`` (``(d_in, d_in)`` for all layers, or
+``(L, d_in, d_in)`` per layer), ``||W x - W_hat x||`` averaged over inputs is ``||(W - W_hat) S||_F``,
+so the method runs on ``X_l S`` and the input factor is un-weighted afterwards
+(``U_in <- S^{-1} U_in``, no longer orthonormal). A shared input factor needs one shared ``S``.
+``relative_error`` is then measured on the un-weighted ``X``; ``spectral_energy`` describes ``X S``.
+
 Ranks are ``(r_L, r_out, r_in)``; an integer ``r`` means ``(L, r, r)`` (no compression across
 layers; for "cp" it means ``(r, r, r)``).  Factor columns are sign-normalised (the entry of largest
 magnitude of each column is positive) so results are reproducible across runs.
@@ -90,6 +98,8 @@ __all__ = [
     "decompose",
     "decompose_streaming",
     "NEEDS_HIDDEN_MODE",
+    "input_axis_is_per_layer",
+    "input_weight_from_moment",
     "register_decomposition",
     "resolve_ranks",
 ]
@@ -401,6 +411,7 @@ def decompose(
     show_progress: bool = False,
     name: str = "",
     hidden_mode: str | None = None,
+    input_weight: torch.Tensor | None = None,
 ) -> Decomposition:
     """Decompose X (L, d_out, d_in) with a registered method; see the module docstring.
 
@@ -416,6 +427,9 @@ def decompose(
         name: label for warnings and the progress bar (e.g. "gate").
         hidden_mode: ``"in"`` or ``"out"``: which matrix axis is the hidden (residual-stream) one;
             required by methods that share bases only along it (``tucker_hidden``), ignored otherwise.
+        input_weight: activation-aware bases: ``S`` with ``S S^T = E[x x^T]`` of the layer inputs,
+            ``(d_in, d_in)`` or per layer ``(L, d_in, d_in)``, symmetric positive definite (see
+            :func:`input_weight_from_moment`); the module docstring says what changes.
 
     Raises:
         TypeError: non-tensor or non-floating input, non-int rank.
@@ -449,6 +463,9 @@ def decompose(
         x = tensor.detach().to(dtype)
         if _sq_norm(x) == 0.0:
             raise ValueError(f"tensor{label} is all zeros; its decomposition is undefined")
+        if input_weight is not None:
+            return _activation_aware(x, method, ranks, input_weight, n_iter_max=n_iter_max, tol=float(tol),
+                                     show_progress=show_progress, hidden_mode=hidden_mode)
         options = {}
         if method in NEEDS_HIDDEN_MODE:
             if hidden_mode not in ("in", "out"):
@@ -1082,3 +1099,42 @@ def tucker_hidden(
                          _spectral_energies(tensor))
     return _finalise("tucker_hidden", tensor, cores.transpose(1, 2), layer_factor, u_hidden, neuron_factors,
                      _spectral_energies(tensor))
+
+
+# --------------------------------------------------------------------------------------------
+# Activation-aware bases
+# --------------------------------------------------------------------------------------------
+
+
+def input_weight_from_moment(moment: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
+    """The symmetric square root ``S`` of a second-moment matrix ``E[x x^T]`` (``(d, d)`` or
+    ``(L, d, d)``), with eigenvalues floored at ``eps`` times their mean so that ``S`` is invertible."""
+    evals, evecs = torch.linalg.eigh(moment.double())
+    floor = eps * evals.mean(-1, keepdim=True).clamp_min(1e-30)
+    return (evecs * evals.clamp_min(floor).sqrt().unsqueeze(-2)) @ evecs.transpose(-1, -2)
+
+
+def input_axis_is_per_layer(method: str, hidden_mode: str | None) -> bool:
+    """Whether ``method`` gives each layer its own input factor (so a per-layer ``input_weight`` fits)."""
+    per_layer = {"svd": lambda mode: True, "tucker_hidden": lambda mode: mode == "out"}
+    return per_layer.get(method, lambda mode: False)(hidden_mode)
+
+
+def _activation_aware(x: torch.Tensor, method: str, ranks, input_weight: torch.Tensor, *, n_iter_max: int,
+                      tol: float, show_progress: bool, hidden_mode: str | None) -> Decomposition:
+    n_layers, _, d_in = x.shape
+    weight = input_weight.to(device=x.device, dtype=torch.float64)
+    if weight.shape not in ((d_in, d_in), (n_layers, d_in, d_in)):
+        raise ValueError(f"input_weight must be ({d_in}, {d_in}) or ({n_layers}, {d_in}, {d_in}), got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("input_weight holds NaN or Inf")
+    if weight.ndim == 3 and not input_axis_is_per_layer(method, hidden_mode):
+        raise ValueError(f"{method!r} shares one input factor across layers; give one (d_in, d_in) input_weight")
+    inverse = torch.linalg.inv(weight)
+    weighted = (x.double() @ weight).to(x.dtype)
+    dec = decompose(weighted, method, ranks, n_iter_max=n_iter_max, tol=tol, show_progress=show_progress,
+                    hidden_mode=hidden_mode)
+    in_factor = inverse.to(dec.in_factor.dtype) @ dec.in_factor  # S^{-1} U_in, per layer by broadcasting
+    dec.in_factor = in_factor.float().contiguous()
+    dec.relative_error = _relative_error(x, dec)
+    return dec

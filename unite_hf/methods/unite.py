@@ -93,6 +93,7 @@ def extract_universal_knowledge(
     trust_remote_code: bool = False,
     spill_dir: str | os.PathLike | None = None,
     fused_width: int | None = None,
+    activation_aware: bool = False,
 ) -> UniteGene:
     """Extract a UNITE gene from a MoE causal LM.
 
@@ -127,10 +128,15 @@ def extract_universal_knowledge(
         trust_remote_code, spill_dir: for a checkpoint path only.
         fused_width: width of the fused FFN for fusions that keep neurons side by side (``concat``:
             ``1..E*I``, default ``E*I``); other fusions keep the experts' width.
+        activation_aware: weight each projection by the second moment of its calibration inputs
+            before decomposing and un-weight afterwards (SVD-LLM / ASVD; see
+            :mod:`unite_hf.decomposition`). Costs one more inference pass over the calibration
+            windows (also when ``importance`` is given).
     """
     if is_checkpoint_path(model):
-        if fused_width is not None:
-            raise ValueError("fused_width is not supported when streaming from a checkpoint path; load the model")
+        if fused_width is not None or activation_aware:
+            raise ValueError("fused_width and activation_aware are not supported when streaming from a checkpoint "
+                             "path; load the model")
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
             source_id=source_id, source_revision=source_revision, show_progress=show_progress,
@@ -149,11 +155,13 @@ def extract_universal_knowledge(
     ranks = _planned_ranks(source, decomposition, rank, fused_width)
     check_finite_weights(model)
 
-    if importance is None:
+    calib = None
+    if importance is None or activation_aware:
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                  text_column=text_column, dataset_config=dataset_config, split=split,
                                  show_progress=show_progress)
         _check_vocabulary(model, calib)
+    if importance is None:
         importance = compute_expert_importance(
             model, calib, source=source, labels=fisher_labels, diagonal=strategy.requires == "fisher_diag",
             batch_size=batch_size, seed=seed, train_mode=train_mode, show_progress=show_progress,
@@ -171,13 +179,16 @@ def extract_universal_knowledge(
     fused = [fuse_block(block, importance, fusion, width=fused_width) for block in
              tqdm(source.blocks, desc="Fusing experts", unit="layer", disable=not show_progress)]
     projections = source.blocks[0].projection_names()
+    weights = _input_weights(model, source, calib, fused, decomposition, batch_size, show_progress) \
+        if activation_aware else {}
     decompositions, fused_biases = {}, {}
     for proj in tqdm(projections, desc=f"{decomposition} decomposition", unit="proj", disable=not show_progress):
         stacked = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the rank was already resolved (and any clipping warned) above
             decompositions[proj] = decompose(stacked, decomposition, ranks[proj], n_iter_max=n_iter_max, name=proj,
-                                             show_progress=show_progress, hidden_mode=hidden_mode(proj))
+                                             show_progress=show_progress, hidden_mode=hidden_mode(proj),
+                                             input_weight=weights.get(proj))
         if fused[0][proj][1] is not None:
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
 
@@ -185,7 +196,8 @@ def extract_universal_knowledge(
     provenance = _source_provenance(model, source_id, source_revision)
     gene = _make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
                       calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
-                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
+                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max,
+                      **({"method_config": {"activation_aware": True}} if activation_aware else {}))
     gene.tokenizer = tokenizer  # travels with the gene, so targets grown from it can be fine-tuned right away
     return gene
 
@@ -297,6 +309,26 @@ def check_fused_width(block, strategy, fused_width: int | None) -> None:
     from ..fusion import _check_width
 
     _check_width(block, strategy, fused_width)
+
+
+def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list, decomposition: str, batch_size: int,
+                   show_progress: bool) -> dict[str, torch.Tensor]:
+    """``proj -> S`` for activation-aware bases: one shared weight where the method shares the input
+    factor across layers (the mean moment), per layer where each layer has its own."""
+    from ..decomposition import input_axis_is_per_layer, input_weight_from_moment
+    from ..input_moments import collect_block_inputs, fused_hidden_moment
+
+    inputs = collect_block_inputs(model, source, calib.input_ids, batch_size=batch_size, show_progress=show_progress)
+    weights = {}
+    for proj in source.blocks[0].projection_names():
+        if proj == "down":
+            moments = torch.stack([fused_hidden_moment(inputs[block.layer_idx], layer, block.activation)
+                                   for block, layer in zip(source.blocks, fused)])
+        else:
+            moments = torch.stack([inputs[block.layer_idx].moment for block in source.blocks])
+        per_layer = input_axis_is_per_layer(decomposition, hidden_mode(proj))
+        weights[proj] = input_weight_from_moment(moments if per_layer else moments.mean(0))
+    return weights
 
 
 def hidden_mode(proj: str) -> str:
