@@ -11,7 +11,7 @@ from test_cli import _cli, _save_with_tokenizer, needs_data
 from tiny_models import COMMON, VOCAB, tiny_moe, tiny_module_list_moe
 from torch import nn
 
-from unite_hf import extract_universal_knowledge, get_source
+from unite_hf import UniteGene, extract_universal_knowledge, get_source
 from unite_hf.evaluation import held_out_windows, measure_retention
 
 CALIBRATION = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
@@ -209,6 +209,11 @@ def test_cli_prints_one_json_line(tmp_path):
     result = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
                   "--seq-len", "16", "--rank", "3,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    kept = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
+                "--seq-len", "16", "--fusion", "concat", "--fused-width", "48", "--decomposition", "tucker_hidden",
+                "--activation-aware", "--rank", "8", "--out", str(tmp_path / "kept"), cwd=tmp_path)
+    assert kept.returncode == 0, kept.stderr
+    assert UniteGene.from_pretrained(tmp_path / "kept").config.expert_intermediate_size == 48
     result = _cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--num-windows", "3",
                   "--seq-len", "16", "--rank", "4", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr

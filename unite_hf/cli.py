@@ -69,6 +69,10 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
                         help="reuse the Fisher and routing frequency of this gene (no calibration pass); with a local "
                              "--source folder the experts are then streamed from its safetensors shards")
     parser.add_argument("--spill-dir", default=None, help="scratch folder for streamed per-layer fused experts")
+    parser.add_argument("--fused-width", type=int, default=None,
+                        help="--fusion concat: neurons kept (1..E*I, default E*I); other fusions keep the expert width")
+    parser.add_argument("--activation-aware", action="store_true",
+                        help="weight each projection by its calibration inputs' second moment before decomposing")
     parser.add_argument("--method", choices=sorted(EXTRACTORS), default="unite",
                         help="unite (Fisher fusion + Tucker), masa (gene matrices) or xpert (common experts + Tucker)")
     add_extraction_arguments(parser)
@@ -123,13 +127,15 @@ def _extract_unite(args: argparse.Namespace, tokenizer):
         if donor.method != "unite":  # an XPERT gene's "importance" is a commonality score, not a Fisher
             raise ValueError(f"--importance needs a UNITE gene (it reuses the Fisher); {args.importance} is {donor.method}")
         importance = donor.expert_importance()
-    if Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
+    streamable = args.fused_width is None and not args.activation_aware
+    if streamable and Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
         # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
         return extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
                                            trust_remote_code=args.trust_remote_code, source_id=args.source,
                                            source_revision=args.revision, **extraction_kwargs(args))
     return extract_universal_knowledge(_load_source(args), tokenizer, importance=importance, source_id=args.source,
-                                       source_revision=args.revision, **extraction_kwargs(args))
+                                       source_revision=args.revision, fused_width=args.fused_width,
+                                       activation_aware=args.activation_aware, **extraction_kwargs(args))
 
 
 def _extract_masa(args: argparse.Namespace, tokenizer):
