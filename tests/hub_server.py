@@ -100,12 +100,14 @@ def _now_iso() -> str:
 class HubError(Exception):
     """An HTTP error answer: status, optional `X-Error-Code`, message (also sent as JSON `{"error": ...}`)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: Mapping[str, str] | None = None,
+                 extra: Mapping[str, Any] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
         self.headers = dict(headers or {})
+        self.extra = dict(extra or {})  # more JSON fields of the error body (the Hub's 409 carries "url")
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,7 @@ class LocalHub:
             if err.code:
                 headers["X-Error-Code"] = err.code
             headers["X-Error-Message"] = err.message.replace("\n", " ")
-            payload = {"error": err.message}
+            payload = {"error": err.message, **err.extra}
         except Exception as err:  # a bug in the server: answer 500 rather than hanging the client
             status, headers, payload = 500, {"X-Error-Message": repr(err)}, {"error": f"LocalHub error: {err!r}"}
         req.send(method, status, headers, payload)
@@ -503,8 +505,10 @@ class LocalHub:
             private = bool(data.get("private")) or data.get("visibility") == "private"
             try:
                 repo = self.create_repo(f"{org}/{name}", repo_type=repo_type, private=private)
-            except HubError as err:
-                raise HubError(409, err.message, headers={"X-Error-Code": "RepoExists"}) from None
+            except HubError as err:  # like the Hub: 409 with the existing repo's url (huggingface_hub reads it)
+                existing = self._get_repo(repo_type, f"{org}/{name}")
+                raise HubError(409, err.message, headers={"X-Error-Code": "RepoExists"},
+                               extra={"url": self._repo_url(existing)}) from None
             return 200, {}, {"url": self._repo_url(repo), "name": repo.repo_id, "id": repo.uid}
         if action == "delete":
             name, org = data.get("name"), data.get("organization") or self.user

@@ -34,3 +34,16 @@ def test_missing_repo_is_a_clear_error(local_hub):  # noqa: F811
         UniteGene.from_pretrained("me/nothing-here")
     with pytest.raises(GeneFormatError, match="neither a local gene folder nor a valid Hub repo id"):
         UniteGene.from_pretrained("not a/valid//id")
+
+
+def test_pushing_a_second_version_of_a_gene_replaces_the_first(local_hub):  # noqa: F811
+    """Regression: the test Hub answered create_repo on an existing repo (409) without `url`, so a re-push failed."""
+    model = tiny_moe("mixtral")
+    calibration = torch.randint(0, VOCAB, (4, 10), generator=torch.Generator().manual_seed(0))
+    first = extract_universal_knowledge(model, calibration=calibration, rank=(2, 8, 8), show_progress=False)
+    second = extract_universal_knowledge(model, calibration=calibration, rank=(3, 6, 6), show_progress=False)
+    first.push_to_hub("me/regene")
+    second.push_to_hub("me/regene")
+    loaded = UniteGene.from_pretrained("me/regene")
+    assert loaded.config.ranks["up"] == [3, 6, 6]
+    torch.testing.assert_close(loaded.fused_weight(0, "up"), second.fused_weight(0, "up"), rtol=0, atol=0)

@@ -55,3 +55,14 @@ def test_push_load_and_card(local_hub, tmp_path):  # noqa: F811
     assert result.returncode == 0, result.stderr[-2000:]
     torch.testing.assert_close(torch.tensor(json.loads(result.stdout.strip().splitlines()[-1])), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_pushing_a_second_version_of_a_target_replaces_the_first(local_hub):  # noqa: F811
+    gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=torch.randint(0, VOCAB, (4, 12)),
+                                       rank=(3, 8, 8), show_progress=False)
+    first = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=1, rank=4, num_labels=2)
+    second = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=2, rank=6, num_labels=2)
+    first.push_to_hub("me/re-target")
+    second.push_to_hub("me/re-target")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained("me/re-target")
+    assert loaded.config.num_hidden_layers == 2 and loaded.config.ranks["up"] == [6, 6]
