@@ -173,3 +173,135 @@ def test_experts_without_autograd_are_refused_and_train_mode_recovers():
     importance = compute_expert_importance(model, CALIBRATION, train_mode=True, show_progress=False)
     reference, _ = brute_force_fisher(model.train(), CALIBRATION)
     torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+# -- the per-sequence squared-norm kernels: both forms, and float32 against float64 references -------------
+
+def _sq_norm_reference(x, grad, seq_ids, bias=False):
+    """float64 brute force: each sequence's weight gradient ``G_n.T X_n`` formed, squared and summed."""
+    total = 0.0
+    for n in seq_ids.unique():
+        rows = seq_ids == n
+        g, xs = grad[rows].double(), x[rows].double()
+        total += float((g.T @ xs).square().sum()) + (float(g.sum(0).square().sum()) if bias else 0.0)
+    return total
+
+
+def _uncentred_float32_gram(x, grad, seq_ids):
+    """The Gram form without centring, float32 products, float64 sum: what float64 used to guard against."""
+    total = 0.0
+    for n in seq_ids.unique():
+        xs, g = x[seq_ids == n], grad[seq_ids == n]
+        total += float(((xs @ xs.T) * (g @ g.T)).sum(dtype=torch.float64))
+    return total
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Which kernels a Fisher pass runs: Gram stacks per dtype, and whether groups were split by form."""
+    import unite_hf.importance as importance_module
+
+    calls = {"gram": [], "mixed": 0}
+    gram, rows_of_groups = importance_module._gram_sq_norms, importance_module._rows_of_groups
+
+    def counted_gram(x, grad):
+        calls["gram"].append(x.dtype)
+        return gram(x, grad)
+
+    def counted_rows(*args):
+        calls["mixed"] += 1
+        return rows_of_groups(*args)
+
+    monkeypatch.setattr(importance_module, "_gram_sq_norms", counted_gram)
+    monkeypatch.setattr(importance_module, "_rows_of_groups", counted_rows)
+    return calls
+
+
+@pytest.mark.parametrize("form", ["gram", "direct", "mixed"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "module_list"])
+def test_gram_and_direct_forms_equal_brute_force(family, form, monkeypatch, kernel_calls):
+    """Tiny models take the Gram form by flops; _GRAM_LIMIT sends every group (0) or the longer ones (3)
+    through the direct product instead."""
+    import unite_hf.importance as importance_module
+
+    model = {"mixtral": lambda: tiny_moe("mixtral"), "gpt_oss": tiny_gpt_oss, "module_list": tiny_module_list_moe}[family]()
+    monkeypatch.setattr(importance_module, "_GRAM_LIMIT", {"gram": 4096, "direct": 0, "mixed": 3}[form])
+    importance = compute_expert_importance(model, CALIBRATION, batch_size=3, show_progress=False)
+    assert bool(kernel_calls["gram"]) == (form != "direct")
+    # ModuleList experts run one sequence per pass: their "mixed" is a choice per call, not within one
+    assert bool(kernel_calls["mixed"]) == (form == "mixed" and family != "module_list")
+    reference, _ = brute_force_fisher(model, CALIBRATION)
+    torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def _adversarial(kind, counts, d_in, d_out, generator):
+    """Token groups whose uncentred float32 Gram sum cancels (offsets) or whose gradient nearly vanishes."""
+    n = sum(counts)
+    x = torch.randn(n, d_in, generator=generator)
+    g = torch.randn(n, d_out, generator=generator) * 1e-3
+    seq_ids = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    if kind in ("offset", "offset_both"):  # a large common offset; each sequence's gradients sum to zero
+        x += 1e3 * torch.randn(d_in, generator=generator)
+        for n_ in range(len(counts)):
+            g[seq_ids == n_] -= g[seq_ids == n_].mean(0)
+        if kind == "offset_both":
+            g += 1e-1 * torch.randn(d_out, generator=generator)
+    elif kind == "outlier_channels":  # a few channels 1000x larger, random signs per token
+        x[:, :3] *= 1e3
+    elif kind == "orthogonal":  # x_t = a_t v, g_t = b_t w with a.b = 0 in every sequence: G_n.T X_n ~ 0
+        a, b = torch.randn(n, generator=generator), torch.randn(n, generator=generator)
+        for n_ in range(len(counts)):
+            rows = seq_ids == n_
+            b[rows] -= (a[rows] @ b[rows]) / (a[rows] @ a[rows]) * a[rows]
+        x = a[:, None] * torch.randn(d_in, generator=generator) + 1e-3 * x
+        g = b[:, None] * torch.randn(d_out, generator=generator) + g
+    return x, g, seq_ids
+
+
+@pytest.mark.parametrize("kind", ["offset", "offset_both", "outlier_channels", "orthogonal"])
+def test_float32_gram_form_is_exact_on_adversarial_inputs(kind, kernel_calls):
+    """float32 token Grams, centred, with the error estimate's float64 fallback, against a float64 brute
+    force; sequences of unequal length (padding), one of a single token, rows out of order (sorting)."""
+    from unite_hf.importance import _ieee_float32_matmul, _sum_per_sequence_sq_norms
+
+    generator = torch.Generator().manual_seed(0)
+    x, g, seq_ids = _adversarial(kind, [40, 7, 25, 1, 33], 256, 384, generator)
+    order = torch.randperm(seq_ids.numel(), generator=generator)
+    x, g, seq_ids = x[order], g[order], seq_ids[order]
+    reference = _sq_norm_reference(x, g, seq_ids, bias=True)
+    with _ieee_float32_matmul():
+        got = float(_sum_per_sequence_sq_norms(x, g, seq_ids, bias=True))
+        uncentred = _uncentred_float32_gram(x, g, seq_ids)
+    assert abs(got - reference) <= 1e-5 * reference
+    assert kernel_calls["gram"][0] == torch.float32 and kernel_calls["mixed"] == 0
+    weights_only = _sq_norm_reference(x, g, seq_ids)
+    if kind == "offset":  # the cancellation is real: the plain float32 Gram form is off by far more
+        assert abs(uncentred - weights_only) > 1e-3 * weights_only
+    if kind in ("offset_both", "outlier_channels"):  # centring removed the cancellation: float32 sufficed
+        assert torch.float64 not in kernel_calls["gram"]
+    if kind in ("offset", "orthogonal"):  # cancellation that centring leaves (in the gradient sums for
+        # "offset", whose gradients sum to zero): the estimate sees it and float64 redoes those sequences
+        assert torch.float64 in kernel_calls["gram"]
+        assert abs(got - reference) <= 1e-9 * reference
+
+
+def test_float32_kernels_keep_full_precision_under_reduced_matmul_precision():
+    """``set_float32_matmul_precision("medium")`` makes oneDNN CPUs multiply float32 in bf16 and CUDA in
+    TF32; the sink runs its products in full float32 anyway and leaves the setting as it found it."""
+    from unite_hf.importance import _GradientSink
+
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    if matmul is None or not hasattr(matmul, "fp32_precision"):
+        pytest.skip("torch without per-backend float32 matmul precision")
+    generator = torch.Generator().manual_seed(0)
+    x, g, seq_ids = _adversarial("offset_both", [40, 7, 25], 256, 384, generator)
+    previous = (matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision)
+    matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = "bf16", "tf32"
+    try:
+        fisher = torch.zeros(1, dtype=torch.float64)
+        _GradientSink(fisher, None)(0, x, g, seq_ids, True)
+        assert (matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision) == ("bf16", "tf32")
+    finally:
+        matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = previous
+    reference = _sq_norm_reference(x, g, seq_ids, bias=True)
+    assert abs(float(fisher[0]) - reference) <= 1e-5 * reference

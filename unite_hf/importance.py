@@ -24,6 +24,28 @@ Hook points, one per expert layout (:data:`PROBES`):
 - ``nn.ModuleList`` experts: each expert's ``nn.Linear`` forward is routed through the probe. These
   experts only see gathered token rows, which cannot be traced back to their sequence, so this
   layout runs one sequence per pass (exact, slower).
+
+The per-sequence squared norms (issue 15; measurements in benchmarks/PERF.md, "GPU"). Per token group
+(the tokens of one sequence routed to one expert) the cheaper of two exact forms, by flop count:
+
+- the token Grams, ``sum_{s,t} (x_s.x_t)(g_s.g_t)``, ``2 T^2 (in + out)`` flops, while
+  ``T (in + out) < in * out``. At Mixtral widths (2048 and 5632 or 11264) that is T < ~1500, so the
+  routed groups (~256 tokens of a 1024-token sequence at top-2 of 8) take it with 6x to 7x fewer flops;
+- otherwise the gradient ``G.T X`` itself, ``2 T in out`` flops, in float32 as autograd computes it.
+
+The Grams used to be float64: on tokens with a shared component the terms of the float32 sum cancel
+(measured relative errors of 1e-4 at a 100x common offset, 0.01 at 1000x, 0.6 at 10000x). They are
+float32 now, made safe in three steps. (1) Each group is centred first, its mean and sums moved into
+two extra rows so that the identity stays exact (:func:`_augmented_rows`): the Grams of centred tokens
+hardly cancel (errors at most 2e-6 on offsets, outlier channels, heavy tails; float32 autograd errs by
+up to 1e-5 on the same data). (2) What cancellation is left is estimated from the float32 Grams
+themselves and those groups are recomputed in float64 from the raw rows (tokens and gradients along
+orthogonal directions, gradients summing to zero under a large offset, heavy-tailed tokens at
+T = 1024). (3) The products run in full float32 even under
+``torch.set_float32_matmul_precision("high" / "medium")``, which would otherwise use TF32 or bf16. Why float32: a CPU multiplies float32 twice as fast (~300 against ~150 GFLOP/s
+here), most GPUs 32x to 64x; the A100/H100 class has full-rate float64, where the gain is the halved
+bytes of the padded copies. All groups of a call go through one zero-padded batch: few, large kernels
+(an accelerator launches little; a busy CPU pays little per parallel region).
 """
 
 from __future__ import annotations
@@ -89,12 +111,13 @@ class _GradientSink:
     def __call__(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
         self.calls += 1
         x, grad = x.float(), grad.float()
-        if self.diag is None:
-            sq_norm = _sum_per_sequence_sq_norms(x, grad, seq_ids)
-            if has_bias:
-                sq_norm = sq_norm + _sum_per_sequence_bias_sq_norms(grad, seq_ids)
-            self.fisher[expert] += sq_norm
-            return
+        with _ieee_float32_matmul():
+            if self.diag is None:
+                self.fisher[expert] += _sum_per_sequence_sq_norms(x, grad, seq_ids, bias=has_bias)
+            else:
+                self._diagonal(expert, x, grad, seq_ids, has_bias)
+
+    def _diagonal(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
         weight_acc, bias_acc = self.diag(expert)
         for seq in torch.unique(seq_ids):
             rows = seq_ids == seq
@@ -109,41 +132,160 @@ class _GradientSink:
             self.fisher[expert] += total.double()
 
 
-_GRAM_LIMIT = 4096  # tokens per call up to which the pairwise-Gram form is used
+_GRAM_LIMIT = 4096  # longest token group that may take the Gram form (its Grams hold tokens^2 entries)
+_F32_UNIT_ROUNDOFF = 2.0 ** -24
+# A Gram-form group whose estimated float32 rounding error, relative to its result, exceeds this is
+# recomputed in float64 (see _gram_sq_norms: the groups kept erred by at most 2e-6 in the measurements).
+_F32_GRAM_RTOL = 5e-6
 
 
-def _sum_per_sequence_sq_norms(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """``sum_n ||G_n.T @ X_n||_F^2`` over the token groups n, as a float64 scalar, without forming them.
+@contextlib.contextmanager
+def _ieee_float32_matmul() -> Iterator[None]:
+    """Full-precision float32 products whatever ``torch.set_float32_matmul_precision`` says: with
+    "high" or "medium", CUDA (TF32) and oneDNN CPUs (bf16) round the inputs to 10 or 8 mantissa bits,
+    which the error estimate of the float32 Gram form does not allow for."""
+    backends = [b for b in (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, "matmul", None))
+                if b is not None and hasattr(b, "fp32_precision")]
+    previous: list[str] | str
+    if backends:
+        previous = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
+    else:  # torch < 2.9: the legacy switch
+        previous = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if backends:
+            for b, value in zip(backends, previous):
+                b.fp32_precision = value
+        else:
+            torch.set_float32_matmul_precision(previous)
 
-    ``||G_n.T X_n||^2 = sum_{t,s in n} (g_t . g_s)(x_t . x_s)``: the per-sequence token Grams cost
-    ``tokens_n^2 * (in + out)`` instead of ``tokens_n * out * in`` for the gradient itself; they are
-    batched over sequences (zero-padded to the longest group, padding contributes nothing). The
-    Grams are float64 because activations with a large shared component make the float32 products
-    cancel badly. Groups too long for the Gram form to pay off take the per-sequence product.
+
+def _sum_per_sequence_sq_norms(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor,
+                               bias: bool = False) -> torch.Tensor:
+    """``sum_n ||G_n.T @ X_n||_F^2`` over the token groups n of ``seq_ids`` as a float64 scalar, plus
+    ``sum_n ||sum_{t in n} g_t||^2`` (the bias gradients) with ``bias``. ``x``, ``grad``: float32 or
+    float64 rows.
+
+    Each group takes whichever costs fewer flops: the token-Gram form (:func:`_gram_sq_norms`,
+    ``2 T_n^2 (in + out)``) or its gradient ``G_n.T X_n`` itself (``2 T_n in out``, in the inputs'
+    dtype like autograd's weight gradient; squares summed per row, then over rows in float64).
     """
-    if seq_ids.numel() > 1 and bool((seq_ids[1:] < seq_ids[:-1]).any()):
-        order = torch.argsort(seq_ids, stable=True)
-        x, grad, seq_ids = x[order], grad[order], seq_ids[order]
-    groups, counts = torch.unique_consecutive(seq_ids, return_counts=True)
-    longest = int(counts.max())
+    x, grad, counts = _sequence_groups(x, grad, seq_ids)
     d_in, d_out = x.shape[1], grad.shape[1]
-    if longest <= _GRAM_LIMIT and longest * (d_in + d_out) <= d_in * d_out:
-        starts = torch.cumsum(counts, 0) - counts
-        group = torch.repeat_interleave(torch.arange(groups.numel(), device=x.device), counts)
-        pos = torch.arange(x.shape[0], device=x.device) - starts[group]
-        xp = x.new_zeros(groups.numel(), longest, d_in, dtype=torch.float64)
-        gp = x.new_zeros(groups.numel(), longest, d_out, dtype=torch.float64)
-        xp[group, pos] = x.double()
-        gp[group, pos] = grad.double()
-        return ((xp @ xp.mT) * (gp @ gp.mT)).sum()
-    return sum((g.T @ xs).double().square().sum()
-               for xs, g in zip(x.split(counts.tolist()), grad.split(counts.tolist())))
+    gram = [c <= _GRAM_LIMIT and c * (d_in + d_out) < d_in * d_out for c in counts]
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    for xs, gs, use_gram in zip(x.split(counts), grad.split(counts), gram):
+        if not use_gram:
+            total += (gs.T @ xs).square().sum(1).double().sum()
+            if bias:
+                total += gs.sum(0).double().square().sum()
+    if any(gram):
+        # one zero-padded batch of all groups: few, large kernels (one group at a time was faster on an
+        # idle CPU thread but several times slower on a busy one: many small parallel regions)
+        x_rows, g_rows = (x, grad) if all(gram) else _rows_of_groups((x, grad), counts, gram)
+        gram_counts = [c for c, use_gram in zip(counts, gram) if use_gram]
+        x_aug, g_aug = _augmented_rows(x_rows, g_rows, gram_counts)
+        sq_norms, error = _gram_sq_norms(x_aug, g_aug)
+        redo = (error > _F32_GRAM_RTOL * sq_norms.abs()).nonzero().flatten()
+        if redo.numel():  # a device sync per call: the price of float32 with the error bounded
+            x_aug, g_aug = _augmented_rows(x_rows.double(), g_rows.double(), gram_counts)
+            sq_norms[redo] = _gram_sq_norms(x_aug[redo], g_aug[redo])[0]
+        total += sq_norms.sum()
+        if bias:  # row -2 of g_aug holds each group's gradient sum
+            total += g_aug[:, -2].double().square().sum()
+    return total
 
 
-def _sum_per_sequence_bias_sq_norms(grad: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
-    """``sum_n ||sum_{t in n} g_t||^2``: the bias gradient of each sequence, squared, summed."""
-    sums = torch.zeros(int(seq_ids.max()) + 1, grad.shape[1], dtype=torch.float64, device=grad.device)
-    return sums.index_add_(0, seq_ids, grad.double()).square().sum()
+def _sequence_groups(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Rows ordered by sequence (the probes' rows already are) and the group sizes, in one device sync."""
+    groups, counts = torch.stack(torch.unique_consecutive(seq_ids, return_counts=True)).tolist()
+    if any(b <= a for a, b in zip(groups, groups[1:])):  # a sequence's rows are not all adjacent
+        order = torch.argsort(seq_ids, stable=True)
+        return _sequence_groups(x[order], grad[order], seq_ids[order])
+    return x, grad, counts
+
+
+def _rows_of_groups(tensors: tuple[torch.Tensor, ...], counts: list[int], keep: list[bool]) -> tuple[torch.Tensor, ...]:
+    device = tensors[0].device
+    rows = torch.repeat_interleave(torch.tensor(keep, device=device), torch.tensor(counts, device=device),
+                                   output_size=sum(counts))
+    return tuple(t[rows] for t in tensors)
+
+
+def _augmented_rows(x: torch.Tensor, grad: torch.Tensor, counts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consecutive row groups as ``(G, T + 2, d)`` "token" stacks whose Gram form gives ``||G_n.T X_n||^2``
+    with little cancellation.
+
+    With ``mu``, ``nu`` a group's float32 means, ``z_t = x_t - mu``, ``h_t = g_t - nu``, ``b = sum_t z_t``
+    (zero but for rounding) and ``p = T nu + sum_t h_t`` (``sum_t g_t``):
+
+        G.T X = H.T Z + p mu.T + nu b.T = [H; p; nu].T [Z; mu; b]
+
+    up to the rounding of ``z_t`` and ``h_t``, relative to ``H.T Z``. Group n becomes the rows
+    ``[z_t..., 0 (padding to the longest group)..., mu, b]`` of ``x`` and ``[h_t..., 0..., p, nu]`` of
+    ``grad``: the tokens' shared component leaves the Grams, where it made the terms of
+    ``sum_{s,t} (x_s.x_t)(g_s.g_t)`` cancel, for two rows whose products do not. ``b`` and ``p`` are
+    float32 sums of centred rows, so their rounding scales with the rows' spread, not with their mean;
+    where ``mu`` or ``nu`` is large enough to make even that matter, :func:`_gram_sq_norms` says so.
+    (Summing in float64 instead costs a CPU ~40% of this kernel, for its float64 conversions.)
+    """
+    n, longest, dtype = len(counts), max(counts), x.dtype
+    if n == 1:  # no padding, nothing to index
+        x_aug, g_aug = x.new_empty(1, longest + 2, x.shape[1]), grad.new_empty(1, longest + 2, grad.shape[1])
+        mu, nu = x.mean(0, keepdim=True), grad.mean(0, keepdim=True)
+        torch.sub(x, mu, out=x_aug[0, :longest])
+        torch.sub(grad, nu, out=g_aug[0, :longest])
+        size: float | torch.Tensor = float(longest)
+    else:
+        device = x.device
+        counts_t = torch.tensor(counts, device=device)
+        group = torch.repeat_interleave(torch.arange(n, device=device), counts_t, output_size=x.shape[0])
+        pos = torch.arange(x.shape[0], device=device) - (torch.cumsum(counts_t, 0) - counts_t)[group]
+        x_aug, g_aug = x.new_zeros(n, longest + 2, x.shape[1]), grad.new_zeros(n, longest + 2, grad.shape[1])
+        x_aug[group, pos], g_aug[group, pos] = x, grad
+        size = counts_t.to(dtype)[:, None]
+        mu, nu = x_aug.sum(1) / size, g_aug.sum(1) / size  # segment means: padding is 0
+        valid = (torch.arange(longest, device=device) < counts_t[:, None]).to(dtype)[..., None]
+        x_aug[:, :longest].addcmul_(valid, mu[:, None], value=-1)  # centred; padding rows stay 0
+        g_aug[:, :longest].addcmul_(valid, nu[:, None], value=-1)
+    # sums of the centred rows: small, so their rounding is too (u over the spread, not over the mean)
+    x_aug[:, -2], x_aug[:, -1] = mu, x_aug[:, :longest].sum(1)
+    g_aug[:, -2], g_aug[:, -1] = (size * nu.double() + g_aug[:, :longest].sum(1).double()).to(dtype), nu
+    return x_aug, g_aug
+
+
+def _gram_sq_norms(x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``||G_n.T X_n||^2 = sum_{s,t} (x_s.x_t)(g_s.g_t)`` per stack of rows ``(G, T, d)``, and an estimate
+    of its rounding error (both float64; the estimate is 0 for float64 inputs).
+
+    In float32 the token Grams take half the float64 time on a CPU, and a 32nd to a 64th on GPUs without
+    full-rate float64 (all but the A100/H100 class). The error of a float32 Gram entry is about
+    ``u |x_s||x_t|`` (u the unit roundoff), so that of the sum about
+    ``u (sum |g_s.g_t| |x_s||x_t| + sum |x_s.x_t| |g_s||g_t|)``, read off the Grams themselves, plus the
+    rounding of the sums in the two last rows. Measured on 300 adversarial groups (PERF.md): the actual
+    error is a median 0.12x this estimate and at most 3.5x, where the estimate sits at its floor of
+    about 2u; no group it kept (estimate <= ``_F32_GRAM_RTOL``) erred by more than 2e-6.
+    """
+    gram_x, gram_g = x @ x.mT, grad @ grad.mT
+    sq_norms = (gram_x * gram_g).sum((1, 2), dtype=torch.float64)
+    if x.dtype == torch.float64:
+        return sq_norms, torch.zeros_like(sq_norms)
+    norms_x = gram_x.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()[..., None]
+    norms_g = gram_g.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()[..., None]
+    error = ((gram_g.abs() @ norms_x) * norms_x).sum((1, 2), dtype=torch.float64) \
+        + ((gram_x.abs() @ norms_g) * norms_g).sum((1, 2), dtype=torch.float64)
+    # the last rows, [mu; b] and [p; nu] (_augmented_rows): p and b sum T centred rows in float32, off
+    # by at most 0.19 u sqrt(T) |rows| as measured (T = 8 to 4096); u sqrt(T) |rows| is taken, an error
+    # that mu and nu multiply and the cross terms double
+    spread_x, spread_g = (n[:, :-2].double().square().sum((1, 2)).sqrt() for n in (norms_x, norms_g))
+    error += 2 * (x.shape[1] - 2) ** 0.5 * sq_norms.abs().sqrt() \
+        * (spread_g * norms_x[:, -2, 0].double() + spread_x * norms_g[:, -1, 0].double())
+    return sq_norms, error * _F32_UNIT_ROUNDOFF
 
 
 class _ProbedLinear(torch.autograd.Function):
