@@ -30,14 +30,21 @@ def _save_with_tokenizer(model, path: Path) -> None:
     tokenizer.save_pretrained(path)
 
 
-@needs_data
-def test_extract_from_a_saved_checkpoint_on_wikitext(tmp_path):
+def extract_tiny_mixtral_gene(tmp_path: Path) -> subprocess.CompletedProcess:
+    """A tiny Mixtral with the GPT-2 tokenizer saved to tmp_path/src, and `unite-hf extract` run on it into
+    tmp_path/gene (rank 3,8,8, WikiText-2); asserts the command succeeded."""
     config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
                                         num_experts_per_tok=2)
     _save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
     result = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
                   "--seq-len", "16", "--rank", "3,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    return result
+
+
+@needs_data
+def test_extract_from_a_saved_checkpoint_on_wikitext(tmp_path):
+    result = extract_tiny_mixtral_gene(tmp_path)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["ranks"]["up"] == [3, 8, 8]
     assert "Fisher" in result.stderr and "tucker decomposition" in result.stderr  # progress bars

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 import transformers
-from test_cli import _cli, _save_with_tokenizer, needs_data
-from tiny_models import COMMON, VOCAB, tiny_moe, tiny_module_list_moe
+from test_cli import _cli, extract_tiny_mixtral_gene, needs_data
+from tiny_models import VOCAB, tiny_moe, tiny_module_list_moe
 from torch import nn
 
 from unite_hf import UniteGene, extract_universal_knowledge, get_source
@@ -203,12 +203,7 @@ def test_held_out_windows_use_the_tail_and_tokenize_only_what_they_need(tmp_path
 
 @needs_data
 def test_cli_prints_one_json_line(tmp_path):
-    config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
-                                        num_experts_per_tok=2)
-    _save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
-    result = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
-                  "--seq-len", "16", "--rank", "3,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
-    assert result.returncode == 0, result.stderr
+    extract_tiny_mixtral_gene(tmp_path)
     kept = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
                 "--seq-len", "16", "--fusion", "concat", "--fused-width", "48", "--decomposition", "tucker_hidden",
                 "--activation-aware", "--rank", "8", "--out", str(tmp_path / "kept"), cwd=tmp_path)
