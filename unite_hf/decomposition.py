@@ -187,6 +187,11 @@ class Decomposition:
         return self.in_factor.ndim == 2
 
     @property
+    def mixed_bases(self) -> bool:
+        """True when one side is shared and the other per layer (tucker_hidden)."""
+        return self.shared_out != self.shared_in
+
+    @property
     def num_layers(self) -> int:
         return int(self.layer_factor.shape[0])
 

@@ -76,6 +76,21 @@ STATISTICS: tuple[str, ...] = ("none", "fisher", "frequency", "fisher_diag")
 
 # proj -> (fused weight (out, in), fused bias (out,) or None)
 FusedBlock = dict[str, tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def fused_projection(fused: FusedBlock, proj: str, x: torch.Tensor) -> torch.Tensor:
+    """``x W^T (+ b)`` with a fused block's ``proj`` matrix, in ``x``'s dtype."""
+    weight, bias = fused[proj]
+    out = x @ weight.to(x.dtype).T
+    return out if bias is None else out + bias.to(x.dtype)
+
+
+def fused_intermediate(fused: FusedBlock, activation: Callable[[torch.Tensor], torch.Tensor],
+                       x: torch.Tensor) -> torch.Tensor:
+    """What a fused block's ``down`` receives: ``act(gate x) * up x`` (or ``act(up x)`` without a gate)."""
+    if "gate" in fused:
+        return activation(fused_projection(fused, "gate", x)) * fused_projection(fused, "up", x)
+    return activation(fused_projection(fused, "up", x))
 WeightsFn = Callable[[ExpertImportance, int, str, bool], torch.Tensor | None]
 
 
@@ -327,7 +342,7 @@ def _concat(block: MoEBlock, importance: ExpertImportance, options: FusionOption
 
 # -- the entry point -----------------------------------------------------------------------------------
 
-def _check_width(block: MoEBlock, strategy: FusionStrategy, width: int | None) -> None:
+def check_width(block: MoEBlock, strategy: FusionStrategy, width: int | None) -> None:
     if width is None:
         return
     if isinstance(width, bool) or not isinstance(width, int):
@@ -361,7 +376,7 @@ def fuse_block(
     (plus expert 0 once more when ``width`` is given, to check it).
     """
     strategy = get_fusion(fusion)
-    _check_width(block, strategy, width)
+    check_width(block, strategy, width)
     if strategy.fuse is not None:
         return strategy.fuse(block, importance, FusionOptions(width=width, top_k=top_k))
     return _weighted_average(block, importance, strategy.weights, (block.expert(i) for i in range(block.num_experts)))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .fusion import FusedBlock, fused_intermediate
 from .sources import MoESource
 
 
@@ -60,14 +61,8 @@ def collect_block_inputs(model: nn.Module, source: MoESource, input_ids: torch.T
     return {layer: BlockInputs((sums[layer] / counts[layer]).cpu(), torch.cat(samples[layer])) for layer in sums}
 
 
-def fused_hidden_moment(inputs: BlockInputs, fused: dict[str, tuple[torch.Tensor, torch.Tensor | None]],
-                        activation) -> torch.Tensor:
+def fused_hidden_moment(inputs: BlockInputs, fused: FusedBlock, activation) -> torch.Tensor:
     """``E[h h^T]`` of down's input ``h = act(gate x) * up x`` (or ``act(up x)``) under the fused weights."""
-    def project(proj: str) -> torch.Tensor:
-        weight, bias = fused[proj]
-        out = inputs.sample @ weight.float().T
-        return out if bias is None else out + bias.float()
-
-    h = activation(project("gate")) * project("up") if "gate" in fused else activation(project("up"))
+    h = fused_intermediate(fused, activation, inputs.sample)
     h = h.double()
     return h.T @ h / len(h)

@@ -220,7 +220,7 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
                                             ("in", in_basis, decomposition.shared_in)):
                     # a per-layer factor beside a shared one (tucker_hidden) is part of the layer's own
                     # coordinates: inherited with its core, re-drawn (orthogonal init) with random cores
-                    if shared or decomposition.shared_out == decomposition.shared_in or config.core_init == "tucker":
+                    if shared or not decomposition.mixed_bases or config.core_init == "tucker":
                         state[f"{ffn_name}.{proj}.bases.{side}_basis"] = basis
             if config.core_init == "tucker":
                 state[f"{ffn_name}.{proj}.core"] = decomposition.layer_core(row)[:r_out, :r_in]
@@ -228,7 +228,7 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
             if bias is not None:
                 state[f"{ffn_name}.{proj}.bias"] = bias
         if ffn.shared_cores is not None:
-            if not all(gene.decompositions[p].shared_out == gene.decompositions[p].shared_in for p in config.projections):
+            if any(gene.decompositions[p].mixed_bases for p in config.projections):
                 raise ValueError("shared_experts='fuse' needs bases of one kind on both sides; the gene's "
                                  f"{gene.config.decomposition!r} decomposition mixes shared and per-layer bases. "
                                  "Use 'keep' or 'drop'.")
@@ -322,7 +322,7 @@ def grow_from_gene(
     if unexpected:
         raise ValueError(f"gene tensors without a place in the target (a mapping bug): {unexpected[:5]}")
     allowed = ("core", "score.weight", "lm_head.weight", "rotary_emb")
-    mixed = any(d.shared_out != d.shared_in for d in gene.decompositions.values())
+    mixed = any(d.mixed_bases for d in gene.decompositions.values())
     if core_init == "random" and mixed:  # re-drawn per-layer neuron factors of tucker_hidden
         allowed += ("bases.out_basis", "bases.in_basis")
     lost = [k for k in missing if not k.endswith(allowed) and "rotary" not in k]

@@ -148,14 +148,9 @@ class _DenseRoutedFFN(nn.Module):
         self.activation = activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        def project(proj: str, inputs: torch.Tensor) -> torch.Tensor:
-            weight, bias = self.weights[proj]
-            out = inputs @ weight.to(inputs.dtype).T
-            return out if bias is None else out + bias.to(inputs.dtype)
+        from ..fusion import fused_intermediate, fused_projection
 
-        hidden = self.activation(project("gate", x)) * project("up", x) if "gate" in self.weights \
-            else self.activation(project("up", x))
-        return project("down", hidden)
+        return fused_projection(self.weights, "down", fused_intermediate(self.weights, self.activation, x))
 
 
 @contextmanager

@@ -27,7 +27,7 @@ from ..decomposition import (
     decompose_streaming,
     resolve_ranks,
 )
-from ..fusion import fuse_block, get_fusion
+from ..fusion import check_width, fuse_block, get_fusion
 from ..gene import GeneConfig, UniteGene
 from ..importance import LABEL_MODES, ExpertImportance, compute_expert_importance
 from ..sources import FusedExpertsBlock, MoESource, get_source
@@ -151,7 +151,7 @@ def extract_universal_knowledge(
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {sorted(DECOMPOSITIONS)}")
     if fisher_labels not in LABEL_MODES:
         raise ValueError(f"fisher_labels must be one of {LABEL_MODES}, got {fisher_labels!r}")
-    check_fused_width(source.blocks[0], strategy, fused_width)
+    check_width(source.blocks[0], strategy, fused_width)  # before calibration
     ranks = _planned_ranks(source, decomposition, rank, fused_width)
     check_finite_weights(model)
 
@@ -302,13 +302,6 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                           importance, source_weights, calibration="precomputed importance",
                           num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,
                           fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
-
-
-def check_fused_width(block, strategy, fused_width: int | None) -> None:
-    """The fusion's width rules, checked before calibration (the same check fuse_block runs)."""
-    from ..fusion import _check_width
-
-    _check_width(block, strategy, fused_width)
 
 
 def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list, decomposition: str, batch_size: int,
