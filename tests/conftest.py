@@ -1,7 +1,26 @@
-"""Shared test settings."""
+"""Shared test settings, and the helpers of the tests that run the ``unite-hf`` command line.
+
+Helpers live here rather than in one test module so that no test module imports another
+(``from conftest import run_cli``: ``tests/`` is on ``sys.path`` as it is for ``tiny_models``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from tiny_models import COMMON
+
+from unite_hf.calibration import find_local_data_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: minutes, not seconds; deselect with -m 'not slow'")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -11,3 +30,37 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+DATA = find_local_data_dir()
+"""The local data folder (WikiText-2, task files, the GPT-2 tokenizer), or None: tests that need it skip."""
+needs_data = pytest.mark.skipif(DATA is None, reason="../shared/data (WikiText-2, GPT-2 tokenizer) not found")
+
+
+def run_cli(*args: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
+    """``python -m unite_hf.cli *args`` in a subprocess, offline, with the data folder passed explicitly."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNITE_HF_DATA_DIR": str(DATA) if DATA else ""}
+    return subprocess.run([sys.executable, "-m", "unite_hf.cli", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def save_with_tokenizer(model: transformers.PreTrainedModel, path: Path) -> None:
+    """Save ``model`` with the local GPT-2 tokenizer beside it, so the CLI can load both from ``path``."""
+    model.save_pretrained(path)
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers/gpt2_tokenizer.json"),
+                                                     eos_token="<|endoftext|>")
+    tokenizer.save_pretrained(path)
+
+
+def extract_tiny_mixtral_gene(tmp_path: Path) -> subprocess.CompletedProcess:
+    """A tiny Mixtral with the GPT-2 tokenizer saved to tmp_path/src, and `unite-hf extract` run on it into
+    tmp_path/gene (rank 3,8,8, WikiText-2); asserts the command succeeded."""
+    config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
+    result = run_cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
+                     "--seq-len", "16", "--rank", "3,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    return result

@@ -8,6 +8,7 @@ from unite_hf.bench import run_bench
 from unite_hf.calibration import find_local_data_dir
 
 
+@pytest.mark.slow  # every experiment end to end, twice: minutes on 2 cores
 @pytest.mark.skipif(find_local_data_dir() is None, reason="../shared/data not found")
 def test_smoke_bench_writes_a_report(tmp_path):
     report = run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, command="unite-hf bench --profile smoke --tiny")

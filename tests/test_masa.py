@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from hub_server import local_hub  # noqa: F401
-from test_cli import DATA, _cli, _save_with_tokenizer, needs_data
+from conftest import DATA, needs_data, run_cli, save_with_tokenizer
 from tiny_models import COMMON, VOCAB, tiny_dense, tiny_moe
 
 from unite_hf import GeneFormatError, UniteGene, UnsupportedSourceError, load_gene
@@ -310,16 +310,16 @@ def test_masa_gene_goes_to_the_hub_and_back(local_hub):  # noqa: F811
 @needs_data
 def test_cli_extract_masa_then_finetune_a_llama_target_with_pretraining(tmp_path):
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24))
-    _save_with_tokenizer(model, tmp_path / "dense")
-    result = _cli("extract", "--method", "masa", "--source", str(tmp_path / "dense"), "--rank", "8", "--tokens", "512",
-                  "--seq-len", "32", "--batch-size", "4", "--out", str(tmp_path / "gene"), cwd=tmp_path)
+    save_with_tokenizer(model, tmp_path / "dense")
+    result = run_cli("extract", "--method", "masa", "--source", str(tmp_path / "dense"), "--rank", "8", "--tokens", "512",
+                     "--seq-len", "32", "--batch-size", "4", "--out", str(tmp_path / "gene"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "masa"
     gene = load_gene(tmp_path / "gene")
     assert gene.config.method_config["tokens"] == 512 and "mix(" in gene.config.calibration
-    result = _cli("finetune", "--model", str(tmp_path / "gene"), "--task", "sst2", "--init", "masa", "--width", "16",
-                  "--layers", "2", "--pretrain-tokens", "256", "--epochs", "1", "--max-train-examples", "16",
-                  "--max-eval-examples", "8", "--max-length", "32", "--output", str(tmp_path / "run"), cwd=tmp_path)
+    result = run_cli("finetune", "--model", str(tmp_path / "gene"), "--task", "sst2", "--init", "masa", "--width", "16",
+                     "--layers", "2", "--pretrain-tokens", "256", "--epochs", "1", "--max-train-examples", "16",
+                     "--max-eval-examples", "8", "--max-length", "32", "--output", str(tmp_path / "run"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["width"] == 16 and summary["layers"] == 2 and summary["pretrain"]["tokens"] == 256

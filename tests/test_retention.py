@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import transformers
-from test_cli import _cli, extract_tiny_mixtral_gene, needs_data
+from conftest import extract_tiny_mixtral_gene, needs_data, run_cli
 from tiny_models import VOCAB, tiny_moe, tiny_module_list_moe
 from torch import nn
 
@@ -204,19 +204,19 @@ def test_held_out_windows_use_the_tail_and_tokenize_only_what_they_need(tmp_path
 @needs_data
 def test_cli_prints_one_json_line(tmp_path):
     extract_tiny_mixtral_gene(tmp_path)
-    kept = _cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
-                "--seq-len", "16", "--fusion", "concat", "--fused-width", "48", "--decomposition", "tucker_hidden",
-                "--activation-aware", "--rank", "8", "--out", str(tmp_path / "kept"), cwd=tmp_path)
+    kept = run_cli("extract", "--source", str(tmp_path / "src"), "--calibration", "wikitext2", "--num-sequences", "4",
+                   "--seq-len", "16", "--fusion", "concat", "--fused-width", "48", "--decomposition", "tucker_hidden",
+                   "--activation-aware", "--rank", "8", "--out", str(tmp_path / "kept"), cwd=tmp_path)
     assert kept.returncode == 0, kept.stderr
     assert UniteGene.from_pretrained(tmp_path / "kept").config.expert_intermediate_size == 48
-    result = _cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--num-windows", "3",
-                  "--seq-len", "16", "--rank", "4", "--quiet", cwd=tmp_path)
+    result = run_cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--num-windows", "3",
+                     "--seq-len", "16", "--rank", "4", "--quiet", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1
     report = json.loads(lines[0])
     assert report["ranks"]["up"] == [4, 4] and "simplebooks" in report["held_out"]
     assert {"source", "fused", "target"} == set(report["perplexity"])
-    bad = _cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--rank", "99",
-               "--quiet", cwd=tmp_path)
+    bad = run_cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--rank", "99",
+                  "--quiet", cwd=tmp_path)
     assert bad.returncode == 2 and "above the gene's ranks" in bad.stderr

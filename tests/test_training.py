@@ -32,7 +32,7 @@ import unite_hf
 from unite_hf import (
     UniteForCausalLM, UniteForMultipleChoice, UniteForSequenceClassification, UniteModel, extract_universal_knowledge,
 )
-from unite_hf.modeling_unite import decoder_layers
+from unite_hf.modeling_unite import UniteFactorizedLinear, _core_std, decoder_layers
 from unite_hf.training import (
     ACCURACY_METRIC_PATH, argmax_logits, attention_projection_names, compute_accuracy, compute_token_accuracy,
     core_parameters, head_parameters, load_accuracy_metric, set_trainable,
@@ -287,8 +287,20 @@ def test_gradient_accumulation_matches_one_big_batch(gene, cls, tmp_path):
 def test_random_core_init_gives_a_finite_model_that_trains(gene, tmp_path):
     """The paper's default (random cores): cores drawn at the documented scale, finite loss, and it trains."""
     model = grow(UniteForSequenceClassification, gene, core_init="random")
-    for name, core in core_parameters(model).items():
-        assert torch.isfinite(core).all() and 0.01 < core.std().item() < 1.0, name
+    # the documented scale, written out: std * sqrt(d_out * d_in / (r_out * r_in)), so that the rebuilt
+    # U_out G U_in^T has the entry std of a dense init (orthonormal bases keep the Frobenius norm)
+    assert _core_std(0.02, 48, 40, torch.empty(12, 10)) == pytest.approx(0.02 * 4.0, rel=1e-12)
+    standardised = []
+    for module in model.modules():
+        if isinstance(module, UniteFactorizedLinear):
+            r_out, r_in = module.core.shape
+            expected = model.config.initializer_range * math.sqrt(module.d_out * module.d_in / (r_out * r_in))
+            assert torch.isfinite(module.core).all()
+            standardised.append(module.core.detach().flatten().double() / expected)
+    pooled = torch.cat(standardised)  # all cores together, in units of their own expected std: N(0, 1)
+    assert len(standardised) == len(core_parameters(model)) and pooled.numel() > 300  # a 4-sigma band of about 14% on the std
+    assert abs(pooled.std().item() - 1.0) < 4 / math.sqrt(2 * pooled.numel()), pooled.std()
+    assert abs(pooled.mean().item()) < 4 / math.sqrt(pooled.numel())
     trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=classification_rows(192, seed=0))
     trainer.train()
     losses = train_losses(trainer)

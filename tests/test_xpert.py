@@ -5,11 +5,11 @@ import json
 import pytest
 import torch
 import transformers
-from test_cli import _cli, _save_with_tokenizer, needs_data
+from conftest import needs_data, run_cli, save_with_tokenizer
 from tiny_models import COMMON, VOCAB, tiny_moe
 
 from unite_hf import UniteForSequenceClassification, UniteGene, load_gene
-from unite_hf.analysis import analyze_experts, select_experts
+from unite_hf.analysis import analyze_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
 from unite_hf.scaling import map_layers, masa_init
 from unite_hf.sources import get_source
@@ -62,8 +62,14 @@ def test_controls_use_the_same_count_and_ranks():
     analysis = _analysis(model)
     genes = {s: extract_xpert_gene(model, analysis=analysis, k=2, strategy=s, rank=(6, 8, 8), show_progress=False)
              for s in ("common", "random", "least")}
-    assert genes["least"].selected_experts == select_experts(analysis, "least", 2)
-    assert genes["random"].selected_experts == select_experts(analysis, "random", 2, seed=0)
+    # by hand: "least" = the 2 lowest mean frequencies over domains (ties: lower index), least first;
+    # "random" = per layer, the first 2 of a randperm from one generator seeded 0, ascending
+    mean = analysis.frequency.mean(0).tolist()
+    assert genes["least"].selected_experts == [sorted(range(len(row)), key=lambda e: (row[e], e))[:2] for row in mean]
+    generator = torch.Generator().manual_seed(0)
+    assert genes["random"].selected_experts == [sorted(torch.randperm(analysis.num_experts, generator=generator)[:2].tolist())
+                                                for _ in analysis.moe_layers]
+    assert genes["common"].selected_experts == [experts[:2] for experts in analysis.common_experts]
     params = {s: sum(t.numel() for t in g.gene_state_dict().values()) for s, g in genes.items()}
     assert len(set(params.values())) == 1
     assert {g.config.fusion for g in genes.values()} == {"xpert-common", "xpert-random", "xpert-least"}
@@ -124,16 +130,16 @@ def test_bad_input_gets_clear_errors():
 def test_cli_analyze_experts_then_extract_xpert(tmp_path):
     config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
                                         num_experts_per_tok=2)
-    _save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
+    save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
     for name, text in (("a", "The cat sat on the mat. " * 40), ("b", "Stocks fell sharply on Monday. " * 40)):
         (tmp_path / f"{name}.txt").write_text(text)
     domains = ["--domain", f"a={tmp_path / 'a.txt'}", "--domain", f"b={tmp_path / 'b.txt'}"]
-    result = _cli("analyze-experts", "--source", str(tmp_path / "src"), *domains, "--num-sequences", "2", "--seq-len",
-                  "16", "--out", str(tmp_path / "analysis"), cwd=tmp_path)
+    result = run_cli("analyze-experts", "--source", str(tmp_path / "src"), *domains, "--num-sequences", "2", "--seq-len",
+                     "16", "--out", str(tmp_path / "analysis"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "analysis" / "expert_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    result = _cli("extract", "--method", "xpert", "--source", str(tmp_path / "src"), "--analysis",
-                  str(tmp_path / "analysis"), "--rank", "6,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
+    result = run_cli("extract", "--method", "xpert", "--source", str(tmp_path / "src"), "--analysis",
+                     str(tmp_path / "analysis"), "--rank", "6,8,8", "--out", str(tmp_path / "gene"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout.strip().splitlines()[-1])["method"] == "xpert"
     gene = load_gene(tmp_path / "gene")
