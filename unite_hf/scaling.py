@@ -25,9 +25,9 @@ Scalings (:data:`FFN_SCALINGS`), applied to a layer's gate, up and down together
   ``i`` and down column ``i`` would come from three different neurons;
 - ``"truncate"``: the ablation without adaptive scaling (top-left block, zero padding).
 
-**Layer mapping** (:func:`map_layers`): target layer ``j`` of ``L'`` takes source layer
-``floor(j * (L - 1) / (L' - 1) + 1/2)`` (uniform stretch, halves rounded up: first to first, last
-to last; works for ``L' < L``, where layers are skipped, and ``L' > L``, where they repeat).
+**Layer mapping**: :func:`unite_hf.layer_map.map_layers`, the one map UNITE targets use too: target
+layer ``j`` of ``L'`` takes source layer ``floor(j * (L - 1) / (L' - 1) + 1/2)`` (uniform stretch,
+halves rounded up: first to first, last to last; layers skipped for ``L' < L``, repeated for ``L' > L``).
 
 :func:`masa_init` fills the FFN weights (gate, up, down) of a standard ``LlamaFor*`` model; all
 other weights keep the standard random init, so the result is a plain Llama checkpoint that loads
@@ -36,12 +36,13 @@ with ``AutoModel*`` and no custom code.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import nn
+
+from .layer_map import map_layers  # noqa: F401  (re-exported: unite_hf.scaling.map_layers stays importable)
 
 # target FFN projection -> (Linear name in a Llama MLP, which target dims are (out, in))
 LLAMA_FFN: dict[str, tuple[str, tuple[str, str]]] = {
@@ -129,15 +130,6 @@ FFN_SCALINGS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, tuple[int, 
     "truncate": lambda matrices, shapes: _scale_each(matrices, shapes, truncate_or_pad),
 }
 SCALINGS = tuple(FFN_SCALINGS)
-
-
-def map_layers(source_layers: int, target_layers: int) -> list[int]:
-    """Index (into the gene's layers) of the source layer behind each target layer (uniform stretch)."""
-    if source_layers < 1 or target_layers < 1:
-        raise ValueError(f"need at least one source and one target layer, got {source_layers} and {target_layers}")
-    if target_layers == 1:
-        return [0]
-    return [math.floor(j * (source_layers - 1) / (target_layers - 1) + 0.5) for j in range(target_layers)]
 
 
 def _llama_layers(model: nn.Module) -> nn.ModuleList:

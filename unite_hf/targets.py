@@ -9,8 +9,8 @@ Defaults follow the paper:
   beyond the paper (its listed limitation is random ``G_l``); at full depth and rank the target then
   reproduces the fused source exactly.
 - ``layer_selection="first"``: target layer i takes attention, norms and its core from source layer
-  i. ``"uniform"`` spreads the L' target layers evenly over the source's L layers
-  (``round(i * (L - 1) / (L' - 1))``).
+  i. ``"uniform"`` spreads the L' target layers evenly over the source's L layers with
+  :func:`unite_hf.layer_map.map_layers` (``floor(i * (L - 1) / (L' - 1) + 1/2)``, halves up; MASA's map).
 - ``tie_bases=False``: each factorized layer holds its own copy of ``U_out, U_in`` (initialised from
   the gene, free to drift during fine-tuning), which is what the paper's parameter counts imply.
   ``True`` shares one set of bases across all layers.
@@ -34,6 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 
 from .configuration_unite import UniteConfig
 from .gene import UniteGene
+from .layer_map import map_layers
 from .sources import SHARED_EXPERT_PREFIX, get_source
 
 
@@ -51,9 +52,7 @@ def select_layers(source_layers: int, target_layers: int, selection: str) -> lis
     if selection == "first":
         return list(range(target_layers))
     if selection == "uniform":
-        if target_layers == 1:
-            return [0]
-        return [round(i * (source_layers - 1) / (target_layers - 1)) for i in range(target_layers)]
+        return map_layers(source_layers, target_layers)
     raise ValueError(f"layer_selection must be 'first' or 'uniform', got {selection!r}")
 
 
