@@ -1,39 +1,132 @@
-"""Model cards for genes and targets, rendered from the templates in ``model_cards/``."""
+"""Model cards for genes and targets, rendered from the templates in ``model_cards/``.
+
+Card metadata follows the Hub's rules: ``base_model`` holds Hub repo ids only (never local paths),
+``datasets`` holds Hub dataset ids (a unite_hf task or corpus name such as ``sst2`` or
+``wikitext2`` is mapped to its Hub id), ``pipeline_tag`` follows the target's head and ``license``
+defaults to the source's.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from importlib import resources
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+PAPER_URL = "https://openreview.net/forum?id=WnW0zndglL"
+"""UNITE: Universal kNowledge Integration from Task-specific Experts (ICLR 2026), on OpenReview."""
+
+# Hub pipeline tag of each target head (UniteModel: hidden states)
+PIPELINE_TAGS = {
+    "UniteForCausalLM": "text-generation",
+    "UniteForSequenceClassification": "text-classification",
+    "UniteForMultipleChoice": "multiple-choice",
+    "UniteModel": "feature-extraction",
+}
+
+_REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+
+
+def hub_id(name: str | os.PathLike | None) -> str | None:
+    """``name`` if it is a Hub repo id (``org/name`` or ``name``), ``None`` for a local path or nothing.
+
+    A string that names an existing local folder or file, or looks like a path (absolute, ``./``,
+    ``~``, more than one ``/``, a backslash), is a path, never a Hub id."""
+    if not name:
+        return None
+    text = str(name)
+    if os.path.exists(text) or text.startswith((".", "~")) or os.path.isabs(text) or "\\" in text:
+        return None
+    if not _REPO_ID.match(text) or "--" in text or ".." in text or text.endswith((".git", ".")):
+        return None
+    return text
+
+
+def dataset_hub_id(name: str) -> str:
+    """The Hub dataset id of a unite_hf task (``sst2`` -> ``nyu-mll/glue``), a calibration corpus
+    (``wikitext2`` or its description -> ``Salesforce/wikitext``) or an id given as is."""
+    from .calibration import CORPUS_ALIASES
+    from .training.tasks import TASKS
+
+    key = name.split(" ", 1)[0]
+    if key in TASKS and TASKS[key].hub:
+        return TASKS[key].hub[0].path
+    alias = CORPUS_ALIASES.get(key)
+    if alias is not None and alias.hub_id:
+        return alias.hub_id
+    return name
+
+
+def calibration_dataset_ids(calibration: str) -> list[str]:
+    """Hub dataset ids behind a gene's calibration description (``CalibrationSet.name``):
+    ``"wikitext2 (local: ...)"`` and ``"Salesforce/wikitext:wikitext-2-raw-v1[train]"`` both give
+    ``["Salesforce/wikitext"]``; a local file, a list of strings or a tensor give ``[]``."""
+    names = [part.strip() for part in calibration.split("+")] if calibration else []
+    ids = []
+    for name in names:
+        mapped = dataset_hub_id(name)
+        if mapped != name:
+            ids.append(mapped)
+            continue
+        match = re.match(r"^([\w.-]+/[\w.-]+)(?:[:\[]|$)", name)
+        if match and hub_id(match.group(1)):
+            ids.append(match.group(1))
+    return list(dict.fromkeys(ids))
 
 
 def render_card(template: str, card_data: dict[str, Any], **variables: Any) -> str:
     """Render ``model_cards/<template>`` with huggingface_hub's ModelCard (YAML metadata + Jinja)."""
     template_path = resources.files("unite_hf") / "model_cards" / template
     data = ModelCardData(**{k: v for k, v in card_data.items() if v is not None})
-    card = ModelCard.from_template(data, template_str=template_path.read_text(encoding="utf-8"), **variables)
+    card = ModelCard.from_template(data, template_str=template_path.read_text(encoding="utf-8"), paper_url=PAPER_URL,
+                                   **variables)
     return str(card)
 
 
-def render_target_card(model, datasets: list[str] | None = None, eval_results: list[dict] | None = None) -> str:
-    """The card of a UNITE target: ``base_model`` is the gene and its source, tags ``unite`` and
-    ``learngene``, the datasets it was tuned on and its eval results (``{"dataset_name",
-    "dataset_type", "task_type", "metric_type", "metric_value"}`` dicts)."""
+def render_target_card(model, repo_id: str | None = None, datasets: list[str] | None = None,
+                       eval_results: list[dict] | None = None, license: str | None = None,
+                       tags: list[str] | None = None) -> str:
+    """The card of a UNITE target.
+
+    Args:
+        model: a ``UniteFor*`` model.
+        repo_id: where the card goes (a Hub repo id, or a folder name); it titles the card and fills
+            the loading snippet.
+        datasets: the datasets it was tuned on (task names and corpus aliases become Hub ids).
+        eval_results: ``{"dataset_name", "dataset_type", "metric_type", "metric_value"}`` dicts
+            (optionally ``dataset_config``, ``dataset_split``, ``task_type``; ``task_type`` defaults
+            to the head's pipeline tag).
+        license: the card's license (the caller resolves the default: the source's).
+        tags: extra tags beside ``unite``, ``learngene`` and ``unite_hf``.
+
+    ``base_model`` is the gene's Hub id, else the gene source's Hub id, else absent.
+    """
     from huggingface_hub import EvalResult
 
     from . import __version__
+    from .modeling_unite import UNITE_MODEL_TAGS
 
     config = model.config
-    model_name = getattr(config, "_name_or_path", "") or f"unite-{type(model).__name__}"
-    eval_results = eval_results or []
-    results = [EvalResult(**{"task_type": "text-classification", **row}) for row in eval_results]
-    base_models = [m for m in (config.gene, config.gene_source) if m]
+    architecture = type(model).__name__
+    pipeline_tag = PIPELINE_TAGS.get(architecture)
+    model_name = repo_id or f"unite-{architecture}"
+    eval_results = [dict(row) for row in eval_results or []]
+    for row in eval_results:
+        row.setdefault("task_type", pipeline_tag or "text-classification")
+        if row.get("dataset_type"):
+            row["dataset_type"] = dataset_hub_id(row["dataset_type"])
+    results = [EvalResult(**row) for row in eval_results]
+    base_model = hub_id(config.gene) or hub_id(config.gene_source)
+    all_tags = list(dict.fromkeys([*UNITE_MODEL_TAGS, *(getattr(model, "model_tags", None) or []), *(tags or [])]))
     card_data = {
         "library_name": "transformers",
-        "tags": ["unite", "learngene", "unite_hf"],
-        "base_model": base_models or None,
-        "datasets": datasets or None,
+        "license": license,
+        "pipeline_tag": pipeline_tag,
+        "tags": all_tags,
+        "base_model": base_model,
+        "datasets": list(dict.fromkeys(dataset_hub_id(d) for d in datasets)) if datasets else None,
         "model_name": model_name if results else None,
         "eval_results": results or None,
     }
@@ -41,11 +134,12 @@ def render_target_card(model, datasets: list[str] | None = None, eval_results: l
                           for r in eval_results)
     auto_class = getattr(type(model), "_auto_class", None) or "AutoModel"
     return render_card(
-        "target.md", card_data, model_name=model_name, gene=config.gene or "unknown",
-        gene_source=config.gene_source or "unknown", architecture=type(model).__name__,
-        family=config.text_config.model_type, num_layers=config.text_config.num_hidden_layers,
-        source_layers=config.source_layers, ffn_layers=config.ffn_layers, ranks=config.ranks,
-        core_init=config.core_init, layer_selection=config.layer_selection, tie_bases=config.tie_bases,
-        shared_experts=config.shared_experts, parameters=f"{sum(p.numel() for p in model.parameters()):,}",
-        eval_rows=eval_rows, auto_class=auto_class, library_version=__version__,
+        "target.md", card_data, model_name=model_name, model_id=repo_id or "path/to/this/model",
+        gene=config.gene or "an unsaved gene", gene_source=config.gene_source or "a model built from a config",
+        architecture=architecture, family=config.text_config.model_type,
+        num_layers=config.text_config.num_hidden_layers, source_layers=config.source_layers,
+        ffn_layers=config.ffn_layers, ranks=config.ranks, core_init=config.core_init,
+        layer_selection=config.layer_selection, tie_bases=config.tie_bases, shared_experts=config.shared_experts,
+        parameters=f"{sum(p.numel() for p in model.parameters()):,}", eval_rows=eval_rows, auto_class=auto_class,
+        library_version=__version__,
     )

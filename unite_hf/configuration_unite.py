@@ -35,7 +35,12 @@ class UniteConfig(PreTrainedConfig):
         shared_experts: ``"keep"`` the source's shared experts as a dense branch, ``"fuse"`` them onto
             the gene's bases (their own small cores, the scalar gate kept), or ``"drop"`` them.
         core_init, layer_selection: how the target was grown (provenance; see ``from_gene``).
-        gene: Hub id or path of the gene the target was grown from, and its source.
+        gene: the gene's own Hub repo id or folder (``None`` for a gene never saved); ``gene_source``:
+            the id of the model the gene was extracted from.
+        card_info: what the model card says beyond the architecture, kept in ``config.json`` so that
+            a reloaded target publishes the same card: ``license`` (default: the source's),
+            ``datasets`` (Hub ids), ``eval_results`` and extra ``tags``. Set it with
+            ``model.set_card_info``.
     """
 
     model_type = "unite"
@@ -55,6 +60,7 @@ class UniteConfig(PreTrainedConfig):
     layer_selection: str = "first"
     gene: str | None = None
     gene_source: str | None = None
+    card_info: dict | None = None
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
     pad_token_id: int | None = None

@@ -68,7 +68,8 @@ class GeneConfig:
     library_version: str = __version__
     # source
     source_id: str | None = None
-    source_revision: str | None = None
+    source_revision: str | None = None  # the resolved commit sha where one is known
+    source_license: str | None = None  # the source's license (its card), the default license of the gene's card
     source_model_type: str | None = None
     source_config: dict[str, Any] = field(default_factory=dict)
     source_layout: str = ""
@@ -143,6 +144,10 @@ class Gene:
         self.config = config
         self.source_state_dict = source_state_dict if source_state_dict is not None else {}
         self.tokenizer = tokenizer  # the source's tokenizer, saved beside the gene when set
+        # the gene's own Hub repo id or folder (set by from_pretrained, save_pretrained and push_to_hub):
+        # what targets grown from it record as config.gene
+        self.name_or_path: str | None = None
+        self._card_repo_id: str | None = None  # set while push_to_hub renders the card
 
     # -- per method ------------------------------------------------------------------------------
     def gene_state_dict(self) -> dict[str, torch.Tensor]:  # pragma: no cover - abstract
@@ -159,14 +164,19 @@ class Gene:
         """Variables of the card template (``model_cards/<card_template>``)."""
         raise NotImplementedError
 
-    def render_card(self, config: GeneConfig | None = None) -> str:
-        from .cards import render_card
+    def render_card(self, config: GeneConfig | None = None, model_id: str | None = None) -> str:
+        """The gene's model card: ``base_model`` is the source's Hub id (never a local path), the
+        license the source's, ``datasets`` the calibration corpus's Hub id; ``model_id`` (the repo
+        id or folder the card goes to) fills the loading snippet."""
+        from .cards import calibration_dataset_ids, hub_id, render_card
 
         config = config or self.config
         card_data = {"library_name": "unite_hf", "tags": [config.method, "learngene", "gene"],
-                     "base_model": config.source_id or None}
+                     "base_model": hub_id(config.source_id), "license": config.source_license,
+                     "datasets": calibration_dataset_ids(config.calibration) or None}
+        model_id = model_id or self._card_repo_id or self.name_or_path or "path/to/this/gene"
         return render_card(self.card_template, card_data=card_data, **_common_card_variables(config),
-                           **self.card_variables(config))
+                           model_id=model_id, **self.card_variables(config))
 
     # -- serialisation ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
@@ -183,7 +193,7 @@ class Gene:
         # every tensor is validated before the first byte is written
         check_finite(gene_tensors, f"the gene ({GENE_WEIGHTS_NAME})")
         check_finite(self.source_state_dict, f"the gene ({SOURCE_WEIGHTS_NAME})")
-        card = self.render_card(config)
+        card = self.render_card(config, model_id=self._card_repo_id or Path(save_directory).name)
         config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(gene_tensors, directory / GENE_WEIGHTS_NAME, metadata)
         config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
             dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
@@ -193,6 +203,8 @@ class Gene:
         atomic_write_text(card, directory / CARD_NAME)
         atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
         self.config = config
+        if self._card_repo_id is None:  # push_to_hub names the gene by its repo id instead
+            self.name_or_path = str(save_directory)
         return directory
 
     @classmethod
@@ -239,6 +251,7 @@ class Gene:
             from transformers import AutoTokenizer
 
             gene.tokenizer = AutoTokenizer.from_pretrained(directory)
+        gene.name_or_path = str(path_or_repo_id)  # the gene's own name: targets record it as config.gene
         return gene
 
     def push_to_hub(
@@ -255,12 +268,18 @@ class Gene:
         from huggingface_hub import HfApi
 
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
-                                     commit_message=commit_message or f"Upload {self.method.upper()} gene",
-                                     create_pr=create_pr)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        self._card_repo_id = repo_id
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                self.save_pretrained(tmp)
+                info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                         commit_message=commit_message or f"Upload {self.method.upper()} gene",
+                                         create_pr=create_pr)
+        finally:
+            self._card_repo_id = None
+        self.name_or_path = repo_id
+        return info
 
 
 # genes of these methods are registered when their module is imported
@@ -426,8 +445,12 @@ def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_
 
 
 def _common_card_variables(config: GeneConfig) -> dict[str, Any]:
+    model_type = config.source_model_type or "unknown"
     return {
         "source_id": config.source_id or "unknown", "source_revision": config.source_revision or "unknown",
+        # a source built from a config has no id: say so instead of "gene of `unknown`"
+        "source_title": f"`{config.source_id}`" if config.source_id else f"a `{model_type}` model built from a config",
+        "source_name": f"the model `{config.source_id}`" if config.source_id else f"a `{model_type}` model built from a config",
         "source_model_type": config.source_model_type or "unknown", "moe_layers": config.moe_layers,
         "calibration": config.calibration, "num_sequences": config.num_sequences, "seq_len": config.seq_len,
         "seed": config.seed, "library_version": config.library_version, "method_config": config.method_config,

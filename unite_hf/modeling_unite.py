@@ -144,6 +144,9 @@ class UniteFFN(nn.Module):
 
 SHARED_EXPERT_PREFIX = "shared_expert"
 
+# tags of every target: the model card, and Trainer's card through model.model_tags
+UNITE_MODEL_TAGS = ("unite", "learngene", "unite_hf")
+
 # logit post-processing some families apply in their ForCausalLM head: config attribute -> transform
 LOGIT_TRANSFORMS = {
     "logits_scaling": lambda logits, value: logits / value,  # Granite
@@ -161,6 +164,11 @@ class UnitePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
+
+    def __init__(self, config: UniteConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # per instance: transformers' push_to_hub appends to this list; Trainer's card reads it
+        self.model_tags = list(UNITE_MODEL_TAGS)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):  # heads; the backbone's layers use the family's own init
@@ -186,33 +194,91 @@ class UnitePreTrainedModel(PreTrainedModel):
         targets = importlib.import_module("unite_hf.targets")
         return targets.grow_from_gene(cls, gene, **kwargs)
 
-    def set_card_info(self, datasets: list[str] | None = None, eval_results: list[dict] | None = None) -> None:
-        """Datasets and eval results for the model card written by save_pretrained / push_to_hub."""
-        self._card_info = {"datasets": datasets, "eval_results": eval_results}
+    def set_card_info(self, datasets: list[str] | None = None, eval_results: list[dict] | None = None,
+                      license: str | None = None, tags: list[str] | None = None) -> None:
+        """What the model card says beyond the architecture; arguments left ``None`` keep their value.
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained`` plus a UNITE model card (when unite_hf is installed)."""
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+        Args:
+            datasets: datasets the target was tuned on, as Hub ids (unite_hf task names such as
+                ``"sst2"`` are mapped to theirs).
+            eval_results: ``{"dataset_name", "dataset_type", "metric_type", "metric_value"}`` dicts
+                (the card's ``model-index``).
+            license: the card's license (default: the gene source's license).
+            tags: tags beside ``unite``, ``learngene`` and ``unite_hf``.
+
+        Kept in ``config.card_info``, so a saved and reloaded target publishes the same card.
+        """
+        info = dict(self.config.card_info or {})
+        for key, value in (("datasets", datasets), ("eval_results", eval_results), ("license", license), ("tags", tags)):
+            if value is not None:
+                info[key] = list(value) if key != "license" else value
+        self.config.card_info = info
+
+    def _write_card(self, save_directory, repo_id: str | None, tags: list[str] | None = None) -> bool:
+        """Write the UNITE model card to ``save_directory/README.md``; ``False`` where unite_hf is not
+        installed (loaded as remote code: no card templates)."""
         try:
             cards, io = importlib.import_module("unite_hf.cards"), importlib.import_module("unite_hf.io")
-        except ImportError:  # loaded as remote code without unite_hf: no card template available
-            return result
-        card = cards.render_target_card(self, **getattr(self, "_card_info", {}))
+        except ImportError:
+            return False
+        info = dict(self.config.card_info or {})
+        model_id = repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        card = cards.render_target_card(self, repo_id=model_id, datasets=info.get("datasets"),
+                                        eval_results=info.get("eval_results"), license=info.get("license"),
+                                        tags=[*(info.get("tags") or []), *(tags or [])])
         io.atomic_write_text(card, os.path.join(save_directory, "README.md"))
+        return True
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False,
+                        **kwargs):
+        """``PreTrainedModel.save_pretrained`` plus the UNITE model card (when unite_hf is installed).
+
+        With ``push_to_hub=True`` (``repo_id``, ``commit_message``, ``commit_description``,
+        ``create_pr``, ``private``, ``revision``, ``tags``, ``token`` as in transformers), the card is
+        written with the repo id before the upload, so the Hub gets the UNITE card. A target grown
+        from a gene takes the saved location as its ``name_or_path`` (what peft records as an
+        adapter's base model)."""
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "commit_description", "create_pr",
+                                                 "private", "revision", "tags") if key in kwargs}
+        if not is_main_process:
+            return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        repo_id, timestamps, token = None, {}, kwargs.get("token")
+        if push_to_hub:
+            from huggingface_hub import HfApi
+
+            name = hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+            repo_id = HfApi(token=token).create_repo(name, private=hub.get("private"), exist_ok=True).repo_id
+            timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
+        self._write_card(save_directory, repo_id, hub.get("tags"))
+        if push_to_hub:
+            self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=hub.get("commit_message"),
+                                        token=token, create_pr=hub.get("create_pr", False),
+                                        revision=hub.get("revision"), commit_description=hub.get("commit_description"))
+        if not self.name_or_path:
+            self.name_or_path = repo_id or os.fspath(save_directory)
         return result
 
-    def push_to_hub(self, repo_id: str, *, commit_message: str = "Upload UNITE target", private: bool | None = None,
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
+                    commit_description: str | None = None, private: bool | None = None,
                     token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
-                    max_shard_size: int | str = "5GB", **kwargs):
-        """Save (weights, config, modeling code, model card) and upload in one commit."""
+                    max_shard_size: int | str = "5GB", tags: list[str] | str | None = None, **kwargs):
+        """Save (weights, config, modeling code, the UNITE model card with this repo id and ``tags``)
+        and upload in one commit. ``tags`` are added to ``model.model_tags``, as in transformers."""
         from huggingface_hub import HfApi
 
+        if tags:
+            self.add_model_tags(tags)
         api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as work_dir:
-            self.save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
-            return api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
-                                     revision=revision, create_pr=create_pr)
+            super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
+            self._write_card(work_dir, repo_id)
+            info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
+                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
+        if not self.name_or_path:
+            self.name_or_path = repo_id
+        return info
 
     def unite_parameter_breakdown(self) -> dict[str, int]:
         """Parameters by role: embeddings, attention, norms, dense_mlp, shared_experts, bases, cores,

@@ -39,8 +39,10 @@ from .sources import SHARED_EXPERT_PREFIX, get_source
 
 
 def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None, **loading: Any) -> tuple[UniteGene, str | None]:
+    """The gene and its own name (Hub repo id or folder; ``None`` for a gene never saved), which the
+    target records as ``config.gene``: never the gene's *source* id."""
     if isinstance(gene, UniteGene):
-        return gene, gene.config.source_id
+        return gene, gene.name_or_path
     return UniteGene.from_pretrained(gene, revision=revision, **loading), str(gene)
 
 
@@ -170,6 +172,7 @@ def build_target_config(
         layer_selection=layer_selection,
         gene=gene_name,
         gene_source=gc.source_id,
+        card_info={"license": gc.source_license} if getattr(gc, "source_license", None) else None,
         **config_kwargs,
     )
 
@@ -316,6 +319,9 @@ def grow_from_gene(
                                  layer_selection=layer_selection, tie_bases=tie_bases, shared_experts=shared_experts,
                                  gene_name=name, source=source, **config_kwargs)
     model = cls(config)
+    # Trainer's card names config.name_or_path as the base model: the gene. model.name_or_path (what
+    # peft records as an adapter's base) stays empty until the target is saved or pushed somewhere.
+    model.config.name_or_path = name or ""
     state = target_state_dict(model, gene, source)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
@@ -348,7 +354,7 @@ def _check_config_kwargs(config_kwargs: dict[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(UniteConfig)} | set(_EXTRA_CONFIG_KWARGS)
     # fields from_gene sets itself from the gene and its options
     owned = {"text_config", "ffn_layers", "source_layers", "projections", "ranks", "expert_intermediate_size",
-             "expert_activation", "expert_bias", "gene", "gene_source", "tie_bases", "shared_experts", "core_init",
+             "expert_activation", "expert_bias", "gene", "gene_source", "card_info", "tie_bases", "shared_experts", "core_init",
              "layer_selection"}
     unknown = sorted(k for k in config_kwargs if k not in fields or k in owned)
     if unknown:

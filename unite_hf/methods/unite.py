@@ -42,11 +42,25 @@ def check_finite_weights(model: nn.Module) -> None:
             raise ValueError(f"source weight {name!r} contains {bad}; refusing to extract a gene from it.")
 
 
-def _source_provenance(model: nn.Module, source_id: str | None, source_revision: str | None) -> dict[str, Any]:
+def _source_provenance(model: nn.Module, source_id: str | None, source_revision: str | None,
+                       loaded_from: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Source id, resolved commit sha, license, model type and config of the source.
+
+    ``loaded_from`` (default: the model's ``name_or_path``) is where the weights came from; the sha
+    and license are resolved from it (Hub cache snapshot, local card, or Hub model info) by
+    :func:`unite_hf.provenance.resolve_source`. The Hub is only asked about the id the model was
+    loaded from, never about a name given for the record only."""
+    from ..provenance import resolve_source
+
     config = getattr(model, "config", None)
+    loaded_from = str(loaded_from or getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or "")
+    commit = getattr(config, "_commit_hash", None)  # transformers 4 configs carry it
+    resolved = resolve_source(loaded_from or source_id, source_revision or commit,
+                              query_hub=not source_id or source_id == loaded_from)
     return {
-        "source_id": source_id or getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or None,
-        "source_revision": source_revision or getattr(config, "_commit_hash", None),
+        "source_id": source_id or resolved.repo_id or loaded_from or None,
+        "source_revision": resolved.revision,
+        "source_license": resolved.license,
         "source_model_type": getattr(config, "model_type", None),
         "source_config": config.to_dict() if hasattr(config, "to_dict") else {},
     }
@@ -297,7 +311,7 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                     decompositions[proj] = decompose_streaming(
                         layer_fn, len(spill), shape, decomposition, ranks[proj], n_iter_max=n_iter_max,
                         show_progress=show_progress, name=proj)
-        provenance = _source_provenance(checkpoint.meta_model, source_id or Path(path).name, source_revision)
+        provenance = _source_provenance(checkpoint.meta_model, source_id, source_revision, loaded_from=path)
         return _make_gene(source, provenance, decompositions, {p: torch.stack(v) for p, v in fused_biases.items()},
                           importance, source_weights, calibration="precomputed importance",
                           num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,

@@ -270,9 +270,12 @@ def finetune(
     per_epoch = [round(entry["eval_accuracy"], 6) for entry in trainer.state.log_history if "eval_accuracy" in entry]
     final = trainer.evaluate()
     if hasattr(target, "set_card_info"):  # UNITE targets write their own card; plain Llama ones are plain
-        target.set_card_info(datasets=[task], eval_results=[{
-            "dataset_name": train.spec.pretty_name, "dataset_type": task,
-            "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"])}])
+        hub = train.spec.hub[0] if train.spec.hub else None  # the card names datasets by Hub id
+        result = {"dataset_name": train.spec.pretty_name, "dataset_type": hub.path if hub else task,
+                  "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"]), "dataset_split": "validation"}
+        if hub is not None and hub.name:
+            result["dataset_config"] = hub.name
+        target.set_card_info(datasets=[hub.path if hub else task], eval_results=[result])
     target.save_pretrained(Path(output_dir) / "model")
     tokenizer.save_pretrained(Path(output_dir) / "model")
     text_config = getattr(target.config, "text_config", None) or target.config
