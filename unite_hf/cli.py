@@ -16,6 +16,30 @@ from .importance import LABEL_MODES
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {}
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, except where the default is ``None`` or ``False``
+    (an unset option or a flag) or the help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--quiet``, ``HF_HUB_DISABLE_PROGRESS_BARS`` or ``TQDM_DISABLE`` say no."""
+    import os
+
+    off = {"1", "true", "yes", "on"}
+    env = any(os.environ.get(name, "").strip().lower() in off for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"))
+    return not getattr(args, "quiet", False) and not env
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars (also off with HF_HUB_DISABLE_PROGRESS_BARS=1 or TQDM_DISABLE=1)")
+
+
 def command(name: str, help_text: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
     def decorator(run: Callable[[argparse.Namespace], int]):
         COMMANDS[name] = (help_text, add_arguments, run)
@@ -39,12 +63,14 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
     parser.add_argument("--num-sequences", type=int, default=128, help="calibration sequences N (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence T (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per Fisher pass (default: %(default)s)")
     parser.add_argument("--rank", type=_rank, default=None,
                         help="Tucker rank: r, or r_L,r_out,r_in (default: 512, clipped to the dimensions)")
-    parser.add_argument("--fusion", choices=sorted(FUSIONS), default="fisher")
-    parser.add_argument("--decomposition", choices=sorted(DECOMPOSITIONS), default="tucker")
+    parser.add_argument("--fusion", choices=sorted(FUSIONS), default="fisher",
+                        help="how each layer's experts become one FFN (fisher: the paper's Eq. 3)")
+    parser.add_argument("--decomposition", choices=sorted(DECOMPOSITIONS), default="tucker",
+                        help="how the fused FFNs of all layers are factorized")
     parser.add_argument("--fisher-labels", choices=LABEL_MODES, default="empirical",
                         help="observed next tokens, or labels sampled from the model (true Fisher)")
     parser.add_argument("--n-iter-max", type=int, default=25, help="HOOI/ALS iterations (default: %(default)s)")
@@ -57,7 +83,7 @@ def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
-    parser.add_argument("--revision", default=None)
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub source (default: main)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="load dtype (default: the checkpoint's own)")
@@ -84,7 +110,7 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     masa.add_argument("--selection", default="auto", choices=["auto", "dense", "frequent", "shared"],
                       help="which FFN weights get gene matrices (default: dense FFNs, else shared, else most routed experts)")
     masa.add_argument("--num-experts", type=int, default=1, help="experts per layer for --selection frequent")
-    masa.add_argument("--learning-rate", type=float, default=1e-3)
+    masa.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the alignment")
     from .analysis import COMMONALITY_SCORES, SELECTION_STRATEGIES, domain_argument
 
     xpert = parser.add_argument_group("XPERT (--method xpert)")
@@ -93,8 +119,10 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     xpert.add_argument("--k-common", type=int, default=None, help="experts per layer to consolidate (default: top-k)")
     xpert.add_argument("--strategy", choices=sorted(SELECTION_STRATEGIES), default="common",
                        help="common (XPERT) or the controls random / least")
-    xpert.add_argument("--score", choices=sorted(COMMONALITY_SCORES), default="min_frequency")
+    xpert.add_argument("--score", choices=sorted(COMMONALITY_SCORES), default="min_frequency",
+                       help="commonality score that ranks experts across domains")
     xpert.add_argument("--analysis", default=None, metavar="DIR", help="reuse a saved analyze-experts folder")
+    add_quiet_argument(parser)
 
 
 def extraction_kwargs(args: argparse.Namespace) -> dict:
@@ -132,10 +160,12 @@ def _extract_unite(args: argparse.Namespace, tokenizer):
         # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
         return extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
                                            trust_remote_code=args.trust_remote_code, source_id=args.source,
-                                           source_revision=args.revision, **extraction_kwargs(args))
+                                           source_revision=args.revision, show_progress=progress_enabled(args),
+                                           **extraction_kwargs(args))
     return extract_universal_knowledge(_load_source(args), tokenizer, importance=importance, source_id=args.source,
                                        source_revision=args.revision, fused_width=args.fused_width,
-                                       activation_aware=args.activation_aware, **extraction_kwargs(args))
+                                       activation_aware=args.activation_aware, show_progress=progress_enabled(args),
+                                       **extraction_kwargs(args))
 
 
 def _extract_masa(args: argparse.Namespace, tokenizer):
@@ -148,7 +178,7 @@ def _extract_masa(args: argparse.Namespace, tokenizer):
         selection=args.selection,
         num_experts=args.num_experts, spectral_weight=args.spectral_weight, tokens=args.tokens, seq_len=args.seq_len,
         batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, source_id=args.source,
-        source_revision=args.revision)
+        source_revision=args.revision, show_progress=progress_enabled(args))
 
 
 def _extract_xpert(args: argparse.Namespace, tokenizer):
@@ -160,7 +190,7 @@ def _extract_xpert(args: argparse.Namespace, tokenizer):
         _load_source(args), tokenizer, dict(args.domains) if args.domains else DEFAULT_DOMAINS, analysis=analysis,
         k=args.k_common, strategy=args.strategy, rank=args.rank, n_iter_max=args.n_iter_max, num_sequences=args.num_sequences,
         seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, score=args.score, source_id=args.source,
-        source_revision=args.revision)
+        source_revision=args.revision, show_progress=progress_enabled(args))
 
 
 # --method -> extractor(args, tokenizer) -> gene
@@ -188,8 +218,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     from .training.tasks import TASKS
 
     parser.add_argument("--model", required=True, help="a gene (folder or Hub id) or a saved UNITE target")
-    parser.add_argument("--task", required=True, choices=sorted(TASKS))
-    parser.add_argument("--data-dir", default=None, help="local task files (default: $UNITE_HF_DATA_DIR or ../shared/data)")
+    parser.add_argument("--task", required=True, choices=sorted(TASKS), help="the task to fine-tune on")
+    parser.add_argument("--data-dir", default=None, help="local task files (default: $UNITE_HF_DATA_DIR)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the one saved with the model)")
     parser.add_argument("--format", choices=FORMATS, default="classification",
                         help="k-way sequence classification (the paper, default) or multiple choice")
@@ -205,19 +235,23 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continued pretraining of a Llama target on local text before the task (default: none)")
     parser.add_argument("--layers", type=int, default=None, help="target depth (default: the source's)")
     parser.add_argument("--rank", type=int, default=None, help="target rank (default: the gene's)")
-    parser.add_argument("--core-init", choices=["random", "tucker"], default="random")
-    parser.add_argument("--epochs", type=float, default=3)
-    parser.add_argument("--train-fraction", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--max-train-examples", type=int, default=None)
-    parser.add_argument("--max-eval-examples", type=int, default=None)
+    parser.add_argument("--core-init", choices=["random", "tucker"], default="random",
+                        help="random cores (the paper) or each source layer's Tucker core")
+    parser.add_argument("--epochs", type=float, default=3, help="training epochs")
+    parser.add_argument("--train-fraction", type=float, default=1.0, help="share of the train split used")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and split")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="peak learning rate (linear decay)")
+    parser.add_argument("--batch-size", type=int, default=16, help="examples per step")
+    parser.add_argument("--max-length", type=int, default=128, help="tokens per example (truncated)")
+    parser.add_argument("--max-train-examples", type=int, default=None, help="cap on training examples")
+    parser.add_argument("--max-eval-examples", type=int, default=None, help="cap on evaluation examples")
     parser.add_argument("--output", required=True, help="folder for the fine-tuned model and result.json")
 
 
 @command("finetune", "fine-tune a target grown from a gene on a task; prints the eval accuracy as one JSON line",
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None,
+                        help="also push the fine-tuned model (with its model card) and tokenizer to this Hub repo")
+    add_quiet_argument(parser)
          _finetune_arguments)
 def _run_finetune(args: argparse.Namespace) -> int:
     from .training.finetune import finetune
@@ -233,6 +267,7 @@ def _run_finetune(args: argparse.Namespace) -> int:
         )
     for note in summary["notes"]:
         print(f"note: {note}", file=sys.stderr)  # stdout carries only the JSON line
+            show_progress=progress_enabled(args), push_to_hub=args.push_to_hub,
     print(json.dumps(summary))
     return 0
 
@@ -240,9 +275,10 @@ def _run_finetune(args: argparse.Namespace) -> int:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from .bench import EXPERIMENTS, PROFILES
 
-    parser.add_argument("--profile", choices=sorted(PROFILES), default="full",
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="quick",
                         help="full: ~2 hours on 2 CPU cores; quick: minutes; smoke: seconds (default: %(default)s)")
-    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS))
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENTS, default=list(EXPERIMENTS),
+                        help="which experiments to run (default: all)")
     parser.add_argument("--out", default="benchmarks", help="where RESULTS.md, results.json and plots go")
     parser.add_argument("--work-dir", default="runs/bench", help="genes and fine-tuned models (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random source instead of SmolLM2 (plumbing only)")
@@ -263,7 +299,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="runs/demo", help="working folder (default: %(default)s)")
-    parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR or ../shared/data)")
+    parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR)")
     parser.add_argument("--tiny", action="store_true", help="skip the real model: a tiny random MoE (plumbing only)")
 
 
@@ -318,7 +354,7 @@ def _retention_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: %(default)s)")
     parser.add_argument("--data-dir", default=None, help="local data folder (default: $UNITE_HF_DATA_DIR)")
     parser.add_argument("--trust-remote-code", action="store_true", help="for sources with remote code")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_quiet_argument(parser)
 
 
 def _target_rank(value: str) -> int | tuple[int, int]:
@@ -343,7 +379,7 @@ def _run_retention(args: argparse.Namespace) -> int:
                                                   trust_remote_code=args.trust_remote_code)
     report = measure_retention(gene, source, tokenizer=tokenizer, text=args.text, num_windows=args.num_windows,
                                seq_len=args.seq_len, rank=args.rank, layers=args.layers, batch_size=args.batch_size,
-                               data_dir=args.data_dir, show_progress=not args.quiet)
+                               data_dir=args.data_dir, show_progress=progress_enabled(args))
     report.gene, report.source = args.gene, args.source
     print(report.to_json())
     return 0
@@ -352,11 +388,26 @@ def _run_retention(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="unite-hf", description="Genes from Mixture-of-Experts LLMs (UNITE).")
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", metavar="PATH_OR_ID", help="a gene or a UNITE target: local folder or Hub repo id")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo (default: main)")
+
+
+@command("info", "what a gene or a UNITE target holds: method, provenance, ranks, errors, spectral energy at the "
+         "stored ranks, parameters and files (JSON; no model is loaded)", _info_arguments)
+def _run_info(args: argparse.Namespace) -> int:
+    from .info import describe
+
+    print(json.dumps(describe(args.path, revision=args.revision), indent=2))
+    return 0
+
+
+    parser = argparse.ArgumentParser(prog="unite-hf", description="Genes from Mixture-of-Experts LLMs (UNITE).",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"unite_hf {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+        add_arguments(subparsers.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter))
     return parser
 
 

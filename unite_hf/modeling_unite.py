@@ -50,6 +50,9 @@ class UniteBases(nn.Module):
         self.out_basis = nn.Parameter(torch.empty(d_out, r_out))
         self.in_basis = nn.Parameter(torch.empty(d_in, r_in))
 
+    def extra_repr(self) -> str:
+        return f"U_out={tuple(self.out_basis.shape)}, U_in={tuple(self.in_basis.shape)}"
+
 
 class UniteFactorizedLinear(nn.Module):
     """``y = U_out @ G @ U_in.T @ x (+ b)``, computed right to left: O(d r + r^2) per token."""
@@ -60,6 +63,12 @@ class UniteFactorizedLinear(nn.Module):
         self.core = nn.Parameter(torch.empty(r_out, r_in))
         self.bases = UniteBases(d_out, d_in, r_out, r_in) if own_bases else None
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
+
+    def extra_repr(self) -> str:
+        r_out, r_in = self.core.shape
+        bases = "own bases" if self.bases is not None else "tied bases (shared by all layers)"
+        return (f"d_in={self.d_in}, d_out={self.d_out}, rank=(r_out={r_out}, r_in={r_in}), {bases}, "
+                f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor, bases: UniteBases) -> torch.Tensor:
         y = ((x @ bases.in_basis) @ self.core.T) @ bases.out_basis.T
@@ -103,6 +112,12 @@ class UniteFFN(nn.Module):
             self.add_module(name, module)
         # not registered: tied bases belong to the model, this is only a lookup
         self.__dict__["_shared_bases"] = shared_bases
+
+    def extra_repr(self) -> str:
+        shared = "fused onto the bases" if self.shared_cores is not None else "none"
+        if self.shared_cores is None and any(n.startswith(SHARED_EXPERT_PREFIX) for n, _ in self.named_children()):
+            shared = "kept"
+        return f"projections={self.projections}, act={type(self.act_fn).__name__}, shared_experts={shared}"
 
     def _bases(self, proj: str) -> UniteBases:
         shared = self.__dict__["_shared_bases"]

@@ -47,7 +47,21 @@ def _is_gene(model: Any) -> bool:
 
     if isinstance(model, Gene):
         return True
-    return isinstance(model, (str, os.PathLike)) and (Path(model) / CONFIG_NAME).is_file()
+    if not isinstance(model, (str, os.PathLike)):
+        return False
+    if Path(model).exists():
+        return (Path(model) / CONFIG_NAME).is_file()
+    from ..cards import hub_id
+
+    if hub_id(model) is None:
+        return False
+    from huggingface_hub import hf_hub_download
+
+    try:  # a Hub repo holds a gene when it has a gene config (downloaded once; load_gene reuses the cache)
+        hf_hub_download(str(model), CONFIG_NAME)
+    except Exception:  # noqa: BLE001 - missing file, missing repo, offline: not a gene; from_pretrained says why
+        return False
+    return True
 
 
 FFN_SLOT_NAMES = ("mlp", "feed_forward", "block_sparse_moe", "mixer")
@@ -229,12 +243,15 @@ def finetune(
     pretrain_tokens: int = 0,
     **from_gene_kwargs: Any,
 ) -> dict[str, Any]:
+    push_to_hub: str | None = None,
     """Fine-tune ``model`` (a gene, a saved target or a Llama checkpoint) on ``task``; returns a
     JSON-able summary with the final eval accuracy and the accuracy after each epoch.
 
     ``width``, ``intermediate_size``, ``scaling`` and ``pretrain_tokens`` shape Llama targets grown
     from gene matrices (see the module docstring); ``pretrain_tokens`` of local text (simplebooks and
-    wikitext2, mixed) are trained as a causal LM before the task."""
+    wikitext2, mixed) are trained as a causal LM before the task. ``push_to_hub`` (a repo id) uploads
+    the fine-tuned model (a UNITE target with its card, naming the task's dataset and accuracy) and
+    the tokenizer; the summary then holds ``"hub": repo_id``."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .tasks import TaskDataCollator, load_task, tokenize_task
@@ -280,6 +297,9 @@ def finetune(
     tokenizer.save_pretrained(Path(output_dir) / "model")
     text_config = getattr(target.config, "text_config", None) or target.config
     summary = {
+    if push_to_hub:
+        target.push_to_hub(push_to_hub, commit_message=f"Fine-tuned on {task} with unite_hf")
+        tokenizer.push_to_hub(push_to_hub, commit_message="Upload tokenizer")
         "task": task, "format": fmt, "init": init, "seed": seed, "layers": text_config.num_hidden_layers,
         "ranks": getattr(target.config, "ranks", None), "width": text_config.hidden_size,
         "pretrain": {k: v for k, v in (pretrain or {}).items() if k not in ("output_dir", "show_progress")} or None,
@@ -291,5 +311,7 @@ def finetune(
     }
     if not math.isfinite(summary["accuracy"]):
         raise RuntimeError(f"fine-tuning produced a non-finite accuracy: {summary}")
+    if push_to_hub:
+        summary["hub"] = push_to_hub
     (Path(output_dir) / "result.json").write_text(json.dumps(summary, indent=2))
     return summary

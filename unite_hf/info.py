@@ -1,0 +1,115 @@
+"""``unite-hf info``: what a gene or a target holds, read from its files without loading a model.
+
+Torch-free: reads ``gene_config.json`` / ``config.json`` and the safetensors headers (local files),
+or the Hub's safetensors metadata (a Hub repo id: only the small JSON files are downloaded).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+GENE_CONFIG = "gene_config.json"
+TARGET_CONFIG = "config.json"
+_SMALL_FILES = [GENE_CONFIG, TARGET_CONFIG, "README.md"]
+
+
+def safetensors_parameters(path: str | os.PathLike) -> dict[str, int]:
+    """``tensor name -> element count`` from a safetensors file's header (nothing else is read)."""
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    return {name: _count(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+
+
+def _folder(path_or_repo_id: str, revision: str | None) -> tuple[Path, bool]:
+    """The local folder, or a snapshot of the repo's small files; ``True`` when it came from the Hub."""
+    path = Path(path_or_repo_id)
+    if path.is_dir():
+        return path, False
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return Path(snapshot_download(path_or_repo_id, revision=revision, allow_patterns=_SMALL_FILES)), True
+    except HFValidationError as err:
+        raise ValueError(f"{path_or_repo_id!r} is neither a local folder nor a valid Hub repo id") from err
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _parameters(folder: Path, repo_id: str | None, revision: str | None) -> dict[str, int]:
+    """Element count per safetensors file (local headers, or the Hub's safetensors metadata)."""
+    if repo_id is None:
+        return {p.name: sum(safetensors_parameters(p).values()) for p in sorted(folder.glob("*.safetensors"))}
+    from huggingface_hub import HfApi
+
+    metadata = HfApi().get_safetensors_metadata(repo_id, revision=revision)
+    return {name: sum(_count(tensor.shape) for tensor in info.tensors.values())
+            for name, info in metadata.files_metadata.items()}
+
+
+def _count(shape: list[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _hub_files(repo_id: str, revision: str | None) -> dict[str, int | None]:
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
+    return {sibling.rfilename: sibling.size for sibling in info.siblings or []}
+
+
+def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
+    """A JSON-able summary of a gene or a UNITE target (folder or Hub repo id).
+
+    Gene: method, provenance (source id, revision, license, model type), calibration, fusion and
+    decomposition, ranks, relative errors, spectral energy kept at the stored ranks, parameters per
+    file and the files with their sizes. Target: architecture, the gene and its source, depth,
+    FFN layers, ranks, core init, parameters and files.
+    """
+    folder, from_hub = _folder(str(path_or_repo_id), revision)
+    repo_id = str(path_or_repo_id) if from_hub else None
+    if (folder / GENE_CONFIG).is_file():
+        config = json.loads((folder / GENE_CONFIG).read_text(encoding="utf-8"))
+        files = {name: record.get("size") for name, record in config.get("files", {}).items()}
+        files.setdefault(GENE_CONFIG, (folder / GENE_CONFIG).stat().st_size)
+        return {
+            "kind": "gene", "path": str(path_or_repo_id), "method": config.get("method"),
+            "format_version": config.get("format_version"), "library_version": config.get("library_version"),
+            "source": {key: config.get(f"source_{key}") for key in ("id", "revision", "license", "model_type")},
+            "calibration": {key: config.get(key) for key in ("calibration", "num_sequences", "seq_len", "seed",
+                                                             "fisher_labels")},
+            "fusion": config.get("fusion"), "decomposition": config.get("decomposition"),
+            "moe_layers": config.get("moe_layers"), "num_experts": config.get("num_experts"),
+            "ranks": config.get("ranks"), "relative_error": config.get("relative_error"),
+            "spectral_energy_at_rank": config.get("retained_energy"),
+            "parameters": _parameters(folder, repo_id, revision), "files": files,
+        }
+    if (folder / TARGET_CONFIG).is_file():
+        config = json.loads((folder / TARGET_CONFIG).read_text(encoding="utf-8"))
+        if config.get("model_type") != "unite":
+            raise ValueError(f"{path_or_repo_id} holds a {config.get('model_type')!r} model, not a UNITE gene or target")
+        text = config.get("text_config") or {}
+        parameters = _parameters(folder, repo_id, revision)
+        return {
+            "kind": "target", "path": str(path_or_repo_id), "architectures": config.get("architectures"),
+            "gene": config.get("gene"), "gene_source": config.get("gene_source"),
+            "family": text.get("model_type"), "num_hidden_layers": text.get("num_hidden_layers"),
+            "hidden_size": text.get("hidden_size"), "source_layers": config.get("source_layers"),
+            "ffn_layers": config.get("ffn_layers"), "ranks": config.get("ranks"),
+            "expert_intermediate_size": config.get("expert_intermediate_size"), "core_init": config.get("core_init"),
+            "tie_bases": config.get("tie_bases"), "shared_experts": config.get("shared_experts"),
+            "card_info": config.get("card_info"), "parameters": parameters,
+            "total_parameters": sum(parameters.values()),
+            "files": _hub_files(repo_id, revision) if from_hub else _files(folder),
+        }
+    raise ValueError(f"{path_or_repo_id} is not a unite_hf gene ({GENE_CONFIG}) or target ({TARGET_CONFIG})")
