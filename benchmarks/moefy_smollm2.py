@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unite_hf.calibration import find_local_data_dir
+from unite_hf.calibration import find_local_data_dir, no_data_dir_message
 from unite_hf.moefy import moefy
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -66,6 +66,8 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(args.gguf_dir, gguf_file=GGUF_NAME)
     print(f"loaded {type(dense).__name__} in {time.time() - start:.0f}s", flush=True)
     data_dir = find_local_data_dir()
+    if data_dir is None:
+        raise SystemExit(no_data_dir_message("the WikiText-2 test split"))
     text = (Path(data_dir) / "wikitext2" / "wikitext2_raw_test_hf_joined.txt").read_text()
     ids = torch.tensor(tok(text[:200_000])["input_ids"])
     if ids.numel() < args.windows * args.window:

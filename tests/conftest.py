@@ -16,7 +16,7 @@ import torch
 import transformers
 from tiny_models import COMMON
 
-from unite_hf.calibration import find_local_data_dir
+from unite_hf.calibration import DATA_DIR_ENV, find_local_data_dir
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -34,14 +34,27 @@ def _one_torch_thread():
 
 # -- the command line -----------------------------------------------------------------------------
 
-DATA = find_local_data_dir()
+def _test_data_dir() -> Path | None:
+    """The suite's data folder: ``$UNITE_HF_DATA_DIR`` when set, else the shared data folder beside this
+    checkout (``../shared/data`` from the repository root, where the README's machines keep it)."""
+    if os.environ.get(DATA_DIR_ENV):
+        return find_local_data_dir()
+    beside = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    return beside.resolve() if beside.is_dir() else None
+
+
+DATA = _test_data_dir()
 """The local data folder (WikiText-2, task files, the GPT-2 tokenizer), or None: tests that need it skip."""
-needs_data = pytest.mark.skipif(DATA is None, reason="../shared/data (WikiText-2, GPT-2 tokenizer) not found")
+if DATA is not None:
+    # The library reads data only from data_dir= or $UNITE_HF_DATA_DIR (never a guess from the cwd): the
+    # suite names its folder once, here, for every test and every CLI subprocess it starts.
+    os.environ[DATA_DIR_ENV] = str(DATA)
+needs_data = pytest.mark.skipif(DATA is None, reason="no data folder ($UNITE_HF_DATA_DIR or ../shared/data beside the checkout)")
 
 
 def run_cli(*args: str, cwd: str | os.PathLike) -> subprocess.CompletedProcess:
     """``python -m unite_hf.cli *args`` in a subprocess, offline, with the data folder passed explicitly."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "UNITE_HF_DATA_DIR": str(DATA) if DATA else ""}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", DATA_DIR_ENV: str(DATA) if DATA else ""}
     return subprocess.run([sys.executable, "-m", "unite_hf.cli", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
 

@@ -96,22 +96,22 @@ def test_registry_and_default():
     assert isinstance(CORPUS_ALIASES["wikitext2"], tuple) and CORPUS_ALIASES["wikitext2"][0] == "Salesforce/wikitext"
 
 
-def test_find_local_data_dir(monkeypatch, tmp_path):
+def test_find_local_data_dir_only_explicit_locations(monkeypatch, tmp_path):
+    """data_dir, else $UNITE_HF_DATA_DIR, else nothing: never ../shared/data guessed from the cwd or the package."""
     monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
-    assert find_local_data_dir() == DATA_DIR
+    monkeypatch.chdir(REPO_ROOT)  # ../shared/data exists from here: it must not be picked up
+    assert find_local_data_dir() is None
+    assert find_local_data_dir(DATA_DIR) == DATA_DIR
+    assert find_local_data_dir(str(tmp_path)) == tmp_path.resolve()
+    with pytest.raises(FileNotFoundError, match="missing is not a directory"):
+        find_local_data_dir(tmp_path / "missing")
     monkeypatch.setenv("UNITE_HF_DATA_DIR", str(tmp_path))
     assert find_local_data_dir() == tmp_path.resolve()
-    # a bogus env var falls through to ../shared/data (repo-root relative, whatever the cwd)
+    assert find_local_data_dir(DATA_DIR) == DATA_DIR  # the argument wins over the variable
     monkeypatch.setenv("UNITE_HF_DATA_DIR", str(tmp_path / "missing"))
-    monkeypatch.chdir(tmp_path)
-    assert find_local_data_dir() == DATA_DIR
-
-
-def test_find_local_data_dir_none(monkeypatch, tmp_path):
-    monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    fake_pkg = tmp_path / "repo" / "unite_hf" / "calibration.py"
-    monkeypatch.setattr(calib, "__file__", str(fake_pkg))
+    with pytest.warns(UserWarning, match="UNITE_HF_DATA_DIR=.*missing is not a directory"):
+        assert find_local_data_dir() is None
+    monkeypatch.setenv("UNITE_HF_DATA_DIR", "")
     assert find_local_data_dir() is None
 
 
@@ -119,8 +119,9 @@ def test_find_local_data_dir_none(monkeypatch, tmp_path):
 # Each input kind, with value checks
 # --------------------------------------------------------------------------------------------------
 def test_alias_wikitext2_local(tok, wiki_stream, monkeypatch):
-    monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
-    cs = load_calibration("wikitext2", tok, num_sequences=16, seq_len=128, seed=0, show_progress=False)
+    monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)  # the data_dir argument alone
+    cs = load_calibration("wikitext2", tok, num_sequences=16, seq_len=128, seed=0, show_progress=False,
+                          data_dir=DATA_DIR)
     assert isinstance(cs, CalibrationSet)
     assert cs.input_ids.shape == (16, 128) and cs.input_ids.dtype == torch.long
     assert cs.num_sequences == len(cs) == 16 and cs.seq_len == 128 and cs.seed == 0
@@ -399,6 +400,10 @@ def test_alias_hub_fallback_error(tok, monkeypatch, tmp_path):
     with pytest.raises(CalibrationLoadError, match=r"(?s)Salesforce/wikitext.*wikitext2_raw_test_hf_joined\.txt.*UNITE_HF_DATA_DIR"):
         load_calibration("wikitext2", tok, show_progress=False)
     with pytest.raises(CalibrationLoadError, match=r"only available locally.*UNITE_HF_DATA_DIR"):
+        load_calibration("simplebooks", tok, show_progress=False)
+    monkeypatch.delenv("UNITE_HF_DATA_DIR")  # no data folder at all, even with ../shared/data beside the cwd
+    monkeypatch.chdir(REPO_ROOT)
+    with pytest.raises(CalibrationLoadError, match=r"only available locally.*data_dir=.*UNITE_HF_DATA_DIR"):
         load_calibration("simplebooks", tok, show_progress=False)
 
 

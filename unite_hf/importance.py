@@ -427,19 +427,51 @@ def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     return final
 
 
-ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_experts_forward)
+def _register_probe_implementation() -> None:
+    """Make :data:`PROBE_IMPLEMENTATION` known to transformers' experts dispatch. Called where a probe is
+    installed, not at import: importing unite_hf leaves transformers' registry as it found it."""
+    if PROBE_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_experts_forward)
+
+
+@contextlib.contextmanager
+def _probe_dispatch(model: nn.Module, source: MoESource) -> Iterator[None]:
+    """Route the fused experts of ``model`` through the probe forward for the duration, and back.
+
+    Through ``PreTrainedModel.set_experts_implementation`` (transformers 5), which validates the name
+    and reaches sub-models; only a model without it (remote code outside ``PreTrainedModel``) has its
+    experts' config switched directly. Sources without fused experts are left alone.
+    """
+    configs = {id(b.experts.config): b.experts.config for b in source.blocks if isinstance(b, FusedExpertsBlock)}
+    if not configs:
+        yield
+        return
+    _register_probe_implementation()
+    previous = {key: config._experts_implementation for key, config in configs.items()}
+    setter = getattr(model, "set_experts_implementation", None)
+
+    def switch(name_of: Callable[[int], str]) -> None:
+        if setter is not None and len(set(map(name_of, configs))) == 1:
+            setter(name_of(next(iter(configs))))
+        for key, config in configs.items():  # configs the model's own dispatch did not reach
+            if config._experts_implementation != name_of(key):
+                config._experts_implementation = name_of(key)
+
+    switch(lambda key: PROBE_IMPLEMENTATION)
+    try:
+        yield
+    finally:
+        switch(previous.__getitem__)
 
 
 @contextlib.contextmanager
 def _probe_fused(block: FusedExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
+    """Attach ``probe`` to the block; :func:`_probe_dispatch` routes the experts' forward to it."""
     experts = block.experts
-    previous = experts.config._experts_implementation
     experts._unite_probe = probe
-    experts.config._experts_implementation = PROBE_IMPLEMENTATION
     try:
         yield
     finally:
-        experts.config._experts_implementation = previous
         del experts._unite_probe
 
 
@@ -615,6 +647,7 @@ def compute_expert_importance(
         stack.enter_context(_calibration_mode(model, need_grad=fisher, train_mode=train_mode))
         for block, probe in zip(source.blocks, probes):
             stack.enter_context(install(block, probe))
+        stack.enter_context(_probe_dispatch(model, source))
         if not fisher:
             stack.enter_context(torch.inference_mode())
         # unit "seq": tqdm shows sequences/s; tokens/s is added as a postfix

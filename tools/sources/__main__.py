@@ -33,8 +33,7 @@ def _add_common(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.add_argument("--out", default=None,
                         help="the source's folder; unset: ~/.cache/unite_hf/sources/<kind>-<hash of settings>")
     parser.add_argument("--data-dir", default=None,
-                        help="data folder with simplebooks/ and tokenizers/; unset: $UNITE_HF_DATA_DIR, "
-                             "else ../shared/data")
+                        help="data folder with simplebooks/ and tokenizers/; unset: $UNITE_HF_DATA_DIR")
     parser.add_argument("--text-file", default=None, help="plain-text file to train on instead of SimpleBooks-92")
     parser.add_argument("--force", action="store_true", help="rebuild even if the folder already holds a source")
     parser.add_argument("--no-progress", action="store_true", help="hide Trainer's progress bars")

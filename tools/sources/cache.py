@@ -61,7 +61,7 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
-    """``data_dir`` if given, else the library's own choice (``$UNITE_HF_DATA_DIR``, else ``../shared/data``)."""
+    """``data_dir`` if given, else ``$UNITE_HF_DATA_DIR`` (the library's rule: never a folder relative to the cwd)."""
     root = Path(data_dir).expanduser() if data_dir is not None else find_local_data_dir()
     if root is None or not root.is_dir():
         raise FileNotFoundError(f"no data folder ({data_dir!r}): pass data_dir= or set $UNITE_HF_DATA_DIR")
@@ -301,7 +301,7 @@ class BuildOptions:
         aux_loss_coef: ``router_aux_loss_coef``, the weight of the load-balancing loss in training.
         seed: seed of every generator (weights, noise, windows) and of ``Trainer``.
         num_held_out: held-out windows (from documents never trained on) for the loss before and after.
-        data_dir: data folder; default ``$UNITE_HF_DATA_DIR``, else ``../shared/data`` (the library's
+        data_dir: data folder; default ``$UNITE_HF_DATA_DIR`` (the library's
             :func:`unite_hf.calibration.find_local_data_dir`).
         text_file: a plain-text file to train on instead of SimpleBooks-92.
         cache_dir: the source's folder; default ``~/.cache/unite_hf/sources/<kind>-<hash of settings>``.

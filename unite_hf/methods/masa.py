@@ -49,6 +49,7 @@ from tqdm.auto import tqdm
 from ..calibration import CalibrationSet, load_calibration, load_mixed_calibration
 from ..gene import Gene, GeneConfig, register_gene
 from ..sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
+from ..seeding import seeded_by_argument
 from .unite import _source_provenance, check_finite_weights
 
 DEFAULT_CORPORA: tuple[str, ...] = ("wikitext2", "simplebooks")
@@ -332,6 +333,7 @@ def _validate_rank(units: list[FFNUnit], rank: int) -> None:
                          f"a gene matrix has at most that many singular values to align. Choose rank <= {smallest}.")
 
 
+@seeded_by_argument  # anything drawn from torch's global generator comes from `seed`, and the caller's state is kept
 def extract_masa_gene(
     model: nn.Module,
     tokenizer=None,
@@ -365,7 +367,6 @@ def extract_masa_gene(
         tokens: alignment budget in tokens (one optimizer step per batch of ``batch_size x seq_len``).
         learning_rate: Adam learning rate, decayed linearly to 0.
     """
-    torch.manual_seed(seed)
     selection = _resolve_selection(model, selection)
     _validate_settings(rank, spectral_weight, tokens)
     check_finite_weights(model)  # before any pass over the data

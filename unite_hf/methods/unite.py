@@ -66,6 +66,11 @@ def _source_provenance(model: nn.Module, source_id: str | None, source_revision:
     }
 
 
+_RANK_CLIPPED = r"default rank \d+ exceeds"
+"""The message of :func:`~unite_hf.decomposition.resolve_ranks`'s clipping warning: the one warning the
+extractor silences inside a decomposition, because it has already raised it once per projection."""
+
+
 def _planned_ranks(source: MoESource, decomposition: str, rank, fused_width: int | None = None) -> dict[str, tuple[int, int, int]]:
     block = source.blocks[0]
     expert = block.expert(0)
@@ -75,7 +80,7 @@ def _planned_ranks(source: MoESource, decomposition: str, rank, fused_width: int
         if fused_width is not None:  # the fused FFN's neuron axis: rows of gate/up, columns of down
             shape[1 if proj == "down" else 0] = fused_width
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+            warnings.simplefilter("always")  # recorded, then re-raised below with the projection's name
             ranks[proj] = resolve_ranks((len(source.blocks), *shape), decomposition, rank)
         for warning in caught:  # say which projection was clipped
             warnings.warn(f"{proj} projection: {warning.message}", UserWarning, stacklevel=3)
@@ -199,7 +204,8 @@ def extract_universal_knowledge(
     for proj in tqdm(projections, desc=f"{decomposition} decomposition", unit="proj", disable=not show_progress):
         stacked = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the rank was already resolved (and any clipping warned) above
+            # the rank was already resolved (and any clipping warned, per projection) above; nothing else is hidden
+            warnings.filterwarnings("ignore", message=_RANK_CLIPPED, category=UserWarning)
             decompositions[proj] = decompose(stacked, decomposition, ranks[proj], n_iter_max=n_iter_max, name=proj,
                                              show_progress=show_progress, hidden_mode=hidden_mode(proj),
                                              input_weight=weights.get(proj))
@@ -307,7 +313,7 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                 with safe_open(spill[0], framework="pt") as f:
                     shape = tuple(f.get_slice(proj).get_shape())
                 with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # ranks were resolved (and clipping warned) above
+                    warnings.filterwarnings("ignore", message=_RANK_CLIPPED, category=UserWarning)  # warned above
                     decompositions[proj] = decompose_streaming(
                         layer_fn, len(spill), shape, decomposition, ranks[proj], n_iter_max=n_iter_max,
                         show_progress=show_progress, name=proj)

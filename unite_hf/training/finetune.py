@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..seeding import seeded, seeded_by_argument
+
 INITS: tuple[str, ...] = ("unite", "random", "copy-only", "masa")
 LLAMA_INITS: tuple[str, ...] = ("masa", "random")
 FORMATS: tuple[str, ...] = ("classification", "multiple_choice")
@@ -98,6 +100,7 @@ def _reinit_ffns(model: nn.Module, seed: int) -> None:
                 nn.init.orthogonal_(bases.in_basis, generator=generator)
 
 
+@seeded_by_argument  # random heads, cores and inits from `seed`; the caller's global RNG state is left as it was
 def build_model(model: Any, task_data, *, fmt: str = "classification", init: str = "unite",
                 layers: int | None = None, rank: int | None = None, seed: int = 0, pad_token_id: int | None = None,
                 width: int | None = None, intermediate_size: int | None = None, scaling: str | None = None,
@@ -110,7 +113,6 @@ def build_model(model: Any, task_data, *, fmt: str = "classification", init: str
     head_kwargs: dict[str, Any] = {"pad_token_id": pad_token_id}
     if fmt == "classification":
         head_kwargs.update(num_labels=task_data.num_choices, id2label=task_data.id2label, label2id=task_data.label2id)
-    torch.manual_seed(seed)
     if not _is_gene(model):
         if init != "unite" or layers is not None or rank is not None or width is not None:
             raise ValueError("--init/--layers/--rank/--width apply when growing from a gene; a saved model is "
@@ -127,8 +129,8 @@ def build_model(model: Any, task_data, *, fmt: str = "classification", init: str
     cls = _head_class(fmt)
     target = cls.from_gene(gene, num_hidden_layers=layers, rank=rank, **from_gene_kwargs, **head_kwargs)
     if init == "random":
-        torch.manual_seed(seed)
-        return cls(target.config)
+        with seeded(seed):  # the same draws as a fresh start from `seed`, whatever from_gene drew above
+            return cls(target.config)
     if init == "copy-only":
         _reinit_ffns(target, seed)
     return target
@@ -174,6 +176,7 @@ def _llama_target(gene, fmt: str, *, init: str, layers: int | None, width: int |
     return target
 
 
+@seeded_by_argument  # LlamaForCausalLM's weight init draws from torch's global generator: scoped to `seed`
 def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None, width: int | None = None,
                           intermediate_size: int | None = None, scaling: str | None = None, seed: int = 0) -> nn.Module:
     """A ``LlamaForCausalLM`` of the given width and depth (defaults: the source's hidden size and the
@@ -192,7 +195,6 @@ def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None
                                  hidden_size=gene.config.hidden_size if width is None else width,
                                  intermediate_size=intermediate_size,
                                  num_hidden_layers=len(gene.matrix_layers) if layers is None else layers)
-    torch.manual_seed(seed)
     causal_lm = LlamaForCausalLM(config)
     if init == "masa":
         masa_init(causal_lm, gene, scaling=scaling)
@@ -241,9 +243,9 @@ def finetune(
     intermediate_size: int | None = None,
     scaling: str | None = None,
     pretrain_tokens: int = 0,
+    push_to_hub: str | None = None,
     **from_gene_kwargs: Any,
 ) -> dict[str, Any]:
-    push_to_hub: str | None = None,
     """Fine-tune ``model`` (a gene, a saved target or a Llama checkpoint) on ``task``; returns a
     JSON-able summary with the final eval accuracy and the accuracy after each epoch.
 
@@ -266,8 +268,8 @@ def finetune(
     if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
         dev.dataset = dev.dataset.shuffle(seed=0).select(range(max_eval_examples))  # same eval rows for every seed
     tokenizer = _tokenizer_for(model, tokenizer)
-    pretrain = ({"tokens": pretrain_tokens, "output_dir": Path(output_dir) / "pretrain", "show_progress": show_progress}
-                if pretrain_tokens else None)
+    pretrain = ({"tokens": pretrain_tokens, "output_dir": Path(output_dir) / "pretrain", "show_progress": show_progress,
+                 "data_dir": data_dir} if pretrain_tokens else None)
     target = build_model(model, train, fmt=fmt, init=init, layers=layers, rank=rank, seed=seed,
                          pad_token_id=tokenizer.pad_token_id, width=width, intermediate_size=intermediate_size,
                          scaling=scaling, tokenizer=tokenizer, pretrain=pretrain, **from_gene_kwargs)
@@ -295,23 +297,23 @@ def finetune(
         target.set_card_info(datasets=[hub.path if hub else task], eval_results=[result])
     target.save_pretrained(Path(output_dir) / "model")
     tokenizer.save_pretrained(Path(output_dir) / "model")
-    text_config = getattr(target.config, "text_config", None) or target.config
-    summary = {
     if push_to_hub:
         target.push_to_hub(push_to_hub, commit_message=f"Fine-tuned on {task} with unite_hf")
         tokenizer.push_to_hub(push_to_hub, commit_message="Upload tokenizer")
+    text_config = getattr(target.config, "text_config", None) or target.config
+    summary = {
         "task": task, "format": fmt, "init": init, "seed": seed, "layers": text_config.num_hidden_layers,
         "ranks": getattr(target.config, "ranks", None), "width": text_config.hidden_size,
-        "pretrain": {k: v for k, v in (pretrain or {}).items() if k not in ("output_dir", "show_progress")} or None,
+        "pretrain": {k: v for k, v in (pretrain or {}).items() if k not in ("output_dir", "show_progress", "data_dir")} or None,
         "train_examples": len(train.dataset), "eval_examples": len(dev.dataset),
         "train_fraction": train_fraction, "epochs": epochs, "accuracy": round(float(final["eval_accuracy"]), 6),
         "accuracy_per_epoch": per_epoch, "chance": round(1 / max(train.num_choices, 1), 4),
         "parameters": sum(p.numel() for p in target.parameters()), "notes": list(train.notes) + list(dev.notes),
         "seconds": round(time.perf_counter() - started, 1),
     }
-    if not math.isfinite(summary["accuracy"]):
-        raise RuntimeError(f"fine-tuning produced a non-finite accuracy: {summary}")
     if push_to_hub:
         summary["hub"] = push_to_hub
+    if not math.isfinite(summary["accuracy"]):
+        raise RuntimeError(f"fine-tuning produced a non-finite accuracy: {summary}")
     (Path(output_dir) / "result.json").write_text(json.dumps(summary, indent=2))
     return summary

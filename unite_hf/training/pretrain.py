@@ -42,9 +42,11 @@ def continued_pretraining(
     seed: int = 0,
     output_dir: str | os.PathLike = "runs/pretrain",
     show_progress: bool = True,
+    data_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Train a causal LM for ``tokens`` tokens of ``corpora`` (mixed in equal shares) with ``Trainer``;
-    returns the budget and the training loss at the start and the end."""
+    returns the budget and the training loss at the start and the end. ``data_dir``: the local folder
+    of corpus aliases (default ``$UNITE_HF_DATA_DIR``)."""
     from transformers import Trainer, TrainingArguments
 
     from ..calibration import load_mixed_calibration
@@ -53,7 +55,7 @@ def continued_pretraining(
         raise ValueError(f"tokens={tokens} is less than one sequence of {seq_len}")
     corpora = [corpora] if isinstance(corpora, (str, os.PathLike)) else list(corpora)
     windows = load_mixed_calibration(corpora, tokenizer, num_sequences=max(len(corpora), math.ceil(tokens / seq_len)),
-                                     seq_len=seq_len, seed=seed, show_progress=show_progress)
+                                     seq_len=seq_len, seed=seed, show_progress=show_progress, data_dir=data_dir)
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=1, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, save_strategy="no", logging_steps=1, report_to=[], seed=seed,

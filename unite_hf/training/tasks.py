@@ -483,12 +483,7 @@ _LOCAL_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
-    if data_dir is None:
-        return find_local_data_dir()
-    path = Path(data_dir).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(f"data_dir {path} is not a directory")
-    return path.resolve()
+    return find_local_data_dir(data_dir)  # data_dir, else $UNITE_HF_DATA_DIR, else None: never a cwd guess
 
 
 def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
@@ -518,7 +513,7 @@ def _load_local(spec: TaskSpec, split: str, data_dir: Path | None) -> _Loaded:
                                 f"({', '.join(map(str, spec.hub))}); use source='hub' or 'auto'")
     if data_dir is None:
         raise FileNotFoundError(_missing_local_message(
-            spec, f"no local data directory found (looked at ${DATA_DIR_ENV} and ../shared/data)"))
+            spec, f"no local data folder given (neither data_dir nor ${DATA_DIR_ENV})"))
     folder = _task_dir(spec, data_dir)
     reader = _LOCAL_READERS[spec.local_format]
 
@@ -670,8 +665,8 @@ def load_task(
             ``hellaswag``, ``winogrande``, ``rte``, ``boolq``, ``sst2``) or a :class:`TaskSpec`.
         split: ``"train"``, ``"validation"`` or ``"test"``. Locally, PIQA and BoolQ have no train file:
             their validation file is split with :data:`DERIVED_SPLIT_SEED` (80/20), and ``notes`` says so.
-        data_dir: the folder holding ``arc_easy/``, ``piqa/``, ... Default: ``$UNITE_HF_DATA_DIR``, then
-            ``../shared/data`` (see :func:`unite_hf.calibration.find_local_data_dir`). A task folder
+        data_dir: the folder holding ``arc_easy/``, ``piqa/``, ... Default: ``$UNITE_HF_DATA_DIR``, else no
+            local folder (see :func:`unite_hf.calibration.find_local_data_dir`; never relative to the cwd). A task folder
             itself (``.../arc_easy``) is accepted too.
         seed: seed of the ``train_fraction`` subsample (the carved split does not depend on it).
         train_fraction: share of the train split to keep, in (0, 1]; a seeded subsample, nested across
