@@ -305,3 +305,21 @@ def test_float32_kernels_keep_full_precision_under_reduced_matmul_precision():
         matmul.fp32_precision, torch.backends.cuda.matmul.fp32_precision = previous
     reference = _sq_norm_reference(x, g, seq_ids, bias=True)
     assert abs(float(fisher[0]) - reference) <= 1e-5 * reference
+
+
+@pytest.mark.parametrize("kind", ["offset", "outlier_channels", "orthogonal"])
+def test_low_precision_direct_form_is_exact_for_its_inputs(kind, monkeypatch):
+    """The tensor-core path of bf16 models (CUDA): each sequence's gradient formed whole from the bf16
+    rows, squares summed, against a float64 brute force over the same bf16 values; unequal sequence
+    lengths (padding), rows out of order, and several chunks (a chunk size forced down to 2 gradients)."""
+    from unite_hf import importance
+
+    generator = torch.Generator().manual_seed(1)
+    x, g, seq_ids = _adversarial(kind, [40, 7, 25, 1, 33], 96, 128, generator)
+    order = torch.randperm(seq_ids.numel(), generator=generator)
+    x, g, seq_ids = x[order].bfloat16(), g[order].bfloat16(), seq_ids[order]
+    reference = _sq_norm_reference(x.double(), g.double(), seq_ids, bias=True)
+    monkeypatch.setattr(importance, "_DIRECT_CHUNK_BYTES", 2 * 4 * 96 * 128)
+    got = float(importance._direct_sq_norms_low_precision(x, g, seq_ids, bias=True))
+    assert abs(got - reference) <= 1e-5 * reference
+    assert not importance._tensor_core_direct(x, g)  # on a CPU the float32 kernels stay in charge
