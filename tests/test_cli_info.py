@@ -74,16 +74,56 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_option_has_help_and_shows_its_default():
-    parser = build_parser()
     for name in ("extract", "finetune", "retention", "info", "bench", "demo"):
-        sub = _subparsers(parser)[name]
+        sub = _subparsers(build_parser([name]))[name]
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
         text = sub.format_help()
         for action in sub._actions:
             if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and action.dest != "help":
                 assert f"(default: {action.default}" in " ".join(text.split()), f"{name} {action.dest}"
-    assert build_parser().parse_args(["bench"]).profile == "quick"
+    assert build_parser(["bench"]).parse_args(["bench"]).profile == "quick"
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """Regression: the CLI imported torch and transformers before parsing, so every --help took 10-20 s."""
+    import subprocess
+    import sys
+
+    script = ("import sys, unite_hf_cli\n"
+              "for argv in ([], ['extract'], ['finetune'], ['bench'], ['retention'], ['info'], ['demo']):\n"
+              "    parser = unite_hf_cli.build_parser(argv)\n"
+              "    try:\n"
+              "        parser.parse_args([*argv, '--help'])\n"
+              "    except SystemExit:\n"
+              "        pass\n"
+              "print(sorted(m for m in ('torch', 'transformers', 'unite_hf', 'datasets') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_cli_choices_are_the_registries():
+    import unite_hf_cli
+    from unite_hf.analysis import COMMONALITY_SCORES, SELECTION_STRATEGIES
+    from unite_hf.bench import EXPERIMENTS, PROFILES
+    from unite_hf.calibration import DEFAULT_CALIBRATION
+    from unite_hf.cli import EXTRACTORS, RUNNERS
+    from unite_hf.decomposition import DECOMPOSITIONS
+    from unite_hf.fusion import FUSIONS
+    from unite_hf.importance import LABEL_MODES
+    from unite_hf.training.finetune import FORMATS, INITS
+    from unite_hf.training.tasks import TASKS
+
+    cli = unite_hf_cli
+    assert cli.FUSION_NAMES == sorted(FUSIONS) and cli.DECOMPOSITION_NAMES == sorted(DECOMPOSITIONS)
+    assert cli.LABEL_MODE_NAMES == list(LABEL_MODES) and cli.METHOD_NAMES == sorted(EXTRACTORS)
+    assert cli.COMMONALITY_SCORE_NAMES == sorted(COMMONALITY_SCORES)
+    assert cli.SELECTION_STRATEGY_NAMES == sorted(SELECTION_STRATEGIES)
+    assert cli.TASK_NAMES == sorted(TASKS) and cli.FORMAT_NAMES == list(FORMATS) and cli.INIT_NAMES == list(INITS)
+    assert cli.PROFILE_NAMES == sorted(PROFILES) and cli.EXPERIMENT_NAMES == list(EXPERIMENTS)
+    assert cli.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
+    assert set(RUNNERS) == set(cli.COMMANDS)
 
 
 def test_progress_switches(monkeypatch):
