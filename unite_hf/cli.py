@@ -198,12 +198,12 @@ def _run_info(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
     from .calibration import CalibrationLoadError
     from .training.tasks import TaskLoadError
 
     try:
-        return COMMANDS[args.command][2](args)
+        return RUNNERS[args.command](args)
     except (ValueError, OSError, CalibrationLoadError, TaskLoadError) as err:
         # user errors get one clear line, not a traceback
         print(f"unite-hf {args.command}: error: {err}", file=sys.stderr)
