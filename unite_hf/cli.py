@@ -104,6 +104,9 @@ EXTRACTORS: dict[str, Callable] = {"unite": _extract_unite, "masa": _extract_mas
 def _run_extract(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
+    from .gene import check_gene_destination
+
+    check_gene_destination(args.out)  # an unwritable --out fails now, not after the calibration pass
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
                                               trust_remote_code=args.trust_remote_code)
     gene = EXTRACTORS[args.method](args, tokenizer)
@@ -199,13 +202,15 @@ def _run_info(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser(argv).parse_args(argv)
+    from safetensors import SafetensorError
+
     from .calibration import CalibrationLoadError
     from .training.tasks import TaskLoadError
 
     try:
         return RUNNERS[args.command](args)
-    except (ValueError, OSError, CalibrationLoadError, TaskLoadError) as err:
-        # user errors get one clear line, not a traceback
+    except (ValueError, OSError, SafetensorError, CalibrationLoadError, TaskLoadError) as err:
+        # user errors and write failures (disk full: the old gene stays) get one clear line, not a traceback
         print(f"unite-hf {args.command}: error: {err}", file=sys.stderr)
         return 2
 

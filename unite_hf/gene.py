@@ -27,18 +27,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import tempfile
+import types
+import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .decomposition import Decomposition
 from .io import (
-    CorruptedFileError, atomic_save_safetensors, atomic_write_json, atomic_write_text, check_finite,
-    load_safetensors_checked,
+    CorruptedFileError, atomic_write_json, atomic_write_text, check_finite, check_writable_folder, file_records,
+    load_safetensors_checked, save_safetensors, verify_file, write_folder_atomically,
 )
 from .sources import PROJECTIONS
 
@@ -52,7 +56,7 @@ CARD_NAME = "README.md"
 GENE_FILES = (CONFIG_NAME, GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME)
 # the source's tokenizer travels with the gene, so targets grown from it can be fine-tuned right away
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "chat_template.jinja")
+                   "tokenizer.model", "chat_template.jinja", "added_tokens.json", "vocab.txt")
 
 
 class GeneFormatError(ValueError):
@@ -104,15 +108,77 @@ class GeneConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GeneConfig":
+    def from_dict(cls, data: Any) -> "GeneConfig":
+        """Validate ``data`` against the typed schema (the field annotations) and build the config.
+
+        Raises :class:`GeneFormatError` for a non-object, an unsupported ``format_version``, a missing
+        required key (:data:`REQUIRED_CONFIG_KEYS`), a value of the wrong type (``format_version: true``,
+        ``moe_layers: "0,1"``, ``num_layers: "three"``) or a file record without ``size``/``sha256``.
+        Unknown keys are kept out of the config with a ``UserWarning`` naming them (a newer writer's
+        optional field must not make an older reader refuse the gene; anything a reader needs bumps
+        ``format_version``)."""
+        if not isinstance(data, dict):
+            raise GeneFormatError(f"{CONFIG_NAME} must hold a JSON object, not {type(data).__name__}")
         version = data.get("format_version")
-        if not isinstance(version, int) or version > GENE_FORMAT_VERSION or version < 1:
+        if type(version) is not int or version > GENE_FORMAT_VERSION or version < 1:
             raise GeneFormatError(
                 f"gene format version {version!r} is not supported by unite_hf {__version__} "
                 f"(reads versions 1..{GENE_FORMAT_VERSION}); upgrade unite_hf."
             )
+        missing = [key for key in REQUIRED_CONFIG_KEYS if key not in data]
+        if missing:
+            raise GeneFormatError(f"{CONFIG_NAME} lacks the required keys {missing}; the gene is incomplete.")
+        hints = typing.get_type_hints(cls)
         known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"{CONFIG_NAME}: ignoring keys this unite_hf does not know: {unknown}", UserWarning,
+                          stacklevel=3)
+        for key in sorted(known & set(data)):
+            problem = _type_problem(data[key], hints[key])
+            if problem:
+                raise GeneFormatError(f"{CONFIG_NAME}: {key!r} {problem}, got {data[key]!r:.80}")
+        for name, record in data["files"].items():
+            if not (isinstance(record, dict) and type(record.get("size")) is int and record["size"] >= 0
+                    and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])):
+                raise GeneFormatError(f"{CONFIG_NAME}: the record of {name!r} needs an int 'size' and a hex "
+                                      f"'sha256', got {record!r:.120}")
         return cls(**{key: value for key, value in data.items() if key in known})
+
+
+# keys every gene config carries since format 1; the others default when an older writer lacked them
+REQUIRED_CONFIG_KEYS = ("format_version", "num_layers", "moe_layers", "hidden_size", "source_config", "files")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _type_problem(value: Any, hint: Any) -> str | None:
+    """Why ``value`` does not fit the annotation ``hint`` (None when it fits). bool is not an int here."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return None
+    if origin in (typing.Union, types.UnionType):
+        return None if any(_type_problem(value, arg) is None for arg in args) else f"must be {hint}"
+    if hint is type(None):
+        return None if value is None else "must be null"
+    if hint is bool:
+        return None if isinstance(value, bool) else "must be true or false"
+    if hint is int:
+        return None if type(value) is int else "must be an integer"
+    if hint is float:
+        return None if type(value) in (int, float) else "must be a number"
+    if hint is str:
+        return None if isinstance(value, str) else "must be a string"
+    if origin is list:
+        if not isinstance(value, list):
+            return f"must be a list of {args[0].__name__ if isinstance(args[0], type) else args[0]}"
+        inner = next((p for p in (_type_problem(v, args[0]) for v in value) if p), None)
+        return None if inner is None else f"holds an item that {inner}"
+    if origin is dict:
+        if not isinstance(value, dict):
+            return "must be a JSON object"
+        inner = next((p for p in (_type_problem(v, args[1]) for v in value.values()) if p), None)
+        return None if inner is None else f"holds a value that {inner}"
+    return None
 
 
 GeneT = TypeVar("GeneT", bound="Gene")
@@ -180,11 +246,14 @@ class Gene:
 
     # -- serialisation ---------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
-        """Write the gene to a folder. Each file is written atomically and the config, which holds
-        the other files' checksums, goes last: an interrupted save never leaves a gene that loads."""
-        directory = Path(save_directory)
-        if directory.exists() and not directory.is_dir():
-            raise NotADirectoryError(f"{directory} exists and is not a folder")
+        """Write the gene to a folder, replacing any gene there as a whole.
+
+        The files are staged in a sibling folder and swapped in with one rename (see
+        :func:`unite_hf.io.write_folder_atomically`): a crash, a kill or a full disk leaves the
+        complete old gene or the complete new one, never a mix, and concurrent saves to one path are
+        serialized. ``gene_config.json`` records the size and SHA-256 of every other file (tokenizer
+        and card included). A folder holding files that are not part of a gene is refused, so a
+        mistyped path never replaces someone's folder. Saving the same gene twice gives the same bytes."""
         config = dataclasses.replace(self.config, method=self.method, library_version=__version__, files={},
                                      format_version=1 if self.method == "unite" else GENE_FORMAT_VERSION)
         metadata = {"format": "pt", "unite_gene_format": str(config.format_version)}
@@ -194,18 +263,21 @@ class Gene:
         check_finite(gene_tensors, f"the gene ({GENE_WEIGHTS_NAME})")
         check_finite(self.source_state_dict, f"the gene ({SOURCE_WEIGHTS_NAME})")
         card = self.render_card(config, model_id=self._card_repo_id or Path(save_directory).name)
-        config.files[GENE_WEIGHTS_NAME] = atomic_save_safetensors(gene_tensors, directory / GENE_WEIGHTS_NAME, metadata)
-        config.files[SOURCE_WEIGHTS_NAME] = atomic_save_safetensors(
-            dict(self.source_state_dict), directory / SOURCE_WEIGHTS_NAME, metadata
-        )
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-        atomic_write_text(card, directory / CARD_NAME)
-        atomic_write_json(config.to_dict(), directory / CONFIG_NAME)
+
+        def write(staging: Path) -> None:
+            save_safetensors(gene_tensors, staging / GENE_WEIGHTS_NAME, metadata)
+            save_safetensors(dict(self.source_state_dict), staging / SOURCE_WEIGHTS_NAME, metadata)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            atomic_write_text(card, staging / CARD_NAME)
+            config.files = file_records(staging, exclude=(CONFIG_NAME,))
+            atomic_write_json(config.to_dict(), staging / CONFIG_NAME)  # last: it vouches for the others
+
+        write_folder_atomically(save_directory, write, owned=_gene_owner(Path(save_directory)))
         self.config = config
         if self._card_repo_id is None:  # push_to_hub names the gene by its repo id instead
             self.name_or_path = str(save_directory)
-        return directory
+        return Path(save_directory)
 
     @classmethod
     def from_pretrained(
@@ -221,17 +293,47 @@ class Gene:
     ) -> GeneT:
         """Load a gene from a local folder or a Hub repo id (safetensors only, checksums verified).
 
+        Everything is validated before any model could be built from it: the config against its typed
+        schema, every recorded file against its size and SHA-256 (the card excepted: it is
+        documentation, and may be edited on the Hub), no unrecorded file beside them, and every tensor's
+        dtype, shape and finiteness against the config; inconsistencies raise :class:`GeneFormatError`,
+        damaged files :class:`~unite_hf.io.CorruptedFileError`.
+
         ``Gene.from_pretrained`` (or :func:`load_gene`) returns the class registered for the gene's
         method; a subclass refuses genes of another method."""
         directory = Path(path_or_repo_id)
+        download = None
         if not directory.is_dir():
-            directory = _download(str(path_or_repo_id), revision, token, cache_dir, local_files_only, force_download)
+            download = dict(repo_id=str(path_or_repo_id), revision=revision, token=token, cache_dir=cache_dir,
+                            local_files_only=local_files_only, force_download=force_download)
+            directory = _download(**download)
+        # a save swapping the folder in mid-load makes the files disagree: load again (the folder's
+        # inode changes with every swap), so a reader never gets, nor fails on, a half-old half-new gene
+        for attempt in range(_LOAD_ATTEMPTS):
+            before = _folder_identity(directory)
+            try:
+                gene = cls._load_folder(directory, verify_checksums, download)
+            except Exception:  # noqa: BLE001 - any failure, if the folder changed under it (the tokenizer's too)
+                if attempt == _LOAD_ATTEMPTS - 1 or _folder_identity(directory) == before:
+                    raise
+                continue
+            if _folder_identity(directory) == before:
+                break
+        else:
+            raise CorruptedFileError(f"{directory} kept changing while it was loaded ({_LOAD_ATTEMPTS} attempts)")
+        gene.name_or_path = str(path_or_repo_id)  # the gene's own name: targets record it as config.gene
+        return gene
+
+    @classmethod
+    def _load_folder(cls: type[GeneT], directory: Path, verify_checksums: bool,
+                     download: dict[str, Any] | None) -> GeneT:
+        """One validated load of a gene folder (see :meth:`from_pretrained`)."""
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
         try:
             config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptedFileError(f"{config_path} is not valid JSON: {err}") from err
         gene_class = _gene_class(config.method)
         if not issubclass(gene_class, cls):
@@ -240,8 +342,13 @@ class Gene:
         for name in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME):
             if name not in config.files:
                 raise GeneFormatError(f"{config_path} records no checksum for {name}; the save did not complete.")
+        if download is not None and any(not (directory / name).is_file() for name in config.files):
+            directory = _download(**download, patterns=[CONFIG_NAME, *config.files])  # files beyond the defaults
+        gene_class.validate_config(config)
+        _verify_gene_files(directory, config, verify_checksums)
         gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
         source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
+        gene_class.validate_tensors(config, gene_tensors, source_tensors)
         try:
             gene = gene_class._from_tensors(config, gene_tensors, source_tensors)
         except (KeyError, ValueError) as err:
@@ -251,8 +358,34 @@ class Gene:
             from transformers import AutoTokenizer
 
             gene.tokenizer = AutoTokenizer.from_pretrained(directory)
-        gene.name_or_path = str(path_or_repo_id)  # the gene's own name: targets record it as config.gene
         return gene
+
+    # -- validation on load (before any model is built) --------------------------------------------
+    @classmethod
+    def validate_config(cls, config: GeneConfig) -> None:
+        """Raise :class:`GeneFormatError` where the config's values disagree with each other."""
+        if config.num_layers < 1:
+            raise GeneFormatError(f"{CONFIG_NAME}: num_layers must be at least 1, got {config.num_layers}")
+        for key in ("moe_layers", "dense_layers"):
+            layers = getattr(config, key)
+            if sorted(set(layers)) != layers or any(not 0 <= layer < config.num_layers for layer in layers):
+                raise GeneFormatError(f"{CONFIG_NAME}: {key} must be increasing layer indices below num_layers="
+                                      f"{config.num_layers}, got {layers}")
+        for key in ("hidden_size", "num_experts", "expert_intermediate_size"):
+            if getattr(config, key) < 0:
+                raise GeneFormatError(f"{CONFIG_NAME}: {key} must not be negative, got {getattr(config, key)}")
+
+    @classmethod
+    def validate_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
+                         source_tensors: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`GeneFormatError` for a non-floating or non-finite tensor (subclasses add shapes)."""
+        for file, tensors in ((GENE_WEIGHTS_NAME, gene_tensors), (SOURCE_WEIGHTS_NAME, source_tensors)):
+            for name, tensor in tensors.items():
+                if not tensor.is_floating_point():
+                    raise GeneFormatError(f"{file}: tensor {name!r} is {tensor.dtype}; a gene holds floating-point "
+                                          "tensors only")
+                if not torch.isfinite(tensor).all():
+                    raise GeneFormatError(f"{file}: tensor {name!r} contains NaN or Inf")
 
     def push_to_hub(
         self,
@@ -397,6 +530,47 @@ class UniteGene(Gene):
             f"fusion={c.fusion!r}, decomposition={c.decomposition!r}, ranks={c.ranks})"
         )
 
+    # -- validation on load ----------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: GeneConfig) -> None:
+        super().validate_config(config)
+        if not config.source_config:
+            raise GeneFormatError(f"{CONFIG_NAME}: source_config is empty; targets are built from it")
+        if not config.moe_layers or config.num_experts < 1 or config.hidden_size < 1:
+            raise GeneFormatError(f"{CONFIG_NAME}: a {config.method} gene needs moe_layers, num_experts and hidden_size")
+        for proj in config.projections:
+            ranks = config.ranks.get(proj)
+            if ranks is None or len(ranks) != 3 or min(ranks) < 1:
+                raise GeneFormatError(f"{CONFIG_NAME}: ranks[{proj!r}] must be three positive ints, got {ranks}")
+
+    @classmethod
+    def validate_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
+                         source_tensors: dict[str, torch.Tensor]) -> None:
+        """Dtype and finiteness (see :meth:`Gene.validate_tensors`), then every shape against the config."""
+        super().validate_tensors(config, gene_tensors, source_tensors)
+        n_layers, width, hidden = len(config.moe_layers), config.expert_intermediate_size, config.hidden_size
+        expected: dict[str, tuple[tuple[int | None, ...], ...]] = {
+            f"importance.{name}": ((n_layers, config.num_experts),)
+            for name in ("fisher", "frequency", "routed", "routing_mass")}
+        for proj in config.projections:
+            r_layer, r_out, r_in = config.ranks[proj]
+            d_out, d_in = {"down": (hidden, width)}.get(proj, (width, hidden)) if proj in PROJECTIONS else (None, None)
+            prefix = f"ffn.{proj}"
+            expected[f"{prefix}.core"] = ((r_layer, r_out, r_in),)
+            expected[f"{prefix}.layer_factor"] = ((n_layers, r_layer),)
+            expected[f"{prefix}.out_factor"] = ((d_out, r_out), (n_layers, d_out, r_out))  # shared or per layer
+            expected[f"{prefix}.in_factor"] = ((d_in, r_in), (n_layers, d_in, r_in))
+            expected[f"{prefix}.fused_bias"] = ((n_layers, d_out),)
+            expected[f"{prefix}.expert_factor"] = ((None, r_layer),)  # XPERT: one row per selected expert
+        for name, tensor in gene_tensors.items():
+            shapes = expected.get(name)
+            if shapes is not None and not any(_shape_fits(tuple(tensor.shape), shape) for shape in shapes):
+                raise GeneFormatError(f"{GENE_WEIGHTS_NAME}: tensor {name!r} has shape {tuple(tensor.shape)}; the "
+                                      f"config implies {' or '.join(str(s) for s in shapes)} (None: any size)")
+        for name in ("importance.fisher", "importance.frequency"):
+            if name not in gene_tensors:
+                raise GeneFormatError(f"{GENE_WEIGHTS_NAME}: tensor {name!r} is missing")
+
     # -- serialisation ---------------------------------------------------------------------------
     def gene_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors of ``gene.safetensors`` (see the module docstring for the keys)."""
@@ -431,17 +605,77 @@ class UniteGene(Gene):
                 "decomposition": config.decomposition, "num_experts": config.num_experts}
 
 
+_LOAD_ATTEMPTS = 5
+
+
+def _folder_identity(directory: Path) -> tuple[int, int] | None:
+    """(device, inode) of a folder: a save replaces the folder, so this changes with every save."""
+    try:
+        stat = directory.stat()
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino
+
+
 def _download(repo_id: str, revision: str | None, token, cache_dir, local_files_only: bool,
-              force_download: bool = False) -> Path:
+              force_download: bool = False, patterns: list[str] | None = None) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError
 
     try:
         return Path(snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
                                       local_files_only=local_files_only, force_download=force_download,
-                                      allow_patterns=list(GENE_FILES + TOKENIZER_FILES)))
+                                      allow_patterns=patterns or list(GENE_FILES + TOKENIZER_FILES)))
     except HFValidationError as err:
         raise GeneFormatError(f"{repo_id!r} is neither a local gene folder nor a valid Hub repo id") from err
+
+
+# leftovers of older unite_hf versions' per-file writes inside a gene folder: `.gene.safetensors.abc123.tmp`
+_LEGACY_TEMP = re.compile(r"^\..+\.tmp$")
+
+
+def _gene_owner(directory: Path):
+    """``owned(name)``: whether an entry of an existing folder is part of a gene (replaced by a save)
+    or foreign (the save is refused): gene and tokenizer files, whatever its config records, and
+    leftovers of older versions' per-file writes."""
+    recorded: set[str] = set()
+    try:
+        recorded = {name.split("/")[0] for name in json.loads((directory / CONFIG_NAME).read_text())["files"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no readable config: only the fixed names count as the gene's
+
+    def owned(name: str) -> bool:
+        return name in GENE_FILES or name in TOKENIZER_FILES or name in recorded or bool(_LEGACY_TEMP.match(name))
+
+    return owned
+
+
+def check_gene_destination(path: str | os.PathLike) -> None:
+    """Raise :class:`~unite_hf.io.ArtifactWriteError` (an ``OSError``) now if a gene could not be saved
+    at ``path`` later: an existing file, a read-only location, a folder holding foreign files."""
+    check_writable_folder(path, owned=_gene_owner(Path(path)))
+
+
+def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bool) -> None:
+    """Every recorded file matches its record, and (for genes that record every file, i.e. those that
+    record their card) no unrecorded file sits beside them: a leftover of another gene would otherwise
+    load as part of this one. The weights are checked as they are read; the card is not checked."""
+    for name, record in config.files.items():
+        if name not in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME):
+            verify_file(directory / name, record, verify_checksums)
+    if CARD_NAME not in config.files:  # written before every file was recorded: weights only
+        return
+    unrecorded = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*")
+                        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
+                        and path.relative_to(directory).as_posix() not in config.files
+                        and path.name != CONFIG_NAME)
+    if unrecorded:
+        raise GeneFormatError(f"{directory} holds files that {CONFIG_NAME} does not record: {unrecorded}; they "
+                              "belong to another save (a mixed gene). Save the gene again.")
+
+
+def _shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
 
 
 def _common_card_variables(config: GeneConfig) -> dict[str, Any]:

@@ -1,32 +1,56 @@
-"""Safe, atomic safetensors I/O shared by every artifact the library writes.
+"""Safe, atomic I/O shared by every artifact the library writes.
 
-- Writes go to a temporary file in the destination folder and are renamed into place, so a crash
-  never leaves a half-written file under the final name.
-- Every artifact records the size and SHA-256 of its tensor files in its JSON config, which is
-  written last: a save interrupted between files leaves a config that disagrees with the files, and
-  loading refuses it instead of mixing old and new tensors.
+- **Folders are replaced whole.** :func:`write_folder_atomically` stages the new content in a sibling
+  folder ``.{name}.tmp-{pid}-{token}`` and swaps it in with one ``renameat2(RENAME_EXCHANGE)`` (Linux;
+  elsewhere two renames, with the old folder kept as ``.{name}.old-{pid}-{token}`` until the new one is
+  in place and restored by the next write if a crash falls between them). At every instant the path
+  holds the complete old content or the complete new one, never a mix, and files of the old content
+  that the new one does not have are gone. Writers of one path are serialized by a ``filelock`` on
+  ``.{name}.lock`` beside it.
+- **Single files** go to a temporary ``.{name}.{pid}.{token}.tmp`` beside them and are renamed into place.
+- **Leftovers are cleaned.** Temporary names carry the writer's pid; the next write of the same path
+  removes those whose process is gone, never a live writer's.
+- **Checksums.** :func:`file_records` records the size and SHA-256 of every file of a folder; the
+  artifact's config (written last, inside the staged folder) holds them, and loading verifies them.
+- **Reproducible bytes.** Safetensors headers (tensor entries and metadata) and JSON files are
+  written with sorted keys, so the same content always gives the same bytes.
+- **Write failures** (disk full, file-size limit) raise :class:`ArtifactWriteError`, an ``OSError``
+  with a one-line message; the old content stays in place.
 - Loading is safetensors only; nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
-import tempfile
+import re
+import secrets
+import shutil
+import struct
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+T = TypeVar("T")
 
 
 class CorruptedFileError(ValueError):
     """A file on disk is truncated, corrupted or does not match its recorded checksum."""
 
 
+class ArtifactWriteError(OSError):
+    """Writing an artifact failed (disk full, file-size limit, read-only folder); the old content is intact."""
+
+
 def sha256_of(path: str | os.PathLike) -> str:
+    """Hex SHA-256 of a file, read in 4 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
@@ -34,10 +58,88 @@ def sha256_of(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _atomic_target(path: Path) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "sha256"}`` of one file."""
+    return {"size": os.path.getsize(path), "sha256": sha256_of(path)}
 
+
+def file_records(directory: str | os.PathLike, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """``{relative posix path: {"size", "sha256"}}`` of every file under ``directory`` (sorted), bar ``exclude``."""
+    root = Path(directory)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    return {p.relative_to(root).as_posix(): file_record(p) for p in files
+            if p.relative_to(root).as_posix() not in exclude}
+
+
+def verify_file(path: Path, record: Any, verify_checksum: bool = True) -> None:
+    """Raise :class:`CorruptedFileError` unless ``path`` exists with the recorded size (and SHA-256)."""
+    if not path.is_file():
+        raise CorruptedFileError(f"{path} is missing")
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise CorruptedFileError(
+            f"{path} is {size} bytes but {record['size']} were written: the file is truncated or was "
+            "replaced (an interrupted save or download?)."
+        )
+    if verify_checksum and sha256_of(path) != record["sha256"]:
+        raise CorruptedFileError(f"{path} does not match its recorded SHA-256: the file is corrupted.")
+
+
+# -- temporary names and stale leftovers ---------------------------------------------------------------
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+def _temp_name(name: str, kind: str) -> str:
+    """A hidden sibling name carrying the writer's pid, so a live writer's leftovers are never removed."""
+    return f".{name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _stale_siblings(parent: Path, name: str) -> Iterator[tuple[Path, str]]:
+    """``(path, kind)`` of leftovers of dead writers of ``parent / name``: staged or old folders, temp files."""
+    pattern = re.compile(rf"^\.{re.escape(name)}\.(?:(tmp|old)-(\d+)-[0-9a-f]+|(\d+)\.[0-9a-f]+\.tmp)$")
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        match = pattern.match(entry.name)
+        if match:
+            pid = int(match.group(2) or match.group(3))
+            if not _pid_alive(pid):
+                yield entry, match.group(1) or "file"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_stale(path: str | os.PathLike) -> list[Path]:
+    """Remove the leftovers of dead writers of ``path``; restore an old folder a crash left aside.
+
+    Returns what was removed. Called by every write, under the path's lock for folders."""
+    path = Path(path)
+    removed = []
+    for entry, kind in sorted(_stale_siblings(path.parent, path.name)):
+        if kind == "old" and not path.exists():
+            os.rename(entry, path)  # the crash fell between the two renames of the fallback swap
+            continue
+        _remove(entry)
+        removed.append(entry)
+    return removed
+
+
+# -- single files ------------------------------------------------------------------------------------
 
 def _default_mode() -> int:
     """What a plain ``open()`` would give: 0o666 less the umask (``mkstemp`` makes 0o600 files)."""
@@ -46,12 +148,45 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def _replace(tmp: str, path: Path) -> None:
+def _fsync_path(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
-        os.chmod(tmp, _default_mode())  # genes and reports are meant to be shared
-        os.replace(tmp, path)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _write_error(what: Path) -> Iterator[None]:
+    """Turn a failed write (disk full, file too large, read-only) into one clear ArtifactWriteError."""
+    try:
+        yield
+    except ArtifactWriteError:
+        raise
+    except (OSError, SafetensorError) as err:
+        code = err.errno if isinstance(err, OSError) else None
+        if code is None:  # safetensors reports the OS error inside its message: "... (os error 28)"
+            found = re.search(r"os error (\d+)", str(err))
+            code = int(found.group(1)) if found else None
+        reason = os.strerror(code) if code else str(err)
+        raise ArtifactWriteError(code or errno.EIO, f"could not write {what}: {reason}") from err
+
+
+def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(tmp)`` to a pid-named sibling, fsync, and rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for entry, kind in _stale_siblings(path.parent, path.name):
+        if kind == "file":
+            entry.unlink(missing_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        with _write_error(path):
+            write(tmp)
+            _fsync_path(tmp)  # the rename must not land before the data does
+            os.chmod(tmp, _default_mode())  # genes and reports are meant to be shared
+            os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -62,65 +197,277 @@ def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
             raise ValueError(f"refusing to write {what}: tensor {name!r} contains NaN or Inf")
 
 
+def _canonical_safetensors_header(path: Path) -> None:
+    """Rewrite the header of a safetensors file with sorted keys (same length, so in place).
+
+    safetensors writes its metadata from a hash map, in an order that varies between processes; the
+    tensor data and offsets do not depend on it, so sorting the header makes the bytes reproducible."""
+    with open(path, "r+b") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        if len(canonical) > length:  # cannot happen for a header safetensors wrote; keep its order then
+            return
+        handle.seek(8)
+        handle.write(canonical + b" " * (length - len(canonical)))  # safetensors pads with spaces
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """Write ``tensors`` to ``path`` (canonical header); return ``{"size", "sha256"}``.
+
+    Not atomic by itself: meant for files inside a folder staged by :func:`write_folder_atomically`."""
+    path = Path(path)
+    check_finite(tensors, path.name)
+    # safetensors refuses shared or strided storage; contiguous copies of views are what we store
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    with _write_error(path):
+        save_file(tensors, path, metadata=metadata)
+        _canonical_safetensors_header(path)
+        os.chmod(path, _default_mode())  # safetensors creates 0o600 files; genes are meant to be shared
+    return file_record(path)
+
+
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                             metadata: dict[str, str] | None = None) -> dict[str, Any]:
     """Write ``tensors`` to ``path`` atomically; return ``{"size", "sha256"}`` of the written file."""
     path = Path(path)
     check_finite(tensors, path.name)
-    # safetensors refuses shared or strided storage; contiguous copies of views are what we store
-    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    handle, tmp = _atomic_target(path)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as handle_:
-            os.fsync(handle_.fileno())  # the rename must not land before the data does
-        record = {"size": os.path.getsize(tmp), "sha256": sha256_of(tmp)}
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
-    return record
+    _atomic_file(path, lambda tmp: save_safetensors(tensors, tmp, metadata))
+    return file_record(path)
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    path = Path(path)
-    handle, tmp = _atomic_target(path)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    """Write ``data`` to ``path`` atomically (temp file + rename)."""
+    _atomic_file(Path(path), lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     atomic_write_bytes(text.encode("utf-8"), path)
 
 
+def json_bytes(data: Any) -> bytes:
+    """Canonical JSON: sorted keys, two-space indent, trailing newline (reproducible bytes)."""
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
 def atomic_write_json(data: dict[str, Any], path: str | os.PathLike) -> None:
-    atomic_write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", path)
+    atomic_write_bytes(json_bytes(data), path)
 
 
 def load_safetensors_checked(path: str | os.PathLike, record: dict[str, Any] | None = None,
                              verify_checksum: bool = True) -> dict[str, torch.Tensor]:
-    """Load a safetensors file, checking it against ``record`` (size, sha256) when given."""
+    """Load a safetensors file, checking it against ``record`` (size, sha256) when given.
+
+    The file is opened once and both checked and read through that one descriptor (on Linux), so a
+    save that replaces it in between cannot pair one file's checksum with another file's tensors."""
     path = Path(path)
-    if not path.is_file():
-        raise CorruptedFileError(f"{path} is missing")
-    if record is not None:
-        size = path.stat().st_size
-        if size != record["size"]:
-            raise CorruptedFileError(
-                f"{path} is {size} bytes but {record['size']} were written: the file is truncated or was "
-                "replaced (an interrupted save or download?)."
-            )
-        if verify_checksum and sha256_of(path) != record["sha256"]:
-            raise CorruptedFileError(f"{path} does not match its recorded SHA-256: the file is corrupted.")
     try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise CorruptedFileError(f"{path} is not a readable safetensors file: {err}") from err
+        handle = open(path, "rb")
+    except FileNotFoundError as err:
+        raise CorruptedFileError(f"{path} is missing") from err
+    with handle:
+        if record is not None:
+            size = os.fstat(handle.fileno()).st_size
+            if size != record["size"]:
+                raise CorruptedFileError(
+                    f"{path} is {size} bytes but {record['size']} were written: the file is truncated or was "
+                    "replaced (an interrupted save or download?).")
+            if verify_checksum:
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: handle.read(1 << 22), b""):
+                    digest.update(chunk)
+                if digest.hexdigest() != record["sha256"]:
+                    raise CorruptedFileError(f"{path} does not match its recorded SHA-256: the file is corrupted.")
+        same_file = f"/proc/self/fd/{handle.fileno()}"
+        try:
+            return load_file(same_file if os.path.exists(same_file) else path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise CorruptedFileError(f"{path} is not a readable safetensors file: {err}") from err
+
+
+# -- whole folders ------------------------------------------------------------------------------------
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):  # not Linux / glibc < 2.28
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # this file system cannot exchange
+        return False
+    raise OSError(err, f"could not swap {a} into {b}: {os.strerror(err)}")
+
+
+def _link_tree(source: Path, destination: Path) -> None:
+    """Hard-link (copy where links fail) ``source`` into ``destination``: no data copied, the old
+    entry untouched until the swap."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, destination, symlinks=True, copy_function=link)
+    elif source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    else:
+        link(str(source), str(destination))
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            if not os.path.islink(os.path.join(root, name)):
+                _fsync_path(Path(root) / name)
+        _fsync_path(Path(root), directory=True)
+
+
+def _check_replaceable(path: Path, owned: Callable[[str], bool] | None) -> None:
+    cwd = Path.cwd().resolve()
+    if path.resolve() == cwd or path.resolve() in cwd.parents:
+        raise ArtifactWriteError(errno.EBUSY, f"refusing to replace {path}: it holds the current working folder")
+    if owned is None:
+        return
+    foreign = sorted(entry.name for entry in path.iterdir() if not owned(entry.name))
+    if foreign:
+        raise ArtifactWriteError(
+            errno.EEXIST, f"refusing to replace {path}: it holds files that are not part of this artifact "
+            f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
+
+
+def check_writable_folder(path: str | os.PathLike, owned: Callable[[str], bool] | None = None) -> None:
+    """Cheap checks before an expensive job that ends by writing the folder ``path``: it is not an
+    existing file, the nearest existing folder above it takes a new file (probed by creating and
+    removing one, so read-only mounts and permissions are both caught), and an existing folder holds
+    nothing foreign (see :func:`write_folder_atomically`). Raises :class:`ArtifactWriteError`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactWriteError(errno.ENOTDIR, f"{path} exists and is not a folder")
+    ancestor = path.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise ArtifactWriteError(errno.ENOTDIR, f"cannot create {path}: {ancestor} is not a folder")
+    probe = ancestor / f".unite-write-probe.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with _write_error(path):
+        probe.touch(exist_ok=False)
+        probe.unlink()
+    if path.is_dir():
+        _check_replaceable(path, owned)
+
+
+def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T], *,
+                            owned: Callable[[str], bool] | None = None, keep_foreign: bool = False) -> T:
+    """Replace the folder ``path`` by what ``write(staging_folder)`` puts in a fresh staging folder.
+
+    ``owned(name)`` says which top-level entries of an existing folder belong to the artifact. With
+    ``keep_foreign=False`` an existing folder holding any other entry is refused (so a mistyped path
+    never replaces someone's folder); with ``keep_foreign=True`` other entries (a tokenizer, Trainer
+    checkpoints) are hard-linked into the new folder before the swap. Entries the artifact owns but the
+    new write did not produce are gone after the swap. Raises :class:`ArtifactWriteError` (an
+    ``OSError``) when the folder cannot be written; the old folder is then untouched.
+    """
+    from filelock import FileLock
+
+    path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()  # replace the folder the link points to, not the link
+    if path.exists() and not path.is_dir():
+        raise ArtifactWriteError(errno.ENOTDIR, f"{path} exists and is not a folder")
+    parent = path.absolute().parent
+    with _write_error(path):
+        parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(parent / f".{path.name}.lock"))
+        lock.acquire()
+    try:
+        clean_stale(path)
+        if path.exists():
+            _check_replaceable(path, None if keep_foreign else owned)
+        staging = parent / _temp_name(path.name, "tmp")
+        try:
+            with _write_error(path):
+                staging.mkdir()
+                result = write(staging)
+                if keep_foreign and path.is_dir():
+                    for entry in sorted(path.iterdir()):
+                        if (owned is None or not owned(entry.name)) and not (staging / entry.name).exists():
+                            _link_tree(entry, staging / entry.name)
+                _fsync_tree(staging)
+                _swap_in(staging, path)
+                _fsync_path(parent, directory=True)
+        except ArtifactWriteError as err:
+            _remove(staging)
+            # one line that names the destination, not the staging folder
+            raise ArtifactWriteError(err.errno, f"could not write {path}: {os.strerror(err.errno)}; its previous "
+                                     "content is unchanged") from err
+        except BaseException:
+            _remove(staging)
+            raise
+    finally:
+        lock.release()
+    return result
+
+
+def _swap_in(staging: Path, path: Path) -> None:
+    """Put ``staging`` at ``path``; the old folder (if any) ends up at a temporary name, then removed."""
+    if not path.exists():
+        os.rename(staging, path)
+        return
+    if _exchange(staging, path):
+        _remove(staging)  # now the old content
+        return
+    old = path.parent / _temp_name(path.name, "old")
+    os.rename(path, old)  # a crash here leaves `old`, which the next write's clean_stale restores
+    os.rename(staging, path)
+    _remove(old)
+
+
+# -- targets (transformers checkpoints saved by unite_hf) ---------------------------------------------
+
+#: the size and SHA-256 of every file a unite_hf target save wrote, verified by ``from_pretrained``
+TARGET_CHECKSUMS_NAME = "unite_checksums.json"
+# what a target save owns in its folder (replaced); anything else (a tokenizer saved beside it, Trainer
+# checkpoints, training_args.bin) is carried into the new folder untouched
+_TARGET_OWNED = re.compile(r"^(config\.json|generation_config\.json|README\.md|.*\.safetensors|.*\.safetensors\.index\.json"
+                           r"|pytorch_model.*\.bin|.*\.py|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
+
+
+def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path], T]) -> T:
+    """Replace ``save_directory`` atomically with what ``save(staging)`` writes, plus
+    :data:`TARGET_CHECKSUMS_NAME`; files of the folder that a model save does not own are kept."""
+    def write(staging: Path) -> T:
+        result = save(staging)
+        records = file_records(staging, exclude=(TARGET_CHECKSUMS_NAME,))
+        (staging / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": 1, "files": records}))
+        return result
+
+    return write_folder_atomically(save_directory, write, owned=lambda name: bool(_TARGET_OWNED.match(name)),
+                                   keep_foreign=True)
+
+
+def verify_target_folder(directory: str | os.PathLike) -> bool:
+    """Check every file recorded in :data:`TARGET_CHECKSUMS_NAME` (the card excepted: it may be edited
+    on the Hub); raise :class:`CorruptedFileError` on a mismatch. False when the folder records none
+    (saved without unite_hf, or by an older version)."""
+    directory = Path(directory)
+    manifest = directory / TARGET_CHECKSUMS_NAME
+    if not manifest.is_file():
+        return False
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        records = {name: files[name] for name in files if name != "README.md"}
+        for record in records.values():
+            record["size"], record["sha256"]  # noqa: B018 - a malformed record fails here
+    except (ValueError, KeyError, TypeError) as err:
+        raise CorruptedFileError(f"{manifest} is not a valid checksum record: {err!r}") from err
+    for name, record in records.items():
+        verify_file(directory / name, record)
+    return True

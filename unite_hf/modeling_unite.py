@@ -264,8 +264,14 @@ class UnitePreTrainedModel(PreTrainedModel):
             name = hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(save_directory)))
             repo_id = HfApi(token=token).create_repo(name, private=hub.get("private"), exist_ok=True).repo_id
             timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
-        result = super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        self._write_card(save_directory, repo_id, hub.get("tags"))
+        def save(folder):
+            saved = super(UnitePreTrainedModel, self).save_pretrained(folder, is_main_process, *args, **kwargs)
+            self._write_card(folder, repo_id, hub.get("tags"))
+            return saved
+
+        # with unite_hf: the folder is replaced atomically and records every file's SHA-256
+        io = _unite_io()
+        result = io.save_target_folder(save_directory, save) if io else save(save_directory)
         if push_to_hub:
             self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=hub.get("commit_message"),
                                         token=token, create_pr=hub.get("create_pr", False),
@@ -273,6 +279,15 @@ class UnitePreTrainedModel(PreTrainedModel):
         if not self.name_or_path:
             self.name_or_path = repo_id or os.fspath(save_directory)
         return result
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; with unite_hf installed, a local folder's recorded
+        checksums (``unite_checksums.json``) are verified first. Without unite_hf nothing extra is checked."""
+        io = _unite_io()
+        if io and pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+            io.verify_target_folder(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
                     commit_description: str | None = None, private: bool | None = None,
@@ -304,6 +319,14 @@ class UnitePreTrainedModel(PreTrainedModel):
             breakdown[_role(name, param, embeddings)] = breakdown.get(_role(name, param, embeddings), 0) + param.numel()
         breakdown["total"] = sum(breakdown.values())
         return breakdown
+
+
+def _unite_io():
+    """``unite_hf.io`` where unite_hf is installed; None when this file runs as remote code without it."""
+    try:
+        return importlib.import_module("unite_hf.io")
+    except ImportError:
+        return None
 
 
 def _core_std(std: float, d_out: int, d_in: int, core: torch.Tensor) -> float:

@@ -42,6 +42,30 @@ def check_finite_weights(model: nn.Module) -> None:
             raise ValueError(f"source weight {name!r} contains {bad}; refusing to extract a gene from it.")
 
 
+def check_on_device(model: nn.Module) -> None:
+    """Raise ``ValueError`` when weights sit on the meta device with nothing to load them (a model built
+    under ``init_empty_weights`` or from a config on ``meta``): it would fail inside the forward pass,
+    mid-calibration. Weights offloaded by accelerate (a ``_hf_hook`` on their module) are fine."""
+    for module_name, module in model.named_modules():
+        if hasattr(module, "_hf_hook"):
+            continue
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.device.type == "meta":
+                where = f"{module_name}.{name}" if module_name else name
+                raise ValueError(f"source weight {where!r} is on the meta device (no data); load the model with its "
+                                 "weights (from_pretrained without init_empty_weights) before extracting")
+
+
+def check_seq_len(model: nn.Module, seq_len: int) -> None:
+    """Raise ``ValueError`` when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; choose a "
+                         f"seq_len of at most {limit}")
+
+
 def _source_provenance(model: nn.Module, source_id: str | None, source_revision: str | None,
                        loaded_from: str | os.PathLike | None = None) -> dict[str, Any]:
     """Source id, resolved commit sha, license, model type and config of the source.
@@ -172,6 +196,7 @@ def extract_universal_knowledge(
         raise ValueError(f"fisher_labels must be one of {LABEL_MODES}, got {fisher_labels!r}")
     check_width(source.blocks[0], strategy, fused_width)  # before calibration
     ranks = _planned_ranks(source, decomposition, rank, fused_width)
+    check_on_device(model)
     check_finite_weights(model)
 
     calib = None
@@ -179,6 +204,7 @@ def extract_universal_knowledge(
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                  text_column=text_column, dataset_config=dataset_config, split=split,
                                  show_progress=show_progress)
+        check_seq_len(model, calib.seq_len)  # the windows' real length, before the Fisher pass
         _check_vocabulary(model, calib)
     if importance is None:
         importance = compute_expert_importance(

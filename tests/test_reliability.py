@@ -1,0 +1,335 @@
+"""What is written and read back: validated loading, target checksums, cheap checks first, atomic folders.
+
+Inconsistent genes are made the hard way: the tensors or the config are rewritten and the checksums
+recomputed, so that only validation (not the SHA-256 check) can refuse them. Each must fail inside
+``from_pretrained`` with :class:`GeneFormatError`, before any model is built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from test_fault_injection import tiny_tokenizer
+from tiny_models import VOCAB, tiny_config, tiny_moe
+
+from unite_hf import CorruptedFileError, GeneConfig, GeneFormatError, UniteForCausalLM, UniteGene, extract_universal_knowledge
+from unite_hf.gene import check_gene_destination
+from unite_hf.io import TARGET_CHECKSUMS_NAME, ArtifactWriteError, file_record, write_folder_atomically
+
+CALIBRATION = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def gene() -> UniteGene:
+    return extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, show_progress=False)
+
+
+@pytest.fixture
+def saved(gene, tmp_path) -> Path:
+    gene.save_pretrained(tmp_path / "gene")
+    return tmp_path / "gene"
+
+
+def _config(path: Path) -> dict:
+    return json.loads((path / "gene_config.json").read_text())
+
+
+def _write_config(path: Path, config) -> None:
+    (path / "gene_config.json").write_text(json.dumps(config))
+
+
+def _rewrite_tensors(path: Path, file: str, change) -> None:
+    """Apply ``change(tensors)`` to a safetensors file of the gene and record its new checksum."""
+    tensors = load_file(path / file)
+    change(tensors)
+    save_file(tensors, path / file)
+    config = _config(path)
+    config["files"][file] = file_record(path / file)
+    _write_config(path, config)
+
+
+def _nan_core(t):
+    t["ffn.up.core"][0, 0, 0] = float("nan")
+
+
+def _int_core(t):
+    t["ffn.up.core"] = t["ffn.up.core"].round().to(torch.int64)
+
+
+def _short_layer_factor(t):
+    t["ffn.gate.layer_factor"] = t["ffn.gate.layer_factor"][:-1]
+
+
+def _wide_fisher(t):
+    t["importance.fisher"] = torch.cat([t["importance.fisher"], t["importance.fisher"][:, :1]], dim=1)
+
+
+def _narrow_out_factor(t):
+    t["ffn.down.out_factor"] = t["ffn.down.out_factor"][1:]
+
+
+def _inf_source_weight(t):
+    t["model.embed_tokens.weight"][0, 0] = float("inf")
+
+
+TENSOR_CASES = {
+    "NaN in a core": (_nan_core, "NaN"),
+    "int64 core": (_int_core, "torch.int64"),
+    "layer_factor shape": (_short_layer_factor, "layer_factor"),
+    "fisher shape": (_wide_fisher, "importance.fisher"),
+    "out_factor shape": (_narrow_out_factor, "out_factor"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TENSOR_CASES))
+def test_inconsistent_tensors_under_valid_checksums_are_refused(saved, case):
+    change, message = TENSOR_CASES[case]
+    _rewrite_tensors(saved, "gene.safetensors", change)
+    with pytest.raises(GeneFormatError, match=message):
+        UniteGene.from_pretrained(saved)
+
+
+def test_non_finite_source_weight_is_refused(saved):
+    _rewrite_tensors(saved, "source_weights.safetensors", _inf_source_weight)
+    with pytest.raises(GeneFormatError, match="embed_tokens.*NaN or Inf"):
+        UniteGene.from_pretrained(saved)
+
+
+CONFIG_CASES = {
+    "a list instead of an object": (lambda c: [c], "must hold a JSON object"),
+    "missing sha256": (lambda c: {**c, "files": {**c["files"], "gene.safetensors": {"size": 10}}}, "sha256"),
+    "format_version true": (lambda c: {**c, "format_version": True}, "format version True"),
+    "moe_layers as a string": (lambda c: {**c, "moe_layers": "0,1,2"}, "'moe_layers' must be a list"),
+    "num_layers three": (lambda c: {**c, "num_layers": "three"}, "'num_layers' must be an integer"),
+    "missing source_config": (lambda c: {k: v for k, v in c.items() if k != "source_config"}, "source_config"),
+    "empty source_config": (lambda c: {**c, "source_config": {}}, "source_config is empty"),
+    "ranks as a string": (lambda c: {**c, "ranks": "3,24,32"}, "'ranks' must be a JSON object"),
+    "a rank that is not an int": (lambda c: {**c, "ranks": {**c["ranks"], "up": [3, "24", 32]}}, "'ranks' holds"),
+    "moe_layers past num_layers": (lambda c: {**c, "moe_layers": [0, 1, 7]}, "below num_layers"),
+    "ranks disagree with the core": (lambda c: {**c, "ranks": {**c["ranks"], "up": [2, 24, 32]}}, "ffn.up.core"),
+    "has_bias as a string": (lambda c: {**c, "has_bias": "no"}, "'has_bias' must be true or false"),
+    "files as a list": (lambda c: {**c, "files": list(c["files"])}, "'files' must be a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_CASES))
+def test_config_of_the_wrong_shape_or_type_is_refused(saved, case):
+    change, message = CONFIG_CASES[case]
+    _write_config(saved, change(_config(saved)))
+    with pytest.raises(GeneFormatError, match=message):
+        UniteGene.from_pretrained(saved)
+
+
+def test_missing_source_config_fails_at_load_in_milliseconds_not_in_from_gene(saved):
+    config = _config(saved)
+    del config["source_config"]
+    _write_config(saved, config)
+    start = time.perf_counter()
+    with pytest.raises(GeneFormatError):
+        UniteForCausalLM.from_gene(saved)
+    assert time.perf_counter() - start < 5  # the probe measured 43 s and 12 GB before a size mismatch
+
+
+def test_unknown_config_keys_warn_and_are_named(saved, gene):
+    _write_config(saved, {**_config(saved), "moe_layer": [0], "new_feature": 1})
+    with pytest.warns(UserWarning, match=r"\['moe_layer', 'new_feature'\]"):
+        loaded = UniteGene.from_pretrained(saved)
+    assert loaded.moe_layers == gene.moe_layers
+    with pytest.warns(UserWarning, match="does not know"):
+        GeneConfig.from_dict({**gene.config.to_dict(), "typo": 1})
+
+
+def test_a_tokenizer_left_from_another_gene_is_refused(saved, tmp_path):
+    """Every file is recorded: a file beside them that the config does not vouch for is a mix."""
+    (saved / "tokenizer.json").write_text("{}")
+    with pytest.raises(GeneFormatError, match="does not record.*tokenizer.json"):
+        UniteGene.from_pretrained(saved)
+
+
+@pytest.fixture
+def saved_with_tokenizer(gene, tmp_path) -> Path:
+    gene.tokenizer = tiny_tokenizer()
+    try:
+        gene.save_pretrained(tmp_path / "gene")
+    finally:
+        gene.tokenizer = None
+    return tmp_path / "gene"
+
+
+def test_every_file_is_checksummed_and_a_changed_tokenizer_file_is_refused(saved_with_tokenizer, tmp_path):
+    config = _config(tmp_path / "gene")
+    on_disk = {p.name for p in (tmp_path / "gene").iterdir()} - {"gene_config.json"}
+    assert set(config["files"]) == on_disk and "tokenizer.json" in on_disk
+    for name, record in config["files"].items():  # an independent hash of each file
+        assert record["sha256"] == hashlib.sha256((tmp_path / "gene" / name).read_bytes()).hexdigest()
+    tokenizer_config = tmp_path / "gene" / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text().replace("[UNK]", "[UNX]"))
+    with pytest.raises(CorruptedFileError, match="tokenizer_config.json"):
+        UniteGene.from_pretrained(tmp_path / "gene")
+
+
+def test_saving_a_gene_without_tokenizer_over_one_with_removes_the_old_tokenizer(gene, saved_with_tokenizer,
+                                                                                 tmp_path):
+    assert (tmp_path / "gene" / "tokenizer.json").exists()
+    gene.save_pretrained(tmp_path / "gene")
+    assert sorted(p.name for p in (tmp_path / "gene").iterdir()) == [
+        "README.md", "gene.safetensors", "gene_config.json", "source_weights.safetensors"]
+    assert UniteGene.from_pretrained(tmp_path / "gene").tokenizer is None
+
+
+def test_safetensors_headers_and_json_are_written_sorted(saved):
+    for name in ("gene.safetensors", "source_weights.safetensors"):
+        data = (saved / name).read_bytes()
+        (length,) = struct.unpack("<Q", data[:8])
+        header = data[8:8 + length].decode().rstrip(" ")
+        assert header == json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"))
+        assert load_file(saved / name)  # still a valid file
+    text = (saved / "gene_config.json").read_text()
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_a_folder_with_foreign_files_is_not_replaced(gene, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("years of work")
+    with pytest.raises(ArtifactWriteError, match="not part of this artifact.*thesis.tex"):
+        gene.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "years of work"
+    with pytest.raises(ArtifactWriteError, match="thesis.tex"):
+        check_gene_destination(tmp_path / "mine")
+
+
+def test_an_existing_file_is_not_a_destination(gene, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactWriteError, match="not a folder"):
+        gene.save_pretrained(tmp_path / "file")
+    with pytest.raises(ArtifactWriteError, match="not a folder"):
+        check_gene_destination(tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+def test_write_folder_atomically_leaves_the_old_folder_on_any_exception(tmp_path):
+    def good(folder: Path) -> None:
+        (folder / "a").write_text("old")
+
+    def bad(folder: Path) -> None:
+        (folder / "a").write_text("new")
+        raise RuntimeError("half way")
+
+    write_folder_atomically(tmp_path / "out", good)
+    with pytest.raises(RuntimeError):
+        write_folder_atomically(tmp_path / "out", bad)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["a"] and (tmp_path / "out" / "a").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+
+
+# -- targets --------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def target(gene, tmp_path):
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    model.save_pretrained(tmp_path / "target")
+    return model, tmp_path / "target"
+
+
+def test_target_checksums_are_recorded_and_a_flipped_byte_is_refused(target):
+    _, path = target
+    records = json.loads((path / TARGET_CHECKSUMS_NAME).read_text())["files"]
+    assert {"config.json", "model.safetensors", "modeling_unite.py", "README.md"} <= set(records)
+    for name, record in records.items():
+        assert record["sha256"] == hashlib.sha256((path / name).read_bytes()).hexdigest()
+    transformers.AutoModelForCausalLM.from_pretrained(path)  # loads while intact
+    weights = path / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight: safetensors itself would load it
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CorruptedFileError, match="model.safetensors does not match"):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+    with pytest.raises(CorruptedFileError):
+        UniteForCausalLM.from_pretrained(path)
+
+
+def test_target_overwrite_is_atomic_keeps_foreign_files_and_drops_stale_shards(target, gene, tmp_path):
+    model, path = target
+    (path / "tokenizer.json").write_text("{}")  # saved beside the model by the user
+    (path / "checkpoint-10").mkdir()
+    (path / "checkpoint-10" / "trainer_state.json").write_text("{}")
+    (path / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
+    bigger = UniteForCausalLM.from_gene(gene, num_hidden_layers=2, rank=4)
+    bigger.save_pretrained(path)
+    names = {p.name for p in path.iterdir()}
+    assert {"tokenizer.json", "checkpoint-10"} <= names and "model-00002-of-00002.safetensors" not in names
+    assert (path / "checkpoint-10" / "trainer_state.json").read_text() == "{}"
+    loaded = UniteForCausalLM.from_pretrained(path)
+    assert loaded.config.num_hidden_layers == 2
+
+
+def test_a_failed_target_save_keeps_the_old_target(target, monkeypatch):
+    model, path = target
+    before = {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()}
+
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", fail)  # the inner save, not ours
+    with pytest.raises(OSError):
+        model.save_pretrained(path)
+    assert {p.name: p.read_bytes() for p in path.iterdir() if p.is_file()} == before
+
+
+# -- cheap checks before the expensive ones -----------------------------------------------------------------
+
+def test_a_model_on_the_meta_device_is_refused_before_calibration():
+    with torch.device("meta"):  # a model built without weights
+        model = transformers.MixtralForCausalLM(tiny_config("mixtral"))
+    with pytest.raises(ValueError, match="meta device"):
+        extract_universal_knowledge(model, calibration=CALIBRATION, show_progress=False)
+
+
+def test_seq_len_above_max_position_embeddings_is_refused():
+    model = tiny_moe("mixtral")  # max_position_embeddings 128
+    long = torch.randint(0, VOCAB, (2, 129), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="max_position_embeddings=128"):
+        extract_universal_knowledge(model, calibration=long, show_progress=False)
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unite_hf.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_cli_refuses_an_out_that_is_a_file_or_read_only_before_loading_anything(tmp_path):
+    """The source does not even exist: the --out checks come first, so they are what fails."""
+    (tmp_path / "taken").write_text("x")
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        read_only.chmod(0o555)  # effective for a non-root user only
+    try:
+        cases = [("taken", "not a folder")]
+        if mounted or os.geteuid() != 0:
+            cases.append(("ro/gene", "Read-only file system" if mounted else "Permission denied"))
+        for out, message in cases:
+            result = _cli("extract", "--source", str(tmp_path / "no-such-model"), "--out", str(tmp_path / out),
+                          cwd=tmp_path)
+            assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+            assert "no-such-model" not in result.stderr  # failed before the source was looked at
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(read_only)], check=False)
+        else:
+            read_only.chmod(0o755)
+        shutil.rmtree(read_only, ignore_errors=True)
