@@ -5,7 +5,7 @@
 >>> gene.save_pretrained("mixtral-gene")
 """
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402, F401  (one place, importable by submodules without a cycle)
 
 from .calibration import CalibrationSet, load_calibration  # noqa: E402
 from .decomposition import (  # noqa: E402

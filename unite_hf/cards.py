@@ -105,8 +105,8 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
     """
     from huggingface_hub import EvalResult
 
-    from . import __version__
-    from .modeling_unite import UNITE_MODEL_TAGS
+    from ._version import __version__
+    from .configuration_unite import UNITE_MODEL_TAGS
 
     config = model.config
     architecture = type(model).__name__

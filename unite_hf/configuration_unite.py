@@ -14,6 +14,9 @@ from transformers.configuration_utils import SubConfigSpec
 CORE_INITS = ("random", "tucker")
 LAYER_SELECTIONS = ("first", "uniform")
 SHARED_EXPERT_MODES = ("keep", "fuse", "drop")
+# tags of every target: the model card, and Trainer's card through model.model_tags (here, not in
+# modeling_unite, so that cards.py reads them without importing the modeling code that imports cards)
+UNITE_MODEL_TAGS = ("unite", "learngene", "unite_hf")
 
 
 class UniteConfig(PreTrainedConfig):

@@ -24,7 +24,7 @@ from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, MultipleChoiceModelOutput, SequenceClassifierOutputWithPast,
 )
 
-from .configuration_unite import UniteConfig
+from .configuration_unite import UNITE_MODEL_TAGS, UniteConfig  # noqa: F401  (UNITE_MODEL_TAGS: also read from here)
 
 
 def moe_slot(layer: nn.Module) -> str | None:
@@ -158,9 +158,6 @@ class UniteFFN(nn.Module):
 
 
 SHARED_EXPERT_PREFIX = "shared_expert"
-
-# tags of every target: the model card, and Trainer's card through model.model_tags
-UNITE_MODEL_TAGS = ("unite", "learngene", "unite_hf")
 
 # logit post-processing some families apply in their ForCausalLM head: config attribute -> transform
 LOGIT_TRANSFORMS = {

@@ -58,6 +58,12 @@ def select_layers(source_layers: int, target_layers: int, selection: str) -> lis
     raise ValueError(f"layer_selection must be 'first' or 'uniform', got {selection!r}")
 
 
+def _is_head(cls: type, name: str) -> bool:
+    """Whether ``cls`` is (a subclass of) the target class called ``name``. By name, because this module
+    does not import ``modeling_unite``: that module imports this one for ``from_gene`` (no import cycle)."""
+    return any(base.__name__ == name and base.__module__.endswith("modeling_unite") for base in cls.__mro__)
+
+
 def _source_config(gene: UniteGene) -> PreTrainedConfig:
     data = dict(gene.config.source_config)
     model_type = data.pop("model_type", gene.config.source_model_type)
@@ -295,8 +301,6 @@ def grow_from_gene(
     ``id2label``, ``pad_token_id``, ...); anything else is an error, so a typo is not silently kept.
     Classifiers require ``num_labels`` (or ``id2label``).
     """
-    from .modeling_unite import UniteForMultipleChoice, UniteForSequenceClassification
-
     if "torch_dtype" in config_kwargs:
         warnings.warn("torch_dtype is deprecated, use dtype", FutureWarning, stacklevel=3)
         torch_dtype = config_kwargs.pop("torch_dtype")
@@ -304,13 +308,13 @@ def grow_from_gene(
     dtype = _resolve_dtype(dtype)
     device = _resolve_device(device_map)
     _check_config_kwargs(config_kwargs)
-    if cls is UniteForSequenceClassification and "num_labels" not in config_kwargs and "id2label" not in config_kwargs:
+    if _is_head(cls, "UniteForSequenceClassification") and "num_labels" not in config_kwargs and "id2label" not in config_kwargs:
         raise ValueError(f"{cls.__name__}.from_gene needs num_labels (or id2label): how many classes does the task have?")
     if "num_labels" in config_kwargs:
         num_labels = config_kwargs["num_labels"]
         if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 1:
             raise ValueError(f"num_labels must be a positive int, got {num_labels!r}")
-    if cls is UniteForMultipleChoice and "num_labels" in config_kwargs:
+    if _is_head(cls, "UniteForMultipleChoice") and "num_labels" in config_kwargs:
         warnings.warn("num_labels is ignored by UniteForMultipleChoice: the number of choices comes from the input.")
     gene, name = _load_gene(gene, revision, token=token, cache_dir=cache_dir, local_files_only=local_files_only,
                             force_download=force_download)
