@@ -333,3 +333,26 @@ def test_cli_refuses_an_out_that_is_a_file_or_read_only_before_loading_anything(
         else:
             read_only.chmod(0o755)
         shutil.rmtree(read_only, ignore_errors=True)
+
+
+def test_saving_into_the_current_folder_follows_it_to_the_new_folder(target, gene, monkeypatch):
+    """The folder is replaced, so a process working inside it is moved into the new one."""
+    _, path = target
+    (path / "notes.txt").write_text("kept")
+    monkeypatch.chdir(path)
+    UniteForCausalLM.from_gene(gene, num_hidden_layers=2, rank=4).save_pretrained(".")
+    assert Path.cwd() == path.resolve() and Path("notes.txt").read_text() == "kept"
+    assert UniteForCausalLM.from_pretrained(".").config.num_hidden_layers == 2
+
+
+def test_an_expert_analysis_folder_is_replaced_whole_and_keeps_other_files(tmp_path):
+    from unite_hf.analysis import ANALYSIS_FILE, HEATMAP_FILE, ExpertAnalysis, analyze_experts
+
+    model = tiny_moe("mixtral")
+    domains = {"a": CALIBRATION[:2], "b": CALIBRATION[2:]}
+    analysis = analyze_experts(model, domains=domains, show_progress=False)
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "notes.txt").write_text("kept")
+    analysis.save(tmp_path / "analysis")
+    assert sorted(p.name for p in (tmp_path / "analysis").iterdir()) == sorted([ANALYSIS_FILE, HEATMAP_FILE, "notes.txt"])
+    assert ExpertAnalysis.load(tmp_path / "analysis").to_dict() == analysis.to_dict()

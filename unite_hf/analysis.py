@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet, find_local_data_dir, load_calibration
 from .importance import compute_expert_importance
-from .io import atomic_write_bytes, atomic_write_json
+from .io import json_bytes, write_folder_atomically
 from .sources import get_source
 
 __all__ = [
@@ -351,11 +351,19 @@ class ExpertAnalysis:
         return cls(**values)
 
     def save(self, directory: str | os.PathLike) -> dict[str, str]:
-        """Write :data:`HEATMAP_FILE` then :data:`ANALYSIS_FILE` (both atomically) into ``directory``."""
+        """Write :data:`HEATMAP_FILE` and :data:`ANALYSIS_FILE` into ``directory``, replacing an earlier
+        analysis there as a whole (other files of the folder are kept; see
+        :func:`unite_hf.io.write_folder_atomically`)."""
         directory = Path(directory)
         paths = {"json": str(directory / ANALYSIS_FILE), "heatmap": str(directory / HEATMAP_FILE)}
-        atomic_write_bytes(self.heatmap_png(), directory / HEATMAP_FILE)
-        atomic_write_json(self.to_dict(), directory / ANALYSIS_FILE)
+        heatmap, report = self.heatmap_png(), self.to_dict()  # before the folder is touched
+
+        def write(staging: Path) -> None:
+            (staging / HEATMAP_FILE).write_bytes(heatmap)
+            (staging / ANALYSIS_FILE).write_bytes(json_bytes(report))
+
+        write_folder_atomically(directory, write, owned=lambda name: name in (ANALYSIS_FILE, HEATMAP_FILE),
+                                keep_foreign=True)
         return paths
 
     @classmethod

@@ -405,8 +405,8 @@ class Gene:
         self._card_repo_id = repo_id
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                self.save_pretrained(tmp)
-                info = api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                folder = self.save_pretrained(Path(tmp) / "gene")  # a subfolder: its lock file goes with tmp
+                info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                          commit_message=commit_message or f"Upload {self.method.upper()} gene",
                                          create_pr=create_pr)
         finally:

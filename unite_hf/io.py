@@ -128,7 +128,7 @@ def clean_stale(path: str | os.PathLike) -> list[Path]:
     """Remove the leftovers of dead writers of ``path``; restore an old folder a crash left aside.
 
     Returns what was removed. Called by every write, under the path's lock for folders."""
-    path = Path(path)
+    path = Path(os.path.abspath(path))
     removed = []
     for entry, kind in sorted(_stale_siblings(path.parent, path.name)):
         if kind == "old" and not path.exists():
@@ -331,9 +331,6 @@ def _fsync_tree(directory: Path) -> None:
 
 
 def _check_replaceable(path: Path, owned: Callable[[str], bool] | None) -> None:
-    cwd = Path.cwd().resolve()
-    if path.resolve() == cwd or path.resolve() in cwd.parents:
-        raise ArtifactWriteError(errno.EBUSY, f"refusing to replace {path}: it holds the current working folder")
     if owned is None:
         return
     foreign = sorted(entry.name for entry in path.iterdir() if not owned(entry.name))
@@ -377,12 +374,12 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
     """
     from filelock import FileLock
 
-    path = Path(path)
+    path = Path(os.path.abspath(path))  # "." and "x/.." name a folder by a name that cannot be renamed
     if path.is_symlink():
         path = path.resolve()  # replace the folder the link points to, not the link
     if path.exists() and not path.is_dir():
         raise ArtifactWriteError(errno.ENOTDIR, f"{path} exists and is not a folder")
-    parent = path.absolute().parent
+    parent = path.parent
     with _write_error(path):
         parent.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(parent / f".{path.name}.lock"))
@@ -401,8 +398,11 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
                         if (owned is None or not owned(entry.name)) and not (staging / entry.name).exists():
                             _link_tree(entry, staging / entry.name)
                 _fsync_tree(staging)
+                inside = _cwd_inside(path)
                 _swap_in(staging, path)
                 _fsync_path(parent, directory=True)
+                if inside is not None:  # the process worked inside the old folder: follow it to the new one
+                    os.chdir(path / inside if (path / inside).is_dir() else path)
         except ArtifactWriteError as err:
             _remove(staging)
             # one line that names the destination, not the staging folder
@@ -414,6 +414,14 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
     finally:
         lock.release()
     return result
+
+
+def _cwd_inside(path: Path) -> Path | None:
+    """The current folder relative to ``path`` when it lies inside it (``Path(".")`` for ``path`` itself)."""
+    try:
+        return Path.cwd().resolve().relative_to(path.resolve())
+    except (ValueError, OSError):
+        return None
 
 
 def _swap_in(staging: Path, path: Path) -> None:
@@ -463,11 +471,12 @@ def verify_target_folder(directory: str | os.PathLike) -> bool:
         return False
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        records = {name: files[name] for name in files if name != "README.md"}
-        for record in records.values():
-            record["size"], record["sha256"]  # noqa: B018 - a malformed record fails here
-    except (ValueError, KeyError, TypeError) as err:
+        records = {name: record for name, record in files.items() if name != "README.md"}
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptedFileError(f"{manifest} is not a valid checksum record: {err!r}") from err
+    malformed = [name for name, record in records.items() if not (isinstance(record, dict) and {"size", "sha256"} <= set(record))]
+    if malformed:
+        raise CorruptedFileError(f"{manifest}: the records of {malformed} lack a size or a sha256")
     for name, record in records.items():
         verify_file(directory / name, record)
     return True
