@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .calibration import CalibrationSet
+from .compat import apply_gate, get_experts_implementation, set_experts_implementation
 from .sources import (
     FusedExpertsBlock,
     ModuleListExpertsBlock,
@@ -477,7 +478,7 @@ def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
         if block.has_bias:
             first_bias = (experts.gate_up_proj_bias if block.has_gate else experts.up_proj_bias)[expert]
         h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
-        h = experts._apply_gate(h) if block.has_gate else experts.act_fn(h)
+        h = apply_gate(experts, h) if block.has_gate else experts.act_fn(h)
         out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
         out = out * top_k_weights[token_idx, slot, None]
         final.index_add_(0, token_idx, out.to(final.dtype))
@@ -504,15 +505,15 @@ def _probe_dispatch(model: nn.Module, source: MoESource) -> Iterator[None]:
         yield
         return
     _register_probe_implementation()
-    previous = {key: config._experts_implementation for key, config in configs.items()}
+    previous = {key: get_experts_implementation(config) for key, config in configs.items()}
     setter = getattr(model, "set_experts_implementation", None)
 
     def switch(name_of: Callable[[int], str]) -> None:
         if setter is not None and len(set(map(name_of, configs))) == 1:
             setter(name_of(next(iter(configs))))
         for key, config in configs.items():  # configs the model's own dispatch did not reach
-            if config._experts_implementation != name_of(key):
-                config._experts_implementation = name_of(key)
+            if get_experts_implementation(config) != name_of(key):
+                set_experts_implementation(config, name_of(key))
 
     switch(lambda key: PROBE_IMPLEMENTATION)
     try:

@@ -177,7 +177,7 @@ class MoECheckpoint:
         return [t for t in get_model_conversion_mapping(self.meta_model) if isinstance(t, WeightRenaming)]
 
     def _classify_keys(self) -> None:
-        from transformers.core_model_loading import apply_renamings
+        from ..compat import apply_renamings
 
         renamings = self._renamings()
         meta_names = set(self.meta_model.state_dict())

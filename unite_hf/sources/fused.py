@@ -122,7 +122,6 @@ class FusedExpertsBlock(MoEBlock):
     @property
     def custom_gating(self) -> bool:
         """Whether the family overrides the default ``act(gate) * up`` (gpt-oss clamps and offsets)."""
-        from transformers.integrations.moe import _default_apply_gate
+        from ..compat import has_custom_gating
 
-        apply_gate = getattr(type(self.experts), "_apply_gate", _default_apply_gate)
-        return apply_gate is not _default_apply_gate
+        return has_custom_gating(self.experts)
