@@ -16,8 +16,6 @@ layer (a saved target keeps the map it was built with: ``config.source_layers``)
 
 from __future__ import annotations
 
-import math
-
 __all__ = ["map_layers"]
 
 

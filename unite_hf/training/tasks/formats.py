@@ -1,0 +1,166 @@
+"""The two tokenised formats: classification (choices enumerated) and multiple choice (k sequences)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from datasets import Dataset
+
+from .loading import TaskData
+from .registry import _choice_counts
+from .schema import _ANSWER_PROMPT, _LETTERS, TaskFormat
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation: the two formats
+# --------------------------------------------------------------------------------------------------
+def _classification_suffix(choices: Sequence[str]) -> str:
+    return "".join(f"\n{_LETTERS[i]}. {choice}" for i, choice in enumerate(choices)) + f"\n{_ANSWER_PROMPT}"
+
+
+def _choice_suffix(choice: str) -> str:
+    # An empty (padding) choice ends on "Answer:" without a dangling space
+    return f"\n{_ANSWER_PROMPT} {choice}" if choice else f"\n{_ANSWER_PROMPT}"
+
+
+def format_classification_text(example: Mapping[str, Any]) -> str:
+    """The paper's single sequence: context, the choices enumerated ``A.``, ``B.``, ..., then ``Answer:``."""
+    return example["context"] + _classification_suffix(example["choices"])
+
+
+def format_multiple_choice_texts(example: Mapping[str, Any], num_choices: int | None = None) -> list[str]:
+    """One ``"{context}\\nAnswer: {choice}"`` per choice, padded with empty choices to ``num_choices``."""
+    choices = list(example["choices"])
+    choices += [""] * max(0, (num_choices or len(choices)) - len(choices))
+    return [example["context"] + _choice_suffix(choice) for choice in choices]
+
+
+def _fit_context(tokenizer: Any, context: str, suffix: str, max_length: int, side: str,
+                 ids: list[int]) -> tuple[str, list[int]]:
+    """Cut whole tokens off ``context`` (at ``side``) until ``context + suffix`` fits in ``max_length`` tokens.
+
+    Truncation happens on the text, which is then re-tokenised, so the ids always decode to exactly
+    ``kept_context + suffix``: the choices and the final ``Answer:`` are never cut, which matters for
+    last-token pooling. ``ids`` are those of the uncut text. Returns the kept context and its ids; if
+    even an empty context is too long, the ids are cut hard at the right.
+    """
+    offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    kept, drop = context, len(ids) - max_length
+    while len(ids) > max_length and drop < len(offsets):
+        kept = context[offsets[drop][0]:] if side == "left" else context[:offsets[len(offsets) - drop - 1][1]]
+        ids = tokenizer(kept + suffix)["input_ids"]
+        drop += max(1, len(ids) - max_length)  # a re-tokenised boundary can shift by a token: cut again
+    if len(ids) > max_length:
+        kept, ids = "", tokenizer(suffix)["input_ids"][:max_length]
+    return kept, ids
+
+
+def _encode_classification(tokenizer: Any, contexts: list[str], suffixes: list[str], max_length: int,
+                           side: str) -> list[list[int]]:
+    """Batch-tokenise ``context + suffix``; only the rare too-long rows take the slow fitting path."""
+    all_ids = tokenizer([c + s for c, s in zip(contexts, suffixes)])["input_ids"]
+    return [ids if len(ids) <= max_length else _fit_context(tokenizer, c, s, max_length, side, ids)[1]
+            for ids, c, s in zip(all_ids, contexts, suffixes)]
+
+
+def _encode_multiple_choice(tokenizer: Any, contexts: list[str], suffixes: list[list[str]], max_length: int,
+                            side: str) -> list[list[list[int]]]:
+    """``[B][k][T_i]`` ids. A too-long item has its context cut once, for its longest choice, so that
+    all k sequences of the item share the same context (the choices then differ only in their answer)."""
+    k = len(suffixes[0]) if suffixes else 0
+    flat = tokenizer([c + s for c, row in zip(contexts, suffixes) for s in row])["input_ids"]
+    out = []
+    for i, (context, row) in enumerate(zip(contexts, suffixes)):
+        ids = flat[i * k:(i + 1) * k]
+        longest = max(range(k), key=lambda j: len(ids[j]))
+        if len(ids[longest]) > max_length:
+            kept, _ = _fit_context(tokenizer, context, row[longest], max_length, side, ids[longest])
+            ids = tokenizer([kept + s for s in row])["input_ids"]
+            ids = [x if len(x) <= max_length else _fit_context(tokenizer, kept, s, max_length, side, x)[1]
+                   for x, s in zip(ids, row)]
+        out.append(ids)
+    return out
+
+
+@dataclass(frozen=True)
+class _TokenizeFn:
+    tokenizer: Any
+    format: str
+    num_choices: int
+    max_length: int
+    side: str
+
+    def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        contexts, choices = batch["context"], batch["choices"]
+        if self.format == "classification":
+            ids = _encode_classification(self.tokenizer, contexts, [_classification_suffix(c) for c in choices],
+                                         self.max_length, self.side)
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": batch["label"]}
+        # multiple choice: k suffixes per item, short items padded with empty choices
+        suffixes = [[_choice_suffix(o) for o in list(options) + [""] * (self.num_choices - len(options))]
+                    for options in choices]
+        ids = _encode_multiple_choice(self.tokenizer, contexts, suffixes, self.max_length, self.side)
+        return {"input_ids": ids, "attention_mask": [[[1] * len(x) for x in row] for row in ids],
+                "labels": batch["label"]}
+
+
+def tokenize_task(
+    task_data: TaskData | Dataset,
+    tokenizer: Any,
+    format: TaskFormat = "classification",
+    max_length: int = 256,
+    *,
+    num_choices: int | None = None,
+    truncation_side: Literal["left", "right"] = "left",
+    batch_size: int = 1000,
+    num_proc: int | None = None,
+) -> Dataset:
+    """Tokenise normalised examples for a model head.
+
+    Args:
+        task_data: a :class:`TaskData` (or a ``Dataset`` of normalised examples).
+        tokenizer: a Hugging Face tokenizer; a fast one for the truncation of long contexts (it uses
+            offsets). Special tokens (BOS, ...) are added as the tokenizer does by default.
+        format: ``"classification"``: one sequence (:func:`format_classification_text`), ``input_ids``
+            ``[T]``; ``"multiple_choice"``: k sequences (:func:`format_multiple_choice_texts`),
+            ``input_ids`` ``[k][T_i]``, padded to k with empty choices.
+        max_length: most tokens per sequence. Long contexts lose whole tokens at ``truncation_side``
+            (default ``"left"``: the end of the context, next to the question and answers, is kept);
+            choices and the final ``Answer:`` are kept.
+        num_choices: k; default the task's. Items with more choices than k are dropped (logged).
+        batch_size, num_proc: passed to ``Dataset.map``.
+
+    Returns:
+        A ``Dataset`` with ``input_ids``, ``attention_mask`` and ``labels`` (no padding: use
+        :class:`TaskDataCollator`).
+    """
+    if format not in ("classification", "multiple_choice"):
+        raise ValueError(f"format must be 'classification' or 'multiple_choice', got {format!r}")
+    if truncation_side not in ("left", "right"):
+        raise ValueError(f"truncation_side must be 'left' or 'right', got {truncation_side!r}")
+    if max_length < 8:
+        raise ValueError(f"max_length={max_length} is too small to hold a prompt")
+    dataset = task_data.dataset if isinstance(task_data, TaskData) else task_data
+    if len(dataset) == 0:
+        raise ValueError("cannot tokenise an empty dataset")
+    if num_choices is None:
+        num_choices = task_data.num_choices if isinstance(task_data, TaskData) else max(_choice_counts(dataset))
+    if not 2 <= num_choices <= len(_LETTERS):
+        raise ValueError(f"num_choices must be in [2, {len(_LETTERS)}], got {num_choices}")
+
+    too_many = [i for i, n in enumerate(_choice_counts(dataset)) if n > num_choices]
+    if too_many:
+        logger.warning("tokenize_task: dropping %d of %d items with more than %d choices", len(too_many),
+                       len(dataset), num_choices)
+        dropped = set(too_many)
+        dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
+        if len(dataset) == 0:
+            raise ValueError(f"no item has at most {num_choices} choices")
+
+    fn = _TokenizeFn(tokenizer, format, num_choices, max_length, truncation_side)
+    return dataset.map(fn, batched=True, batch_size=batch_size, num_proc=num_proc,
+                       remove_columns=dataset.column_names, desc=f"tokenising ({format})")
