@@ -111,7 +111,7 @@ def test_full_target_with_tucker_cores_reproduces_the_fused_source(genes, family
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     # and the rebuilt FFN matrices are the gene's fused experts
     ffn = target.model.ffn(gene.moe_layers[-1])
-    torch.testing.assert_close(ffn.up.weight(ffn._bases("up")), gene.fused_weight(gene.moe_layers[-1], "up"),
+    torch.testing.assert_close(ffn.up.dense_weight(ffn._bases("up")), gene.fused_weight(gene.moe_layers[-1], "up"),
                                rtol=1e-5, atol=1e-6)
 
 

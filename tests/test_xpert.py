@@ -92,7 +92,7 @@ def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
     target = UniteForSequenceClassification.from_gene(tmp_path / "gene", num_hidden_layers=3, core_init="tucker",
                                                       num_labels=2)
     ffn = target.model.ffn(1)
-    torch.testing.assert_close(ffn.up.weight(ffn.up.bases), gene.fused_weight(1, "up"), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ffn.up.dense_weight(ffn.up.bases), gene.fused_weight(1, "up"), atol=1e-5, rtol=0)
     assert target(torch.randint(0, VOCAB, (2, 8))).logits.shape == (2, 2)
     # smaller width: a plain Llama; coupled scaling keeps every target neuron one real neuron of the mixture
     config = transformers.LlamaConfig(**{**COMMON, "hidden_size": 16, "intermediate_size": 40, "num_hidden_layers": 2})

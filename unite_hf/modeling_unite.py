@@ -74,8 +74,9 @@ class UniteFactorizedLinear(nn.Module):
         y = ((x @ bases.in_basis) @ self.core.T) @ bases.out_basis.T
         return y if self.bias is None else y + self.bias
 
-    def weight(self, bases: UniteBases) -> torch.Tensor:
-        """The rebuilt dense matrix ``(d_out, d_in)`` (for inspection and checks)."""
+    def dense_weight(self, bases: UniteBases) -> torch.Tensor:
+        """The rebuilt dense matrix ``(d_out, d_in)`` (for inspection and checks). Not called
+        ``weight``: peft reads ``module.weight`` as a tensor."""
         return bases.out_basis @ self.core @ bases.in_basis.T
 
 
@@ -119,9 +120,14 @@ class UniteFFN(nn.Module):
             shared = "kept"
         return f"projections={self.projections}, act={type(self.act_fn).__name__}, shared_experts={shared}"
 
+    def linear(self, proj: str) -> UniteFactorizedLinear:
+        """The factorized ``proj`` projection (unwrapped from a peft LoRA layer, if one wraps it)."""
+        module = getattr(self, proj)
+        return module.get_base_layer() if hasattr(module, "get_base_layer") else module
+
     def _bases(self, proj: str) -> UniteBases:
         shared = self.__dict__["_shared_bases"]
-        return shared[proj] if shared is not None else getattr(self, proj).bases
+        return shared[proj] if shared is not None else self.linear(proj).bases
 
     def project(self, proj: str, x: torch.Tensor) -> torch.Tensor:
         return getattr(self, proj)(x, self._bases(proj))
@@ -279,12 +285,17 @@ class UnitePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; with unite_hf installed, a local folder's recorded
-        checksums (``unite_checksums.json``) are verified first. Without unite_hf nothing extra is checked."""
+        """``PreTrainedModel.from_pretrained``; with unite_hf installed, the recorded checksums
+        (``unite_checksums.json``) are verified: a local folder's before loading, a Hub download's
+        before the model is returned. Without unite_hf (remote code) nothing extra is checked."""
         io = _unite_io()
-        if io and pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+        local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
+        if io and local:
             io.verify_target_folder(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if io and not local and pretrained_model_name_or_path is not None:
+            io.verify_target_download(str(pretrained_model_name_or_path), kwargs)
+        return model
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
                     commit_description: str | None = None, private: bool | None = None,
@@ -342,7 +353,7 @@ def _init_unite_module(module: nn.Module, std: float) -> None:
             init.zeros_(module.bias)
     elif module.shared_cores is not None:  # UniteFFN with fused shared experts
         for proj, core in module.shared_cores.items():
-            linear = getattr(module, proj)
+            linear = module.linear(proj)
             init.normal_(core, mean=0.0, std=_core_std(std, linear.d_out, linear.d_in, core))
 
 

@@ -9,12 +9,15 @@ from .trainer_utils import (
     set_trainable,
 )
 
+from .lora import UNITE_FFN_PROJECTIONS, UniteLoraLinear, load_unite_lora_config, register_unite_lora, unite_lora_config
+
 from .tasks import (
     TASKS, TaskData, TaskDataCollator, TaskLoadError, TaskSpec, get_task_spec, load_task, normalize_dataset,
     register_task, tokenize_task,
 )
 
 __all__ = [
+    "UNITE_FFN_PROJECTIONS", "UniteLoraLinear", "load_unite_lora_config", "register_unite_lora", "unite_lora_config",
     "TASKS", "TaskData", "TaskDataCollator", "TaskLoadError", "TaskSpec", "get_task_spec", "load_task",
     "normalize_dataset", "register_task", "tokenize_task",
     "ACCURACY_METRIC_PATH", "IGNORE_INDEX", "TRAINABLE_MODES", "argmax_logits", "attention_projection_names",
