@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -21,6 +20,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
+from hub_server import local_hub  # noqa: F401
 from test_fault_injection import tiny_tokenizer
 from tiny_models import VOCAB, tiny_config, tiny_moe
 
@@ -309,30 +309,32 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_cli_refuses_an_out_that_is_a_file_or_read_only_before_loading_anything(tmp_path):
-    """The source does not even exist: the --out checks come first, so they are what fails."""
+def test_cli_refuses_an_out_that_is_a_file_before_loading_anything(tmp_path):
+    """The source does not even exist: the --out check comes first, so it is what fails."""
     (tmp_path / "taken").write_text("x")
+    result = _cli("extract", "--source", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "taken"),
+                  cwd=tmp_path)
+    assert result.returncode == 2 and "not a folder" in result.stderr and "Traceback" not in result.stderr
+    assert "no-such-model" not in result.stderr  # failed before the source was looked at
+
+
+def test_a_read_only_destination_is_refused_by_the_check_the_cli_runs_first(tmp_path):
     read_only = tmp_path / "ro"
     read_only.mkdir()
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)],
                              capture_output=True).returncode == 0
     if not mounted:
-        read_only.chmod(0o555)  # effective for a non-root user only
+        if os.geteuid() == 0:
+            pytest.skip("root ignores permissions and no read-only tmpfs can be mounted here")
+        read_only.chmod(0o555)
     try:
-        cases = [("taken", "not a folder")]
-        if mounted or os.geteuid() != 0:
-            cases.append(("ro/gene", "Read-only file system" if mounted else "Permission denied"))
-        for out, message in cases:
-            result = _cli("extract", "--source", str(tmp_path / "no-such-model"), "--out", str(tmp_path / out),
-                          cwd=tmp_path)
-            assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
-            assert "no-such-model" not in result.stderr  # failed before the source was looked at
+        with pytest.raises(ArtifactWriteError, match="Read-only file system" if mounted else "Permission denied"):
+            check_gene_destination(read_only / "gene")
     finally:
         if mounted:
             subprocess.run(["umount", str(read_only)], check=False)
         else:
             read_only.chmod(0o755)
-        shutil.rmtree(read_only, ignore_errors=True)
 
 
 def test_saving_into_the_current_folder_follows_it_to_the_new_folder(target, gene, monkeypatch):
@@ -356,3 +358,19 @@ def test_an_expert_analysis_folder_is_replaced_whole_and_keeps_other_files(tmp_p
     analysis.save(tmp_path / "analysis")
     assert sorted(p.name for p in (tmp_path / "analysis").iterdir()) == sorted([ANALYSIS_FILE, HEATMAP_FILE, "notes.txt"])
     assert ExpertAnalysis.load(tmp_path / "analysis").to_dict() == analysis.to_dict()
+
+
+def test_a_hub_target_is_verified_after_download(gene, local_hub, tmp_path):  # noqa: F811
+    """push_to_hub records the checksums too; a byte flipped in the local cache is refused."""
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    model.push_to_hub("me/target")
+    assert TARGET_CHECKSUMS_NAME in local_hub.files("me/target")
+    transformers.AutoModelForCausalLM.from_pretrained("me/target")  # downloads, verifies, loads
+    from huggingface_hub import hf_hub_download
+
+    blob = Path(hf_hub_download("me/target", "model.safetensors")).resolve()
+    data = bytearray(blob.read_bytes())
+    data[-3] ^= 0x01
+    blob.write_bytes(bytes(data))
+    with pytest.raises(CorruptedFileError, match="model.safetensors does not match"):
+        transformers.AutoModelForCausalLM.from_pretrained("me/target")

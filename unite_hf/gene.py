@@ -2,12 +2,16 @@
 
 Every method writes the same folder (a local folder, or a Hub model repo)::
 
-    gene_config.json           GeneConfig: method, provenance, shapes, method settings, file checksums
-                               (written last, so an interrupted save never loads)
+    gene_config.json           GeneConfig: method, provenance, shapes, method settings, and the size
+                               and SHA-256 of every other file of the folder
     gene.safetensors           the method's tensors (see each gene class)
     source_weights.safetensors weights copied from the source as they are (may be empty)
     README.md                  model card, from model_cards/gene_<method>.md
     tokenizer files            the source's tokenizer, when set
+
+A save replaces the whole folder at once (staged beside it, swapped in by rename; see
+:func:`unite_hf.io.write_folder_atomically`); a load validates the config, the files and every
+tensor before anything is built from them (:meth:`Gene.from_pretrained`).
 
 :class:`Gene` holds that machinery once; each method is a subclass registered under its
 ``GeneConfig.method`` with :func:`register_gene`, so :func:`load_gene` (or

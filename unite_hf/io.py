@@ -453,18 +453,36 @@ def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path],
     :data:`TARGET_CHECKSUMS_NAME`; files of the folder that a model save does not own are kept."""
     def write(staging: Path) -> T:
         result = save(staging)
-        records = file_records(staging, exclude=(TARGET_CHECKSUMS_NAME,))
-        (staging / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": 1, "files": records}))
+        record_target_checksums(staging)
         return result
 
     return write_folder_atomically(save_directory, write, owned=lambda name: bool(_TARGET_OWNED.match(name)),
                                    keep_foreign=True)
 
 
-def verify_target_folder(directory: str | os.PathLike) -> bool:
+def record_target_checksums(directory: str | os.PathLike) -> None:
+    """Write :data:`TARGET_CHECKSUMS_NAME`: the size and SHA-256 of every other file of the folder."""
+    records = file_records(directory, exclude=(TARGET_CHECKSUMS_NAME,))
+    (Path(directory) / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": 1, "files": records}))
+
+
+def verify_target_download(repo_id: str, kwargs: dict[str, Any]) -> bool:
+    """Verify the files of a Hub target that ``from_pretrained`` downloaded (those in the local snapshot)
+    against its :data:`TARGET_CHECKSUMS_NAME`; False when the repo records none."""
+    from transformers.utils import cached_file
+
+    hub = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
+           if kwargs.get(key) is not None}
+    manifest = cached_file(repo_id, TARGET_CHECKSUMS_NAME, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False, **hub)
+    return manifest is not None and verify_target_folder(Path(manifest).parent, present_only=True)
+
+
+def verify_target_folder(directory: str | os.PathLike, present_only: bool = False) -> bool:
     """Check every file recorded in :data:`TARGET_CHECKSUMS_NAME` (the card excepted: it may be edited
-    on the Hub); raise :class:`CorruptedFileError` on a mismatch. False when the folder records none
-    (saved without unite_hf, or by an older version)."""
+    on the Hub); raise :class:`CorruptedFileError` on a mismatch. ``present_only``: skip recorded files
+    that are absent (a Hub snapshot holds only what was downloaded). False when the folder records
+    none (saved without unite_hf, or by an older version)."""
     directory = Path(directory)
     manifest = directory / TARGET_CHECKSUMS_NAME
     if not manifest.is_file():
@@ -478,5 +496,6 @@ def verify_target_folder(directory: str | os.PathLike) -> bool:
     if malformed:
         raise CorruptedFileError(f"{manifest}: the records of {malformed} lack a size or a sha256")
     for name, record in records.items():
-        verify_file(directory / name, record)
+        if not (present_only and not (directory / name).exists()):
+            verify_file(directory / name, record)
     return True

@@ -312,6 +312,8 @@ class UnitePreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as work_dir:
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
+            if _unite_io():
+                _unite_io().record_target_checksums(work_dir)  # verified by from_pretrained after download
             info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
                                      commit_description=commit_description, revision=revision, create_pr=create_pr)
         if not self.name_or_path:
