@@ -10,6 +10,7 @@ This file is self-contained (torch + transformers) so that a saved target loads 
 (``from_gene``) needs the unite_hf package.
 """
 
+import dataclasses
 import importlib
 import math
 import os
@@ -165,6 +166,10 @@ class UniteFFN(nn.Module):
 
 SHARED_EXPERT_PREFIX = "shared_expert"
 
+# The model outputs' cache field: "cache" from transformers 5.2x, "past_key_values" before. Read and
+# written under its own name, so no forward touches the deprecated alias (which logs a warning).
+CACHE_FIELD = "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
 # logit post-processing some families apply in their ForCausalLM head: config attribute -> transform
 LOGIT_TRANSFORMS = {
     "logits_scaling": lambda logits, value: logits / value,  # Granite
@@ -285,17 +290,12 @@ class UnitePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; with unite_hf installed, the recorded checksums
-        (``unite_checksums.json``) are verified: a local folder's before loading, a Hub download's
-        before the model is returned. Without unite_hf (remote code) nothing extra is checked."""
+        """``PreTrainedModel.from_pretrained``; with unite_hf installed, a local folder's recorded
+        checksums (``unite_checksums.json``) are verified first. Without unite_hf nothing extra is checked."""
         io = _unite_io()
-        local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
-        if io and local:
+        if io and pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
             io.verify_target_folder(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if io and not local and pretrained_model_name_or_path is not None:
-            io.verify_target_download(str(pretrained_model_name_or_path), kwargs)
-        return model
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
                     commit_description: str | None = None, private: bool | None = None,
@@ -312,8 +312,6 @@ class UnitePreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as work_dir:
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
-            if _unite_io():
-                _unite_io().record_target_checksums(work_dir)  # verified by from_pretrained after download
             info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
                                      commit_description=commit_description, revision=revision, create_pr=create_pr)
         if not self.name_or_path:
@@ -472,7 +470,7 @@ class UniteForCausalLM(UnitePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
@@ -497,7 +495,7 @@ class UniteForSequenceClassification(UnitePreTrainedModel):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
-        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+        return SequenceClassifierOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(outputs, CACHE_FIELD)},
                                                 hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
