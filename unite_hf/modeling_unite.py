@@ -290,12 +290,17 @@ class UnitePreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; with unite_hf installed, a local folder's recorded
-        checksums (``unite_checksums.json``) are verified first. Without unite_hf nothing extra is checked."""
+        """``PreTrainedModel.from_pretrained``; with unite_hf installed, the recorded checksums
+        (``unite_checksums.json``) are verified: a local folder's before loading, a Hub download's
+        before the model is returned. Without unite_hf (remote code) nothing extra is checked."""
         io = _unite_io()
-        if io and pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path):
+        local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
+        if io and local:
             io.verify_target_folder(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        if io and not local and pretrained_model_name_or_path is not None:
+            io.verify_target_download(str(pretrained_model_name_or_path), kwargs)
+        return model
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
                     commit_description: str | None = None, private: bool | None = None,
@@ -312,6 +317,8 @@ class UnitePreTrainedModel(PreTrainedModel):
         with tempfile.TemporaryDirectory() as work_dir:
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
+            if _unite_io():
+                _unite_io().record_target_checksums(work_dir)  # verified by from_pretrained after download
             info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
                                      commit_description=commit_description, revision=revision, create_pr=create_pr)
         if not self.name_or_path:
