@@ -118,15 +118,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-windows", type=int, default=1024, help="WikiText-2 training windows")
     parser.add_argument("--held-out-windows", type=int, default=16)
     parser.add_argument("--fisher-sequences", type=int, default=16)
-    parser.add_argument("--json", default="benchmarks/lm_probe.json")
+    parser.add_argument("--json", nargs="+", default=["benchmarks/lm_probe.json"],
+                        help="where the results go (with --report-only: several files, one section each)")
+    parser.add_argument("--markdown", default="benchmarks/LM_PROBE.md", help="the tables, included in RESULTS.md")
     parser.add_argument("--work-dir", default="runs/lm_probe")
     parser.add_argument("--tiny", action="store_true", help="tiny random source (plumbing only)")
     parser.add_argument("--report-only", action="store_true")
     args = parser.parse_args(argv)
     if args.report_only:
-        data = json.loads(Path(args.json).read_text())
-        print(render(data["summary"], data["separation"]))
+        text = write_markdown([json.loads(Path(path).read_text()) for path in args.json], args.markdown)
+        print(text)
         return 0
+    if len(args.json) != 1:
+        parser.error("--json takes one file unless --report-only")
 
     from bench_retention import load_source
 
@@ -169,9 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     result = {"command": "python benchmarks/bench_lm_probe.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "source": label, "held_out": held_label, "runs": runs, "summary": summary, "separation": separation,
               "minutes": round((time.perf_counter() - started) / 60, 1)}
-    Path(args.json).write_text(json.dumps(result, indent=1, sort_keys=True))
+    Path(args.json[0]).write_text(json.dumps(result, indent=1, sort_keys=True))
     print(render(summary, separation))
     return 0
+
+
+def write_markdown(results: list[dict], path: str) -> str:
+    """LM_PROBE.md: one table per source (JSON turns the step keys into strings: back to ints)."""
+    lines = ["# LM probe: does retention turn into better targets?", "",
+             "4-layer `UniteForCausalLM` targets trained as causal LMs (`transformers.Trainer`, constant lr) on "
+             "WikiText-2 windows; held-out loss (nats/token) on SimpleBooks-92 valid (last 20%), mean ± standard "
+             "error over seeds. Inits: `kept+inherited` = concat fusion + tucker_hidden gene, `core_init=\"tucker\"`; "
+             "`paper (random cores)` = fisher + tucker gene, random cores; `copy-only` = copied embeddings, "
+             "attention and norms, random FFNs; `random` = everything random.", ""]
+    for result in results:
+        summary = {init: {int(step): v for step, v in per.items()} for init, per in result["summary"].items()}
+        lines += [f"## {result['source']}", "", f"Reproduce: `{result['command']}` ({result['minutes']} minutes on "
+                  "2 shared cores).", "", render(summary, result["separation"]), ""]
+    text = "\n".join(lines)
+    Path(path).write_text(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -17,11 +17,18 @@ def test_smoke_bench_writes_a_report(tmp_path):
     assert "TINY RANDOM" in results["source"]
     experiments = {r["experiment"] for r in results["runs"]}
     assert experiments == {"generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "masa",
-                           "masa_ablation", "xpert", "xpert_control"}
+                           "masa_ablation", "xpert", "xpert_control", "downstream"}
+    downstream = [r for r in results["runs"] if r["experiment"] == "downstream"]
+    assert {r["init"] for r in downstream} == {"kept", "paper", "copy-only", "random"}
+    assert {(r["task"], r["eval_split"]) for r in downstream} == {("sst2", "validation"), ("arc_easy", "test")}
+    for r in downstream:  # each example's outcome, agreeing with the reported accuracy
+        assert len(r["correct"]) == r["eval_examples"] == 24
+        assert sum(r["correct"]) / 24 == pytest.approx(r["accuracy"], abs=1e-6)
     for section in ("Generalization across tasks", "Convergence", "Ablation: fusion", "Ablation: decomposition",
                     "Ablation: rank", "Ablation: depth", "Data efficiency", "unite-hf bench --profile smoke",
                     "MASA: gene matrices", "### Width 32", "### Width 64", "no spectral", "truncate/pad",
-                    "XPERT: common experts", "Control: which experts", "xpert-llama-w32"):
+                    "XPERT: common experts", "Control: which experts", "xpert-llama-w32",
+                    "Downstream with intervals", "kept - copy-only", "**all tasks pooled**"):
         assert section in text
     assert (tmp_path / "out" / "xpert_convergence.png").is_file()
     assert (tmp_path / "out" / "xpert_analysis" / "expert_heatmap.png").is_file()
@@ -34,6 +41,12 @@ def test_smoke_bench_writes_a_report(tmp_path):
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r for r in again["runs"] if r["experiment"] not in ("xpert", "xpert_control")] == before
     assert len(again["meta"]["commands"]) == 2 and "Generalization across tasks" in report.read_text()
+    # downstream runs finished under the same profile are read back, not fine-tuned again
+    run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, experiments=("downstream",),
+              command="unite-hf bench --profile smoke --tiny --experiments downstream")
+    resumed = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [r for r in resumed["runs"] if r["experiment"] == "downstream"] == downstream
+    again = resumed
     rendered = report.read_text()
     run_bench(tmp_path / "out", "smoke", tiny=True, report_only=True)  # re-render only: same report, nothing lost
     assert report.read_text() == rendered

@@ -106,7 +106,7 @@ def test_help_imports_neither_torch_nor_transformers():
 def test_cli_choices_are_the_registries():
     import unite_hf_cli
     from unite_hf.analysis import COMMONALITY_SCORES, SELECTION_STRATEGIES
-    from unite_hf.bench import EXPERIMENTS, PROFILES
+    from unite_hf.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS
     from unite_hf.calibration import DEFAULT_CALIBRATION
     from unite_hf.cli import EXTRACTORS, RUNNERS
     from unite_hf.decomposition import DECOMPOSITIONS
@@ -122,6 +122,7 @@ def test_cli_choices_are_the_registries():
     assert cli.SELECTION_STRATEGY_NAMES == sorted(SELECTION_STRATEGIES)
     assert cli.TASK_NAMES == sorted(TASKS) and cli.FORMAT_NAMES == list(FORMATS) and cli.INIT_NAMES == list(INITS)
     assert cli.PROFILE_NAMES == sorted(PROFILES) and cli.EXPERIMENT_NAMES == list(EXPERIMENTS)
+    assert cli.SCRIPT_EXPERIMENT_NAMES == list(SCRIPT_EXPERIMENTS)
     assert cli.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
     assert set(RUNNERS) == set(cli.COMMANDS)
 

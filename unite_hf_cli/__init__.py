@@ -25,8 +25,9 @@ TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
 INIT_NAMES = ["unite", "random", "copy-only", "masa"]  # unite_hf.training.finetune.INITS
 PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
-EXPERIMENT_NAMES = ["generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "masa",
-                    "xpert"]  # unite_hf.bench.EXPERIMENTS
+EXPERIMENT_NAMES = ["generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "downstream",
+                    "masa", "xpert", "retention", "lm_probe"]  # unite_hf.bench.EXPERIMENTS
+SCRIPT_EXPERIMENT_NAMES = ["retention", "lm_probe"]  # unite_hf.bench.SCRIPT_EXPERIMENTS
 
 
 def _domain(value: str) -> tuple[str, str]:
@@ -173,8 +174,10 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", choices=PROFILE_NAMES, default="quick",
                         help="full: ~2 hours on 2 CPU cores; quick: minutes; smoke: seconds (default: %(default)s)")
-    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENT_NAMES, default=list(EXPERIMENT_NAMES),
-                        help="which experiments to run (default: all)")
+    parser.add_argument("--experiments", nargs="+", choices=EXPERIMENT_NAMES,
+                        default=[e for e in EXPERIMENT_NAMES if e not in SCRIPT_EXPERIMENT_NAMES],
+                        help="which experiments to run; retention and lm_probe run benchmarks/ scripts of a "
+                             "source checkout, only when named")
     parser.add_argument("--out", default="benchmarks", help="where RESULTS.md, results.json and plots go")
     parser.add_argument("--work-dir", default="runs/bench", help="genes and fine-tuned models (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random source instead of SmolLM2 (plumbing only)")

@@ -238,6 +238,7 @@ def finetune(
     max_length: int = 128,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
+    eval_split: str = "validation",
     show_progress: bool = True,
     width: int | None = None,
     intermediate_size: int | None = None,
@@ -253,16 +254,18 @@ def finetune(
     from gene matrices (see the module docstring); ``pretrain_tokens`` of local text (simplebooks and
     wikitext2, mixed) are trained as a causal LM before the task. ``push_to_hub`` (a repo id) uploads
     the fine-tuned model (a UNITE target with its card, naming the task's dataset and accuracy) and
-    the tokenizer; the summary then holds ``"hub": repo_id``."""
+    the tokenizer; the summary then holds ``"hub": repo_id``. ``eval_split`` picks the scored split
+    (``"test"`` for ARC and OpenBookQA, whose test files carry labels); the summary's ``correct`` lists
+    each scored example's outcome (1/0) in a fixed order, for paired intervals between runs."""
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .tasks import TaskDataCollator, load_task, tokenize_task
-    from .trainer_utils import compute_accuracy
+    from .trainer_utils import compute_accuracy, correct_per_example
 
     started = time.perf_counter()
     set_seed(seed)
     train = load_task(task, "train", data_dir, seed=seed, train_fraction=train_fraction)
-    dev = load_task(task, "validation", data_dir, seed=seed)
+    dev = load_task(task, eval_split, data_dir, seed=seed)
     if max_train_examples is not None and len(train.dataset) > max_train_examples:
         train.dataset = train.dataset.shuffle(seed=seed).select(range(max_train_examples))
     if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
@@ -287,11 +290,14 @@ def finetune(
                       compute_metrics=compute_accuracy)
     trainer.train()
     per_epoch = [round(entry["eval_accuracy"], 6) for entry in trainer.state.log_history if "eval_accuracy" in entry]
-    final = trainer.evaluate()
+    # predict, not evaluate: the same metrics, plus each example's outcome for paired comparisons
+    prediction = trainer.predict(dev_tok, metric_key_prefix="eval")
+    final = prediction.metrics
+    correct = correct_per_example(prediction.predictions, prediction.label_ids)
     if hasattr(target, "set_card_info"):  # UNITE targets write their own card; plain Llama ones are plain
         hub = train.spec.hub[0] if train.spec.hub else None  # the card names datasets by Hub id
         result = {"dataset_name": train.spec.pretty_name, "dataset_type": hub.path if hub else task,
-                  "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"]), "dataset_split": "validation"}
+                  "metric_type": "accuracy", "metric_value": float(final["eval_accuracy"]), "dataset_split": eval_split}
         if hub is not None and hub.name:
             result["dataset_config"] = hub.name
         target.set_card_info(datasets=[hub.path if hub else task], eval_results=[result])
@@ -308,6 +314,7 @@ def finetune(
         "train_examples": len(train.dataset), "eval_examples": len(dev.dataset),
         "train_fraction": train_fraction, "epochs": epochs, "accuracy": round(float(final["eval_accuracy"]), 6),
         "accuracy_per_epoch": per_epoch, "chance": round(1 / max(train.num_choices, 1), 4),
+        "eval_split": eval_split, "correct": correct,
         "parameters": sum(p.numel() for p in target.parameters()), "notes": list(train.notes) + list(dev.notes),
         "seconds": round(time.perf_counter() - started, 1),
     }

@@ -85,6 +85,15 @@ def compute_accuracy(eval_pred) -> dict[str, float]:
     return load_accuracy_metric().compute(predictions=predictions.reshape(-1), references=labels.reshape(-1))
 
 
+def correct_per_example(predictions, labels) -> list[int]:
+    """1 where the argmaxed prediction equals the label, else 0, in evaluation order (the per-example
+    outcomes that paired bootstrap intervals between two models on one eval set resample)."""
+    predictions, labels = _predictions_array(predictions), np.asarray(labels)
+    if predictions.ndim == labels.ndim + 1:
+        predictions = predictions.argmax(-1)
+    return (predictions.reshape(-1) == labels.reshape(-1)).astype(int).tolist()
+
+
 def argmax_logits(logits, labels: torch.Tensor) -> torch.Tensor:
     """``preprocess_logits_for_metrics`` for causal LMs: keep next-token ids, not ``(B, T, V)`` logits,
     so that evaluation does not gather vocabulary-sized arrays."""
