@@ -263,13 +263,14 @@ def test_target_checksums_are_recorded_and_a_flipped_byte_is_refused(target):
 def test_target_overwrite_is_atomic_keeps_foreign_files_and_drops_stale_shards(target, gene, tmp_path):
     model, path = target
     (path / "tokenizer.json").write_text("{}")  # saved beside the model by the user
+    (path / "train.py").write_text("# the user's script")
     (path / "checkpoint-10").mkdir()
     (path / "checkpoint-10" / "trainer_state.json").write_text("{}")
     (path / "model-00002-of-00002.safetensors").write_bytes(b"stale shard")
     bigger = UniteForCausalLM.from_gene(gene, num_hidden_layers=2, rank=4)
     bigger.save_pretrained(path)
     names = {p.name for p in path.iterdir()}
-    assert {"tokenizer.json", "checkpoint-10"} <= names and "model-00002-of-00002.safetensors" not in names
+    assert {"tokenizer.json", "train.py", "checkpoint-10"} <= names and "model-00002-of-00002.safetensors" not in names
     assert (path / "checkpoint-10" / "trainer_state.json").read_text() == "{}"
     loaded = UniteForCausalLM.from_pretrained(path)
     assert loaded.config.num_hidden_layers == 2
@@ -374,3 +375,14 @@ def test_a_hub_target_is_verified_after_download(gene, local_hub, tmp_path):  # 
     blob.write_bytes(bytes(data))
     with pytest.raises(CorruptedFileError, match="model.safetensors does not match"):
         transformers.AutoModelForCausalLM.from_pretrained("me/target")
+
+
+def test_the_two_rename_swap_where_renameat2_is_missing(gene, saved_with_tokenizer, monkeypatch):
+    """Other systems lack RENAME_EXCHANGE: the old folder is renamed aside, the new one in, the old removed."""
+    import unite_hf.io as io
+
+    monkeypatch.setattr(io, "_exchange", lambda a, b: False)  # what a system without renameat2 reports
+    gene.save_pretrained(saved_with_tokenizer)
+    assert sorted(p.name for p in saved_with_tokenizer.iterdir()) == [
+        "README.md", "gene.safetensors", "gene_config.json", "source_weights.safetensors"]
+    assert sorted(p.name for p in saved_with_tokenizer.parent.iterdir()) == [".gene.lock", "gene"]

@@ -149,9 +149,18 @@ def _default_mode() -> int:
 
 
 def _fsync_path(path: Path, directory: bool = False) -> None:
-    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    """Flush a file (or a folder's entries) to disk, so a rename never lands before the data."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:
+        if directory:  # folders cannot be opened for fsync on some systems (Windows): best effort
+            return
+        raise
     try:
         os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
     finally:
         os.close(fd)
 
@@ -295,7 +304,7 @@ def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths with ``renameat2(RENAME_EXCHANGE)``; False where unsupported."""
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):  # not Linux / glibc < 2.28
+    except (AttributeError, OSError, TypeError):  # not Linux / glibc < 2.28 (TypeError: Windows)
         return False
     if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
         return True
@@ -445,7 +454,7 @@ TARGET_CHECKSUMS_NAME = "unite_checksums.json"
 # what a target save owns in its folder (replaced); anything else (a tokenizer saved beside it, Trainer
 # checkpoints, training_args.bin) is carried into the new folder untouched
 _TARGET_OWNED = re.compile(r"^(config\.json|generation_config\.json|README\.md|.*\.safetensors|.*\.safetensors\.index\.json"
-                           r"|pytorch_model.*\.bin|.*\.py|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
+                           r"|pytorch_model.*\.bin|(modeling|configuration)_.*\.py|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
 
 
 def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path], T]) -> T:
