@@ -74,7 +74,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_option_has_help_and_shows_its_default():
-    for name in ("extract", "finetune", "retention", "info", "bench", "demo"):
+    for name in ("extract", "finetune", "retention", "info", "bench", "demo", "analyze-experts"):
         sub = _subparsers(build_parser([name]))[name]
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -91,7 +91,7 @@ def test_help_imports_neither_torch_nor_transformers():
     import sys
 
     script = ("import sys, unite_hf_cli\n"
-              "for argv in ([], ['extract'], ['finetune'], ['bench'], ['retention'], ['info'], ['demo']):\n"
+              "for argv in ([], ['extract'], ['finetune'], ['bench'], ['retention'], ['info'], ['demo'], ['analyze-experts']):\n"
               "    parser = unite_hf_cli.build_parser(argv)\n"
               "    try:\n"
               "        parser.parse_args([*argv, '--help'])\n"
@@ -105,7 +105,9 @@ def test_help_imports_neither_torch_nor_transformers():
 
 def test_cli_choices_are_the_registries():
     import unite_hf_cli
-    from unite_hf.analysis import COMMONALITY_SCORES, SELECTION_STRATEGIES
+    from unite_hf.analysis import (
+        ANALYSIS_FILE, BUILTIN_DOMAINS, COMMONALITY_SCORES, DEFAULT_DOMAINS, HEATMAP_FILE, SELECTION_STRATEGIES,
+    )
     from unite_hf.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS
     from unite_hf.calibration import DEFAULT_CALIBRATION
     from unite_hf.cli import EXTRACTORS, RUNNERS
@@ -124,6 +126,8 @@ def test_cli_choices_are_the_registries():
     assert cli.PROFILE_NAMES == sorted(PROFILES) and cli.EXPERIMENT_NAMES == list(EXPERIMENTS)
     assert cli.SCRIPT_EXPERIMENT_NAMES == list(SCRIPT_EXPERIMENTS)
     assert cli.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
+    assert cli.BUILTIN_DOMAIN_NAMES == sorted(BUILTIN_DOMAINS) and cli.DEFAULT_DOMAIN_NAMES == list(DEFAULT_DOMAINS)
+    assert (cli.ANALYSIS_FILE, cli.HEATMAP_FILE) == (ANALYSIS_FILE, HEATMAP_FILE)
     assert set(RUNNERS) == set(cli.COMMANDS)
 
 

@@ -573,27 +573,10 @@ def domain_argument(value: str) -> tuple[str, str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``unite-hf analyze-experts``."""
-    parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
-    parser.add_argument("--revision", default=None)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="load dtype (default: the checkpoint's own)")
-    parser.add_argument("--domain", dest="domains", action="append", type=domain_argument, metavar="NAME=CORPUS",
-                        help="a domain: NAME=<text file | Hub dataset id | wikitext2 | simplebooks | built-in>, or a "
-                             f"built-in NAME ({', '.join(sorted(BUILTIN_DOMAINS))}); repeat for each domain "
-                             f"(default: {' '.join(DEFAULT_DOMAINS)})")
-    parser.add_argument("--num-sequences", type=int, default=32, help="sequences per domain (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
-    parser.add_argument("--score", choices=sorted(COMMONALITY_SCORES), default="min_frequency")
-    selection = parser.add_mutually_exclusive_group()
-    selection.add_argument("--k-common", type=int, default=None, help="common experts per layer (default: top-k)")
-    selection.add_argument("--threshold", type=float, default=None, help="keep experts scoring at least this")
-    parser.add_argument("--top-m", type=int, default=None, help="m of the top_m_fraction score (default: top-k)")
-    parser.add_argument("--out", required=True, help=f"folder to write {ANALYSIS_FILE} and {HEATMAP_FILE} to")
+    """Options of ``unite-hf analyze-experts``, defined with the torch-free CLI parser."""
+    from unite_hf_cli import _analyze_arguments
+
+    _analyze_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

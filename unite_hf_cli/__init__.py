@@ -25,6 +25,10 @@ TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
 INIT_NAMES = ["unite", "random", "copy-only", "masa"]  # unite_hf.training.finetune.INITS
 PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
+BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",
+                        "sst2"]  # unite_hf.analysis.BUILTIN_DOMAINS
+DEFAULT_DOMAIN_NAMES = ["wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2"]  # unite_hf.analysis
+ANALYSIS_FILE, HEATMAP_FILE = "expert_analysis.json", "expert_heatmap.png"  # unite_hf.analysis
 EXPERIMENT_NAMES = ["generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "downstream",
                     "masa", "xpert", "retention", "lm_probe"]  # unite_hf.bench.EXPERIMENTS
 SCRIPT_EXPERIMENT_NAMES = ["retention", "lm_probe"]  # unite_hf.bench.SCRIPT_EXPERIMENTS
@@ -198,9 +202,28 @@ def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    from unite_hf.analysis import add_arguments
-
-    add_arguments(parser)
+    """Options of ``unite-hf analyze-experts`` (``unite_hf.analysis.add_arguments`` is this)."""
+    parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
+    parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub source (default: main)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="load dtype (auto: the checkpoint's own)")
+    parser.add_argument("--domain", dest="domains", action="append", type=_domain, metavar="NAME=CORPUS",
+                        help="a domain: NAME=<text file | Hub dataset id | wikitext2 | simplebooks | built-in>, or a "
+                             f"built-in NAME ({', '.join(BUILTIN_DOMAIN_NAMES)}); repeat for each domain "
+                             f"(default: {' '.join(DEFAULT_DOMAIN_NAMES)})")
+    parser.add_argument("--num-sequences", type=int, default=32, help="sequences per domain (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sequences drawn from each domain")
+    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--score", choices=COMMONALITY_SCORE_NAMES, default="min_frequency",
+                        help="commonality score that ranks experts across domains")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--k-common", type=int, default=None, help="common experts per layer (default: top-k)")
+    selection.add_argument("--threshold", type=float, default=None, help="keep experts scoring at least this")
+    parser.add_argument("--top-m", type=int, default=None, help="m of the top_m_fraction score (default: top-k)")
+    parser.add_argument("--out", required=True, help=f"folder to write {ANALYSIS_FILE} and {HEATMAP_FILE} to")
 
 
 def _retention_arguments(parser: argparse.ArgumentParser) -> None:
@@ -257,7 +280,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``unite-hf`` parser. Only the sub-command named in ``argv`` (default: ``sys.argv``) gets its
     arguments, so ``unite-hf --help`` builds none and ``unite-hf X --help`` only X's: the arguments of
-    ``moefy`` and ``analyze-experts`` come from their modules, which import torch."""
+    ``moefy`` come from its module, which imports torch."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
