@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -170,3 +171,13 @@ def test_finetune_push_to_hub_publishes_model_card_and_tokenizer(local_hub, tmp_
     assert card.data.base_model == "me/ft-gene" and card.data.datasets == ["nyu-mll/glue"]
     assert card.data.eval_results[0].metric_value == pytest.approx(summary["accuracy"])
     assert card.data.eval_results[0].dataset_config == "sst2"
+
+
+def test_one_tucker_bar_per_projection_counts_passes(capsys):
+    """Regression: a 3-layer source showed "153/153 layer" under a second, per-projection bar."""
+    extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, rank=(2, 6, 6), n_iter_max=3,
+                                show_progress=True)
+    err = capsys.readouterr().err
+    for proj in ("gate", "up", "down"):
+        assert re.search(rf"tucker decomposition {proj}: .*\d/7 \[[^]]*pass/s", err), err[-2000:]  # 1 + 2 * 3 passes
+    assert "layer]" not in err.split("Fusing experts")[-1] and "proj]" not in err

@@ -36,6 +36,7 @@ class _Layers:
         self.layer_fn, self.num_layers, self.shape = layer_fn, num_layers, tuple(shape)
         self.dtype, self.device, self.bar = dtype, device, bar
         self.checked: set[int] = set()
+        self.reads = 0  # the bar counts passes over the layers: one step per num_layers reads
 
     def __call__(self, layer: int) -> torch.Tensor:
         x = self.layer_fn(layer)
@@ -52,7 +53,8 @@ class _Layers:
                 raise ValueError(f"layer {layer}{where} contains NaN or infinite values")
             self.checked.add(layer)
         x = x.detach().to(device=self.device, dtype=self.dtype)
-        if self.bar is not None:
+        self.reads += 1
+        if self.bar is not None and self.reads % self.num_layers == 0:
             self.bar.update(1)
         return x
 
@@ -129,7 +131,8 @@ def _streaming_hooi(
     if show_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=passes * n_layers, desc=f"tucker {_PROGRESS_LABEL.get()}".strip(), unit="layer", leave=False)
+        # one bar per projection, in passes over the layers (HOOI may converge before the last)
+        bar = tqdm(total=passes, desc=f"tucker decomposition {_PROGRESS_LABEL.get()}".strip(), unit="pass", leave=False)
     read = _Layers(read_fn, n_layers, shape, dtype, device, bar)
     exact_energy = init == "hosvd"
     energies: dict[str, torch.Tensor] = {}

@@ -227,7 +227,7 @@ def extract_universal_knowledge(
     weights = _input_weights(model, source, calib, fused, decomposition, batch_size, show_progress) \
         if activation_aware else {}
     decompositions, fused_biases = {}, {}
-    for proj in tqdm(projections, desc=f"{decomposition} decomposition", unit="proj", disable=not show_progress):
+    for proj in projections:  # each decomposition shows its own bar, named after the projection
         stacked = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
         with warnings.catch_warnings():
             # the rank was already resolved (and any clipping warned, per projection) above; nothing else is hidden
