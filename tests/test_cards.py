@@ -86,7 +86,7 @@ def test_push_to_hub_keeps_tags_and_reload_keeps_card_info(local_hub, gene, tmp_
     assert "model-index" in local_hub.file("me/repushed", "README.md").decode()
 
 
-def test_gene_name_is_the_gene_not_its_source(local_hub, gene, tmp_path):  # noqa: F811
+def test_gene_name_is_the_gene_not_its_source(local_hub, gene, tmp_path, monkeypatch):  # noqa: F811
     """Regression: config.gene and base_model held the gene's *source* id, and local paths reached base_model."""
     gene.config.source_id = "org/source-moe"  # what a Hub-loaded source records
     unsaved = UniteForCausalLM.from_gene(gene, num_hidden_layers=1)
@@ -101,6 +101,17 @@ def test_gene_name_is_the_gene_not_its_source(local_hub, gene, tmp_path):  # noq
     assert str(tmp_path) not in str(card.data.to_dict())
     gene.push_to_hub("me/named-gene")
     assert UniteForCausalLM.from_gene(gene, num_hidden_layers=1).config.gene == "me/named-gene"
+
+    # a gene folder named relatively, the target saved from another folder: the name is no Hub id there
+    monkeypatch.chdir(tmp_path)
+    relative = UniteForCausalLM.from_gene("my-gene", num_hidden_layers=1)
+    assert relative.config.gene == "my-gene"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    relative.save_pretrained("target")
+    reloaded = UniteForCausalLM.from_pretrained("target")
+    reloaded.save_pretrained("again")
+    assert ModelCard.load("again/README.md").data.base_model == "org/source-moe"
 
 
 def test_card_metadata_per_head_license_and_datasets(gene, tmp_path):

@@ -85,9 +85,12 @@ def render_card(template: str, card_data: dict[str, Any], **variables: Any) -> s
     return str(card)
 
 
+_FROM_CONFIG = object()  # render_target_card's base_model when the caller has none recorded
+
+
 def render_target_card(model, repo_id: str | None = None, datasets: list[str] | None = None,
                        eval_results: list[dict] | None = None, license: str | None = None,
-                       tags: list[str] | None = None) -> str:
+                       tags: list[str] | None = None, base_model: str | None | object = _FROM_CONFIG) -> str:
     """The card of a UNITE target.
 
     Args:
@@ -100,8 +103,8 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
             to the head's pipeline tag).
         license: the card's license (the caller resolves the default: the source's).
         tags: extra tags beside ``unite``, ``learngene`` and ``unite_hf``.
-
-    ``base_model`` is the gene's Hub id, else the gene source's Hub id, else absent.
+        base_model: the Hub id recorded when the target was grown (``config.card_info``); without
+            it, the gene's Hub id, else the gene source's Hub id, else absent.
     """
     from huggingface_hub import EvalResult
 
@@ -118,7 +121,8 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
         if row.get("dataset_type"):
             row["dataset_type"] = dataset_hub_id(row["dataset_type"])
     results = [EvalResult(**row) for row in eval_results]
-    base_model = hub_id(config.gene) or hub_id(config.gene_source)
+    if base_model is _FROM_CONFIG:
+        base_model = hub_id(config.gene) or hub_id(config.gene_source)
     all_tags = list(dict.fromkeys([*UNITE_MODEL_TAGS, *(getattr(model, "model_tags", None) or []), *(tags or [])]))
     card_data = {
         "library_name": "transformers",

@@ -248,7 +248,8 @@ class UnitePreTrainedModel(PreTrainedModel):
         model_id = repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory)))
         card = cards.render_target_card(self, repo_id=model_id, datasets=info.get("datasets"),
                                         eval_results=info.get("eval_results"), license=info.get("license"),
-                                        tags=[*(info.get("tags") or []), *(tags or [])])
+                                        tags=[*(info.get("tags") or []), *(tags or [])],
+                                        **{key: info[key] for key in ("base_model",) if key in info})
         io.atomic_write_text(card, os.path.join(save_directory, "README.md"))
         return True
 

@@ -178,9 +178,21 @@ def build_target_config(
         layer_selection=layer_selection,
         gene=gene_name,
         gene_source=gc.source_id,
-        card_info={"license": gc.source_license} if getattr(gc, "source_license", None) else None,
+        card_info=_card_info(gc, gene_name),
         **config_kwargs,
     )
+
+
+def _card_info(gc, gene_name: str | None) -> dict[str, Any]:
+    """What the target's card takes from the gene: the source's license, and ``base_model`` decided
+    now, while a local gene folder can still be told from a Hub id (later, elsewhere, the same
+    relative name could pass for one): the gene's Hub id, else the source's, else none."""
+    from .cards import hub_id
+
+    info: dict[str, Any] = {"base_model": hub_id(gene_name) or hub_id(gc.source_id)}
+    if getattr(gc, "source_license", None):
+        info["license"] = gc.source_license
+    return info
 
 
 def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[str, torch.Tensor]:
