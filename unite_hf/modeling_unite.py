@@ -26,21 +26,14 @@ from transformers.modeling_outputs import (
 )
 
 from .configuration_unite import UNITE_MODEL_TAGS, UniteConfig  # noqa: F401  (UNITE_MODEL_TAGS: also read from here)
-
-
-def moe_slot(layer: nn.Module) -> str | None:
-    """Name of the decoder layer's child that holds experts (``mlp``, ``block_sparse_moe``, ...)."""
-    return next((name for name, child in layer.named_children() if hasattr(child, "experts")), None)
+from .model_structure import find_layer_list, is_shared_gate, moe_slot, shared_expert_children  # noqa: F401
 
 
 def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
-    for path in ("layers", "decoder.layers", "h"):
-        module = backbone
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-        if isinstance(module, nn.ModuleList):
-            return module
-    raise ValueError(f"{type(backbone).__name__} has no decoder layer list")
+    found = find_layer_list(backbone)
+    if found is None:
+        raise ValueError(f"{type(backbone).__name__} has no decoder layer list")
+    return found[1]
 
 
 class UniteBases(nn.Module):
@@ -106,18 +99,21 @@ class UniteFFN(nn.Module):
                                                       own_bases=shared_bases is None))
         self.act_fn = ACT2FN[config.expert_activation]
         self.shared_cores = None
-        if config.shared_experts == "fuse" and any(not n.endswith("_gate") for n in shared):
+        if config.shared_experts == "fuse" and any(not is_shared_gate(m) for m in shared.values()):
             self.shared_cores = nn.ParameterDict(
                 {proj: nn.Parameter(torch.empty(*config.ranks[proj])) for proj in self.projections})
-            shared = {n: m for n, m in shared.items() if n.endswith("_gate")}
+            shared = {n: m for n, m in shared.items() if is_shared_gate(m)}
         for name, module in shared.items():
             self.add_module(name, module)
+        # the family's shared experts by role (names differ: shared_expert, shared_experts, shared_mlp)
+        self.shared_mlps = [n for n, m in shared.items() if not is_shared_gate(m)]
+        self.shared_gates = [n for n, m in shared.items() if is_shared_gate(m)]
         # not registered: tied bases belong to the model, this is only a lookup
         self.__dict__["_shared_bases"] = shared_bases
 
     def extra_repr(self) -> str:
         shared = "fused onto the bases" if self.shared_cores is not None else "none"
-        if self.shared_cores is None and any(n.startswith(SHARED_EXPERT_PREFIX) for n, _ in self.named_children()):
+        if self.shared_cores is None and self.shared_mlps:
             shared = "kept"
         return f"projections={self.projections}, act={type(self.act_fn).__name__}, shared_experts={shared}"
 
@@ -155,16 +151,15 @@ class UniteFFN(nn.Module):
         shared = None
         if self.shared_cores is not None:
             shared = self._mlp(hidden_states, self._shared_on_bases)
-        elif hasattr(self, "shared_expert"):
-            shared = self.shared_expert(hidden_states)
-        if shared is not None and hasattr(self, "shared_expert_gate"):
-            shared = torch.sigmoid(self.shared_expert_gate(hidden_states)) * shared
-        if hasattr(self, "shared_experts") and self.shared_cores is None:
-            shared = self.shared_experts(hidden_states)
+        for name in self.shared_mlps:
+            branch = getattr(self, name)(hidden_states)
+            shared = branch if shared is None else shared + branch
+        if shared is not None:
+            for name in self.shared_gates:  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared_expert(x)
+                shared = torch.sigmoid(getattr(self, name)(hidden_states)) * shared
         return out if shared is None else out + shared
 
 
-SHARED_EXPERT_PREFIX = "shared_expert"
 
 # The model outputs' cache field: "cache" from transformers 5.2x, "past_key_values" before. Read and
 # written under its own name, so no forward touches the deprecated alias (which logs a warning).
@@ -373,7 +368,7 @@ def _role(name: str, param: torch.Tensor, embeddings: torch.Tensor) -> str:
         return "bases"
     if parts[-1] == "core" or "shared_cores" in parts:
         return "cores"
-    if any(p.startswith(SHARED_EXPERT_PREFIX) for p in parts):
+    if any(p.startswith("shared_") for p in parts):  # shared_expert(s), shared_expert_gate, shared_mlp
         return "shared_experts"
     if parts[-1] == "bias" and any(p in ("gate", "up", "down") for p in parts):
         return "ffn_bias"
@@ -413,7 +408,7 @@ class UniteModel(UnitePreTrainedModel):
             block = getattr(layers[i], name)
             shared = {}
             if config.shared_experts != "drop":
-                shared = {n: m for n, m in block.named_children() if n.startswith(SHARED_EXPERT_PREFIX)}
+                shared = dict(shared_expert_children(block))
             setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
         self.post_init()
 

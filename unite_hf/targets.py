@@ -35,7 +35,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from .configuration_unite import UniteConfig
 from .gene import UniteGene
 from .layer_map import map_layers
-from .sources import SHARED_EXPERT_PREFIX, get_source
+from .model_structure import is_shared_gate
+from .sources import get_source
 
 
 def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None, **loading: Any) -> tuple[UniteGene, str | None]:
@@ -204,6 +205,8 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
     layers_path = source.layers_path  # e.g. "model.layers"
     base_prefix = layers_path.rsplit(".", 1)[0] + "." if "." in layers_path else ""
     position = {s: i for i, s in enumerate(config.source_layers)}
+    shared_roles = {b.layer_idx: {n: "gate" if is_shared_gate(m) else "mlp" for n, m in b.shared_experts}
+                    for b in source.blocks}  # by structure: the names differ between families
     state: dict[str, torch.Tensor] = {}
     for name, tensor in gene.source_state_dict.items():
         if name.startswith(layers_path + "."):
@@ -211,8 +214,9 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
             if int(layer) not in position:
                 continue
             child = rest.split(".", 2)[1] if rest.count(".") >= 2 else ""
-            if child.startswith(SHARED_EXPERT_PREFIX) and config.shared_experts != "keep":
-                if config.shared_experts == "drop" or not child.endswith("_gate"):
+            shared = shared_roles.get(int(layer), {})
+            if child in shared and config.shared_experts != "keep":
+                if config.shared_experts == "drop" or shared[child] != "gate":
                     continue  # "fuse" keeps only the scalar gate; the MLP becomes cores below
             name = f"{layers_path[len(base_prefix):]}.{position[int(layer)]}.{rest}"
         elif base_prefix and name.startswith(base_prefix):
@@ -266,7 +270,7 @@ def shared_expert_weights(gene: UniteGene, source_layer: int, source=None) -> di
     """The shared expert MLP's ``proj -> (out, in)`` weights of a source layer, from the gene."""
     source = source or _meta_source(gene)
     block = source.block(source_layer)
-    names = [n for n, _ in block.shared_experts if not n.endswith("_gate")]
+    names = [n for n, m in block.shared_experts if not is_shared_gate(m)]
     if not names:
         return {}
     weights = {}

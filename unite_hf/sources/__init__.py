@@ -16,6 +16,7 @@ from torch import nn
 from .base import LAYOUTS, PROJECTIONS, ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
 from .fused import FusedExpertsBlock
 from .module_list import ModuleListExpertsBlock
+from ..model_structure import LAYER_LIST_PATHS, ROUTER_ATTRS, find_layer_list, moe_slot, router_attr, shared_expert_children
 
 __all__ = [
     "LAYOUTS", "PROJECTIONS", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",
@@ -25,9 +26,6 @@ __all__ = [
 # Where dense decoder layers usually keep their FFN (named in errors), and where MoE blocks keep
 # their router and shared experts.
 FFN_ATTRS: tuple[str, ...] = ("mlp", "block_sparse_moe", "feed_forward", "moe", "ffn")
-ROUTER_ATTRS: tuple[str, ...] = ("gate", "router")
-SHARED_EXPERT_PREFIX = "shared_expert"  # shared_expert, shared_experts, shared_expert_gate
-LAYER_LIST_PATHS: tuple[str, ...] = ("model.layers", "layers", "model.decoder.layers", "transformer.h", "transformer.layers")
 
 
 @dataclass
@@ -87,14 +85,9 @@ def _tied_parameter_names(model: nn.Module) -> set[str]:
 
 
 def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    for path in LAYER_LIST_PATHS:
-        module = model
-        for attr in path.split("."):
-            module = getattr(module, attr, None)
-            if module is None:
-                break
-        if isinstance(module, nn.ModuleList) and len(module) > 0:
-            return path, module
+    found = find_layer_list(model)
+    if found is not None:
+        return found
     raise UnsupportedSourceError(
         f"{type(model).__name__} has no decoder layer list at any of {LAYER_LIST_PATHS}; "
         "pass a causal LM (e.g. from AutoModelForCausalLM)."
@@ -113,11 +106,10 @@ def _read_block(layer_idx: int, name: str, block: nn.Module) -> MoEBlock:
             f"{name}.experts ({type(experts).__name__}) has an expert layout unite_hf cannot read; "
             f"known layouts: {sorted(LAYOUTS)}. Register one with unite_hf.sources.register_layout."
         )
-    router_attr = _find_attr(block, ROUTER_ATTRS)
-    if router_attr is None:
+    router = router_attr(block)
+    if router is None:
         raise UnsupportedSourceError(f"{name} ({type(block).__name__}) has experts but no router at {ROUTER_ATTRS}.")
-    shared = [(attr, child) for attr, child in block.named_children() if attr.startswith(SHARED_EXPERT_PREFIX)]
-    moe_block = layout(layer_idx, name, block, "experts", router_attr, shared)
+    moe_block = layout(layer_idx, name, block, "experts", router, shared_expert_children(block))
     router_weight = moe_block.router_weight
     if router_weight.shape[0] != moe_block.num_experts:
         raise UnsupportedSourceError(
@@ -134,8 +126,7 @@ def get_source(model: nn.Module) -> MoESource:
     blocks: list[MoEBlock] = []
     dense: list[int] = []
     for idx, layer in enumerate(layers):
-        # the MoE block is whichever child holds experts (mlp, block_sparse_moe, NemotronH's mixer, ...)
-        moe_attr = next((name for name, child in layer.named_children() if hasattr(child, "experts")), None)
+        moe_attr = moe_slot(layer)  # whichever child holds experts (mlp, block_sparse_moe, NemotronH's mixer)
         if moe_attr is None:
             dense.append(idx)
         else:
