@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from unite_hf.bench import run_bench
+from tools.bench import run_bench  # a tool of the checkout, not installed with unite_hf
 from unite_hf.calibration import find_local_data_dir
 
 

@@ -109,7 +109,7 @@ def test_cli_choices_are_the_registries():
     from unite_hf.analysis import (
         ANALYSIS_FILE, BUILTIN_DOMAINS, COMMONALITY_SCORES, DEFAULT_DOMAINS, HEATMAP_FILE, SELECTION_STRATEGIES,
     )
-    from unite_hf.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS
+    from tools.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS  # a tool of the checkout (not installed)
     from unite_hf.calibration import DEFAULT_CALIBRATION
     from unite_hf.cli import EXTRACTORS, RUNNERS
     from unite_hf.decomposition import DECOMPOSITIONS

@@ -93,7 +93,7 @@ def test_extraction_filters_only_the_rank_clipping_warning(monkeypatch):
 
 def test_demo_does_not_write_the_environment(monkeypatch, tmp_path):
     """run_demo passes its data folder down instead of exporting $UNITE_HF_DATA_DIR."""
-    import unite_hf.demo as demo
+    import tools.demo as demo
 
     monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
     seen = {}

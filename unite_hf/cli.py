@@ -141,8 +141,9 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 @command("bench")
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench
+    from ._checkout import load_tool
 
+    run_bench = load_tool("bench").run_bench  # tools/bench.py: in a source checkout, not installed
     command_line = "unite-hf bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "unite-hf bench"
     report = run_bench(args.out, args.profile, work_dir=args.work_dir, experiments=tuple(args.experiments),
                        tiny=args.tiny, command=command_line, report_only=args.report_only)
@@ -152,8 +153,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 @command("demo")
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from ._checkout import load_tool
 
+    run_demo = load_tool("demo").run_demo  # tools/demo.py: in a source checkout, not installed
     run_demo(args.out, data_dir=args.data_dir, tiny=args.tiny)
     return 0
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from unite_hf.calibration import CORPUS_ALIASES, _read_text_file, find_local_data_dir, load_calibration
-from unite_hf.demo import cache_dir as unite_cache_dir
+from tools.demo import cache_dir as unite_cache_dir
 from unite_hf.io import atomic_write_json
 from unite_hf.sources import get_source
 from unite_hf.training.pretrain import _TokenWindows

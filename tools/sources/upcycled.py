@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from unite_hf.demo import SMOLLM2_GGUF, SMOLLM2_PACKAGE, real_dense_source
+from tools.demo import SMOLLM2_GGUF, SMOLLM2_PACKAGE, real_dense_source
 from unite_hf.io import sha256_of
 from unite_hf.moefy import _FFN_PROJS, SUPPORTED_MODEL_TYPES, _check_same_non_ffn_keys, _mixtral_config
 
@@ -112,7 +112,7 @@ def build_upcycled(
 
     Args:
         dense: a dense ``LlamaForCausalLM``/``MistralForCausalLM``; ``None`` loads SmolLM2-135M-Instruct
-            with :func:`unite_hf.demo.real_dense_source` (only when the source is not cached yet).
+            with :func:`tools.demo.real_dense_source` (only when the source is not cached yet).
         tokenizer: the dense model's tokenizer; required when ``dense`` is given.
         num_experts, top_k: experts per layer and experts per token.
         noise: relative noise of each expert copy (symmetry breaking, see the module docstring).
