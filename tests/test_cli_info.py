@@ -75,7 +75,7 @@ def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 
 
 def test_every_option_has_help_and_shows_its_default():
-    for name in ("extract", "finetune", "retention", "info", "bench", "demo", "analyze-experts"):
+    for name in ("extract", "finetune", "retention", "info", "bench", "demo", "analyze-experts", "moefy"):
         sub = _subparsers(build_parser([name]))[name]
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
@@ -92,7 +92,7 @@ def test_help_imports_neither_torch_nor_transformers():
     import sys
 
     script = ("import sys, unite_hf_cli\n"
-              "for argv in ([], ['extract'], ['finetune'], ['bench'], ['retention'], ['info'], ['demo'], ['analyze-experts']):\n"
+              "for argv in ([], ['extract'], ['finetune'], ['bench'], ['retention'], ['info'], ['demo'], ['analyze-experts'], ['moefy']):\n"
               "    parser = unite_hf_cli.build_parser(argv)\n"
               "    try:\n"
               "        parser.parse_args([*argv, '--help'])\n"
@@ -129,6 +129,9 @@ def test_cli_choices_are_the_registries():
     assert cli.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
     assert cli.BUILTIN_DOMAIN_NAMES == sorted(BUILTIN_DOMAINS) and cli.DEFAULT_DOMAIN_NAMES == list(DEFAULT_DOMAINS)
     assert (cli.ANALYSIS_FILE, cli.HEATMAP_FILE) == (ANALYSIS_FILE, HEATMAP_FILE)
+    from unite_hf.moefy import GROUPINGS, ROUTERS
+
+    assert cli.MOEFY_GROUPINGS == list(GROUPINGS) and cli.MOEFY_ROUTERS == list(ROUTERS)
     assert set(RUNNERS) == set(cli.COMMANDS)
 
 

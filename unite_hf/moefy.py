@@ -551,26 +551,10 @@ def _groups_from_labels(labels: torch.Tensor, k: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``unite-hf moefy``."""
-    parser.add_argument("--model", required=True, help="Hub id or local folder of a dense Llama-family causal LM")
-    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (needs the gguf package)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
-    parser.add_argument("--out", required=True, help="folder to save the MixtralForCausalLM (and tokenizer) to")
-    parser.add_argument("--num-experts", type=int, default=8, help="experts E per layer (default: %(default)s)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: %(default)s)")
-    parser.add_argument("--grouping", choices=GROUPINGS, default=None,
-                        help="neuron grouping (default: coactivation when calibrating, else balanced_kmeans)")
-    parser.add_argument("--router", choices=ROUTERS, default="fit")
-    parser.add_argument("--exact", action="store_true",
-                        help="top-k = E with a uniform router: the MoE computes exactly the dense model")
-    parser.add_argument("--down-scale", type=float, default=None, help="expert down_proj scale (default: top-k)")
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
-                        help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
-    parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences N (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence T (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="load dtype (default: %(default)s)")
+    """Options of ``unite-hf moefy``, defined with the torch-free CLI parser."""
+    from unite_hf_cli import _moefy_arguments
+
+    _moefy_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -25,6 +25,8 @@ TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
 INIT_NAMES = ["unite", "random", "copy-only", "masa"]  # unite_hf.training.finetune.INITS
 PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
+MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # unite_hf.moefy.GROUPINGS
+MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # unite_hf.moefy.ROUTERS
 BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",
                         "sst2"]  # unite_hf.analysis.BUILTIN_DOMAINS
 DEFAULT_DOMAIN_NAMES = ["wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2"]  # unite_hf.analysis
@@ -196,9 +198,27 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
-    from unite_hf.moefy import add_arguments
-
-    add_arguments(parser)
+    """Options of ``unite-hf moefy`` (``unite_hf.moefy.add_arguments`` is this)."""
+    parser.add_argument("--model", required=True, help="Hub id or local folder of a dense Llama-family causal LM")
+    parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (needs the gguf package)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")
+    parser.add_argument("--out", required=True, help="folder to save the MixtralForCausalLM (and tokenizer) to")
+    parser.add_argument("--num-experts", type=int, default=8, help="experts E per layer (default: %(default)s)")
+    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default: %(default)s)")
+    parser.add_argument("--grouping", choices=MOEFY_GROUPINGS, default=None,
+                        help="neuron grouping (default: coactivation when calibrating, else balanced_kmeans)")
+    parser.add_argument("--router", choices=MOEFY_ROUTERS, default="fit",
+                        help="fit: fitted on calibration hidden states; centroid; uniform")
+    parser.add_argument("--exact", action="store_true",
+                        help="top-k = E with a uniform router: the MoE computes exactly the dense model")
+    parser.add_argument("--down-scale", type=float, default=None, help="expert down_proj scale (default: top-k)")
+    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
+                        help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences N (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence T (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and the grouping")
+    parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="load dtype (default: %(default)s)")
 
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
@@ -279,8 +299,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The ``unite-hf`` parser. Only the sub-command named in ``argv`` (default: ``sys.argv``) gets its
-    arguments, so ``unite-hf --help`` builds none and ``unite-hf X --help`` only X's: the arguments of
-    ``moefy`` come from its module, which imports torch."""
+    arguments, so ``unite-hf --help`` builds none and ``unite-hf X --help`` only X's."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
