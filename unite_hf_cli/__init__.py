@@ -76,13 +76,19 @@ def _rank(value: str) -> int | tuple[int, int, int]:
     raise argparse.ArgumentTypeError("rank is an int or r_L,r_out,r_in")
 
 
-def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that extracts a gene."""
+def add_calibration_arguments(parser: argparse.ArgumentParser, num_sequences: int, seq_len: int) -> None:
+    """The calibration corpus and its seeded windows (extraction and moefy)."""
     parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
                         help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
-    parser.add_argument("--num-sequences", type=int, default=128, help="calibration sequences N (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=512, help="tokens per sequence T (default: %(default)s)")
+    parser.add_argument("--num-sequences", type=int, default=num_sequences,
+                        help="calibration sequences N (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence T (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
+
+
+def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that extracts a gene."""
+    add_calibration_arguments(parser, num_sequences=128, seq_len=512)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per Fisher pass (default: %(default)s)")
     parser.add_argument("--rank", type=_rank, default=None,
                         help="Tucker rank: r, or r_L,r_out,r_in (default: 512, clipped to the dimensions)")
@@ -212,11 +218,7 @@ def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exact", action="store_true",
                         help="top-k = E with a uniform router: the MoE computes exactly the dense model")
     parser.add_argument("--down-scale", type=float, default=None, help="expert down_proj scale (default: top-k)")
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
-                        help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
-    parser.add_argument("--num-sequences", type=int, default=16, help="calibration sequences N (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence T (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows and the grouping")
+    add_calibration_arguments(parser, num_sequences=16, seq_len=256)
     parser.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                         help="load dtype (default: %(default)s)")
 
