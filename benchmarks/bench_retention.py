@@ -35,7 +35,7 @@ VARIANTS = {  # name -> (fusion, decomposition, extra extraction options)
 def load_source(name: str, tiny: bool):
     """(model, tokenizer, description) of a representative source."""
     if name == "moefied":
-        from unite_hf.demo import _real_source, _tiny_source  # the demo's SmolLM2 -> 8-expert top-6 MoE
+        from tools.demo import _real_source, _tiny_source  # the demo's SmolLM2 -> 8-expert top-6 MoE
 
         if tiny:
             model, tokenizer, label = _tiny_source(_data_dir())
