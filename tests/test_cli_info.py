@@ -184,3 +184,14 @@ def test_one_tucker_bar_per_projection_counts_passes(capsys):
     for proj in ("gate", "up", "down"):
         assert re.search(rf"tucker decomposition {proj}: .*\d/7 \[[^]]*pass/s", err), err[-2000:]  # 1 + 2 * 3 passes
     assert "layer]" not in err.split("Fusing experts")[-1] and "proj]" not in err
+
+
+@pytest.mark.parametrize("variable", ["TQDM_DISABLE", "HF_HUB_DISABLE_PROGRESS_BARS"])
+def test_library_progress_bars_honour_the_environment(monkeypatch, capsys, variable):
+    """Regression: the library passed disable=not show_progress to tqdm, so TQDM_DISABLE was ignored."""
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(variable, "1")
+    extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, rank=(2, 6, 6), n_iter_max=2)
+    err = capsys.readouterr().err
+    assert "Fisher" not in err and "tucker decomposition" not in err and "Fusing experts" not in err, err[-500:]

@@ -504,6 +504,9 @@ def analyze_experts(
     ``top_m``, an empty or out-of-vocabulary domain (named). One domain only is a warning: commonality
     then says nothing about other domains.
     """
+    from .progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     source = get_source(model)
     score_fn = _check_score(score)
     num_experts = source.num_experts

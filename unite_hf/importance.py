@@ -685,6 +685,9 @@ def compute_expert_importance(
             whose eval path runs the experts under ``torch.no_grad`` (DeepSeek-MoE-16B); mind
             train-only behaviour such as router jitter noise.
     """
+    from .progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     if labels not in LABEL_MODES:
         raise ValueError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
     if batch_size <= 0:

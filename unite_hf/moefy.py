@@ -228,6 +228,9 @@ def moefy(
             ``num_experts``, NaN/Inf weights, or text calibration without a tokenizer. All are checked
             before calibration starts.
     """
+    from .progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     from transformers import MixtralForCausalLM
     from transformers.initialization import no_init_weights
 

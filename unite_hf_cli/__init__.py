@@ -53,13 +53,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
-    """Progress bars unless ``--quiet``, ``HF_HUB_DISABLE_PROGRESS_BARS`` or ``TQDM_DISABLE`` say no."""
+def progress_disabled_by_environment() -> bool:
+    """``HF_HUB_DISABLE_PROGRESS_BARS`` or ``TQDM_DISABLE`` set to a true value (1, true, yes, on)."""
     import os
 
     off = {"1", "true", "yes", "on"}
-    env = any(os.environ.get(name, "").strip().lower() in off for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"))
-    return not getattr(args, "quiet", False) and not env
+    return any(os.environ.get(name, "").strip().lower() in off for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"))
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars unless ``--quiet``, ``HF_HUB_DISABLE_PROGRESS_BARS`` or ``TQDM_DISABLE`` say no."""
+    return not getattr(args, "quiet", False) and not progress_disabled_by_environment()
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:

@@ -262,6 +262,9 @@ def measure_retention(
         measure_fused: re-fuse the source to measure the uncompressed row (it does not depend on the
             rank: a caller sweeping ranks measures it once).
     """
+    from ..progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     from ..modeling_unite import UniteForCausalLM
     from ..targets import _resolve_target_ranks
 

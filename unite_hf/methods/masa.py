@@ -367,6 +367,9 @@ def extract_masa_gene(
         tokens: alignment budget in tokens (one optimizer step per batch of ``batch_size x seq_len``).
         learning_rate: Adam learning rate, decayed linearly to 0.
     """
+    from ..progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     selection = _resolve_selection(model, selection)
     _validate_settings(rank, spectral_weight, tokens)
     check_finite_weights(model)  # before any pass over the data

@@ -176,6 +176,9 @@ def extract_universal_knowledge(
             :mod:`unite_hf.decomposition`). Costs one more inference pass over the calibration
             windows (also when ``importance`` is given).
     """
+    from ..progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     if is_checkpoint_path(model):
         if fused_width is not None or activation_aware:
             raise ValueError("fused_width and activation_aware are not supported when streaming from a checkpoint "

@@ -142,6 +142,9 @@ def extract_xpert_gene(
         rank: Tucker ranks of the stacked ``(L * k, d_out, d_in)`` tensor: ``(r_E, r_out, r_in)``, one
             int ``r`` for ``(L * k, r, r)``, or ``None`` (512, clipped to the dimensions with a warning).
     """
+    from ..progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     source = get_source(model)
     if analysis is not None and (analysis.moe_layers != source.moe_layers or analysis.num_experts != source.num_experts):
         raise ValueError(f"the analysis covers layers {analysis.moe_layers} with {analysis.num_experts} experts; the "

@@ -257,6 +257,9 @@ def finetune(
     the tokenizer; the summary then holds ``"hub": repo_id``. ``eval_split`` picks the scored split
     (``"test"`` for ARC and OpenBookQA, whose test files carry labels); the summary's ``correct`` lists
     each scored example's outcome (1/0) in a fixed order, for paired intervals between runs."""
+    from ..progress import progress_enabled
+
+    show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .tasks import TaskDataCollator, load_task, tokenize_task
