@@ -99,7 +99,7 @@ def render(summary: dict, separation: dict) -> str:
         lines.append(f"| {init} | " + " | ".join(f"{per[s]['mean']:.3f} ± {per[s]['se']:.3f}" for s in steps) + " |")
     lines.append("")
     lines.append(f"kept+inherited vs copy-only at step {separation['step']}: difference {separation['difference']:.3f} "
-                 f"nats, {separation['z']:.1f} standard errors ({'separated' if abs(separation['z']) > 3 else 'NOT separated'} "
+                 f"nats, {separation['z']:.1f} standard errors ({'**separated**' if abs(separation['z']) > 3 else '**NOT separated**'} "
                  "by more than 3).")
     return "\n".join(lines)
 

@@ -425,7 +425,7 @@ class Bench:
                 lines += ["", f"Paper claim: {PAPER_CLAIMS[experiment]}. {self._claim(experiment, groups)}"]
             lines.append("")
         lines += self._masa_section() + self._xpert_section()
-        return "\n".join(lines) + "\n"
+        return "\n".join(_with_verdict_summary(lines)) + "\n"
 
     def _downstream_section(self) -> list[str]:
         """Accuracy per task and init, and paired bootstrap intervals of each gene init against
@@ -469,7 +469,7 @@ class Bench:
             cells = (self._values("downstream", task=task, init=label) for label in labels)
             lines.append(f"| {task} | " + " | ".join(_fmt(v) if v else "-" for v in cells) + " |")
         lines += ["", "Differences in points with paired bootstrap 95% intervals (examples resampled, each init's "
-                      "outcomes averaged over its seeds first; **confirmed** = the interval excludes 0):", "",
+                      "outcomes averaged over its seeds first; *confirmed* = the interval excludes 0):", "",
                   "| task | " + " | ".join(f"{a} - {b}" for a in labels if a in ("kept", "paper")
                                            for b in ("copy-only", "random") if b in labels) + " |"]
         pairs = [(a, b) for a in labels if a in ("kept", "paper") for b in ("copy-only", "random") if b in labels]
@@ -477,8 +477,9 @@ class Bench:
         for name, task_list in [*((t, [t]) for t in tasks), ("**all tasks pooled**", tasks)]:
             lines.append(f"| {name} | " + " | ".join(interval(a, b, task_list) for a, b in pairs) + " |")
         confirmed = [f"{a} - {b}" for a, b in pairs if "confirmed" in interval(a, b, tasks)]
-        lines += ["", f"Claim: {PAPER_CLAIMS['downstream']}. Pooled over the tasks, confirmed: "
-                      f"{', '.join(confirmed) if confirmed else 'none'}.", ""]
+        verdict = (f"**confirmed** for {', '.join(confirmed)}" if confirmed
+                   else "**not confirmed** (no pooled interval excludes 0)")
+        lines += ["", f"Claim: {PAPER_CLAIMS['downstream']}. Pooled over the tasks: {verdict}.", ""]
         return lines
 
     def _task_table(self, experiment: str, labels: list[str], **match: Any) -> tuple[list[str], dict[str, float]]:
@@ -745,6 +746,27 @@ class Bench:
             fig.tight_layout(), fig.savefig(path, dpi=120), plt.close(fig)
             written.append(path)
         return written
+
+
+VERDICT_WORDS = ("**confirmed", "**not confirmed", "**contradicted", "**inconclusive", "**met", "**not met",
+                 "**not reached", "**separated", "**NOT separated")
+
+
+def _with_verdict_summary(lines: list[str]) -> list[str]:
+    """The report with a "Claims and verdicts" list after its reproduce block: every line of the body
+    that states a verdict in bold, under the heading of its section, so each claim is read in one place."""
+    lines = "\n".join(lines).split("\n")  # included files arrive as one multi-line entry
+    summary, heading = [], ""
+    for line in lines:
+        if line.startswith("## ") or line.startswith("### "):
+            heading = line.lstrip("#").strip()
+        elif not line.startswith("|") and any(word in line for word in VERDICT_WORDS):  # not table cells
+            summary.append(f"- *{heading}*: {line.lstrip('- ').strip()}")
+    if not summary:
+        return lines
+    at = next((i for i, line in enumerate(lines) if line.startswith("## ")), len(lines))
+    return [*lines[:at], "## Claims and verdicts (each is detailed in its section below)", "", *summary, "",
+            *lines[at:]]
 
 
 # experiments run by a script of the repository's benchmarks/ folder (a source checkout): name -> command
