@@ -17,13 +17,14 @@ squared norms on the spot; the expert weights never receive a ``.grad``. Sequenc
 interact (attention is causal within a sequence, routing is per token), so summing the per-sequence
 losses and back-propagating once gives every sequence's gradient separately.
 
-Hook points, one per expert layout (:data:`PROBES`):
+Hook points: each expert layout owns its probe (:meth:`unite_hf.sources.MoEBlock.probe`), which sends
+every expert linear map through :meth:`_BlockProbe.linear`:
 
 - fused 3D experts: a registered ``ExpertsInterface`` implementation (``"unite_probe"``) runs the
-  experts through the probe;
+  experts through the probe (:mod:`unite_hf.sources.fused`);
 - ``nn.ModuleList`` experts: each expert's ``nn.Linear`` forward is routed through the probe. These
   experts only see gathered token rows, which cannot be traced back to their sequence, so this
-  layout runs one sequence per pass (exact, slower).
+  layout runs one sequence per pass (``multi_sequence = False``; exact, slower).
 
 The per-sequence squared norms (issue 15; measurements in benchmarks/PERF.md, "GPU"). Per token group
 (the tokens of one sequence routed to one expert) the cheaper of two exact forms, by flop count:
@@ -53,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -60,20 +62,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .calibration import CalibrationSet
-from .compat import apply_gate, get_experts_implementation, set_experts_implementation
-from .sources import (
-    FusedExpertsBlock,
-    ModuleListExpertsBlock,
-    MoEBlock,
-    MoESource,
-    get_source,
-)
+from .sources import LAYOUTS, MoEBlock, MoESource, get_source
+from .sources.base import blocks_by_layout
+from .sources.fused import PROBE_IMPLEMENTATION  # noqa: F401 (public here since the probe was written)
 
 LABEL_MODES: tuple[str, ...] = ("empirical", "sampled")
-PROBE_IMPLEMENTATION = "unite_probe"
 
 
 @dataclass
@@ -92,7 +87,7 @@ class ExpertImportance:
     routed: torch.Tensor | None = None
     # (len(moe_layers), E) float64 sum of the routing weights each expert's output was scaled by, over
     # its routed (token, slot) pairs; divide by the token count for the mean router weight per token.
-    # None when a ModuleList block's router output could not be read (see _ROUTER_OUTPUT_READERS).
+    # None when a block's router output could not be read (ModuleList: see module_list.ROUTER_OUTPUT_READERS).
     routing_mass: torch.Tensor | None = None
 
     def row(self, layer: int) -> int:
@@ -363,7 +358,8 @@ class _ProbedLinear(torch.autograd.Function):
 
 
 class _BlockProbe:
-    """The statistics of one MoE block during a calibration pass."""
+    """The statistics of one MoE block during a calibration pass: the :class:`~unite_hf.sources.base.ExpertProbe`
+    its layout's :meth:`~unite_hf.sources.MoEBlock.probe` sends every expert linear map through."""
 
     def __init__(self, block: MoEBlock, diagonal: bool) -> None:
         self.block = block
@@ -373,46 +369,27 @@ class _BlockProbe:
         self.fisher = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.routed = torch.zeros(num_experts, dtype=torch.float64, device=device)
         self.mass = torch.zeros(num_experts, dtype=torch.float64, device=device)  # routing-weight sums
-        # ModuleList only: routed counts as read from the router's output, checked against ``routed``
+        # routed counts as read from a router's output (ModuleList), checked against ``routed``
         self.mass_counts: torch.Tensor | None = None
+        self.mass_unreadable = False  # a router output no reader understood: no routing mass
         self.seq_ids: torch.Tensor | None = None  # token row -> sequence, set per batch
         self.diag_weights: dict[str, torch.Tensor] = {}
         self.diag_biases: dict[str, torch.Tensor] = {}
         self.sinks: dict[str, _GradientSink] = {}
-        for name, (shape, bias_shape) in self._parameter_shapes().items():
+        # Accumulators take the shapes of the linear maps the layout's forward runs, so the layout's own
+        # view logic (expert_from_linears) turns them into per-projection matrices exactly as it does weights.
+        for name, (shape, bias_shape) in block.probed_linears().items():
             diag = None
             if diagonal:
-                self.diag_weights[name] = torch.zeros(shape, dtype=torch.float32, device=device)
+                self.diag_weights[name] = torch.zeros((num_experts, *shape), dtype=torch.float32, device=device)
                 if bias_shape is not None:
-                    self.diag_biases[name] = torch.zeros(bias_shape, dtype=torch.float32, device=device)
+                    self.diag_biases[name] = torch.zeros((num_experts, *bias_shape), dtype=torch.float32, device=device)
                 diag = functools.partial(self._diag_views, name)
             self.sinks[name] = _GradientSink(self.fisher, diag)
 
-    # The probe accumulates in the parameters' own stored layout, so the layout's view logic turns
-    # accumulators into per-projection matrices exactly as it does weights.
-    def _parameter_shapes(self) -> dict[str, tuple[torch.Size, torch.Size | None]]:
-        """Stored (weight, bias) shapes of each probed linear, stacked over experts."""
-        block = self.block
-        if isinstance(block, FusedExpertsBlock):
-            experts = block.experts
-            first_bias = down_bias = None
-            if block.has_bias:
-                first_bias = (experts.gate_up_proj_bias if block.has_gate else experts.up_proj_bias).shape
-                down_bias = experts.down_proj_bias.shape
-            return {"first": (block.first_parameter.shape, first_bias), "down": (experts.down_proj.shape, down_bias)}
-        shapes = {}
-        for proj in block.projection_names():
-            linear = block.linear(0, proj)
-            bias = None if linear.bias is None else torch.Size((block.num_experts, *linear.bias.shape))
-            shapes[proj] = (torch.Size((block.num_experts, *linear.weight.shape)), bias)
-        return shapes
-
     def _diag_views(self, name: str, expert: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = self.diag_weights[name][expert]
         bias = self.diag_biases[name][expert] if name in self.diag_biases else None
-        if isinstance(self.block, FusedExpertsBlock) and self.block.is_transposed:
-            weight = weight.T
-        return weight, bias
+        return self.diag_weights[name][expert], bias
 
     def linear(self, name: str, expert: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                seq_ids: torch.Tensor) -> torch.Tensor:
@@ -420,197 +397,47 @@ class _BlockProbe:
             return F.linear(x, weight, bias)
         return _ProbedLinear.apply(x, weight, bias, seq_ids, expert, self.sinks[name])
 
+    def route(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
+        num_experts = self.block.num_experts
+        valid = top_k_index < num_experts  # expert-parallel sentinels carry index num_experts
+        self.routed += torch.bincount(top_k_index[valid].flatten(), minlength=num_experts).double()
+        # detached: in a Fisher pass the weights carry a graph that must not outlive the batch
+        self.mass.index_add_(0, top_k_index[valid].flatten(), top_k_weights[valid].detach().flatten().double())
+
+    def token_sequences(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        seq_ids, block = self.seq_ids, self.block
+        if seq_ids is None or seq_ids.numel() != hidden_states.shape[0]:
+            raise RuntimeError(
+                f"{block.name}.{block.experts_attr} received {hidden_states.shape[0]} token rows, but the calibration "
+                f"batch has {0 if seq_ids is None else seq_ids.numel()} tokens; cannot attribute tokens to sequences."
+            )
+        return seq_ids.to(hidden_states.device)  # device_map="auto" spreads blocks over devices
+
     def diagonal(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Per-projection ``(E, out, in)`` and ``(E, out)`` diagonal-Fisher sums."""
         block = self.block
         weights: dict[str, list[torch.Tensor]] = {p: [] for p in block.projection_names()}
         biases: dict[str, list[torch.Tensor]] = {p: [] for p in block.projection_names()}
         for e in range(block.num_experts):
-            if isinstance(block, FusedExpertsBlock):
-                bias = {n: self.diag_biases[n][e] for n in self.diag_biases}
-                views = block.expert_views(self.diag_weights["first"][e], self.diag_weights["down"][e],
-                                           bias.get("first"), bias.get("down"))
-            else:
-                views = {p: self.diag_weights[p][e] for p in block.projection_names()}
-                views.update({f"{p}_bias": self.diag_biases[p][e] for p in self.diag_biases})
-                views = _Namespace(views)
+            views = block.expert_from_linears({name: self._diag_views(name, e) for name in self.diag_weights})
             for p in block.projection_names():
-                weights[p].append(getattr(views, p))
+                weights[p].append(views.projection(p))
                 if block.has_bias:
-                    biases[p].append(getattr(views, f"{p}_bias"))
+                    biases[p].append(views.bias(p))
         return ({p: torch.stack(v) for p, v in weights.items()},
                 {p: torch.stack(v) for p, v in biases.items() if v})
 
 
-class _Namespace:
-    def __init__(self, values: dict[str, torch.Tensor]) -> None:
-        self.__dict__.update(values)
+# -- deprecated names ------------------------------------------------------------------------------------------
 
-
-# -- hook points, one per expert layout -------------------------------------------------------------------
-
-def _probe_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                           top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The eager fused-experts forward, with every projection routed through the block's probe."""
-    probe: _BlockProbe = self._unite_probe
-    block: FusedExpertsBlock = probe.block  # type: ignore[assignment]
-    num_experts = block.num_experts
-    valid = top_k_index < num_experts  # expert-parallel sentinels carry index num_experts
-    probe.routed += torch.bincount(top_k_index[valid].flatten(), minlength=num_experts).double()
-    # detached: in a Fisher pass the weights carry a graph that must not outlive the batch
-    probe.mass.index_add_(0, top_k_index[valid].flatten(), top_k_weights[valid].detach().flatten().double())
-    seq_ids = probe.seq_ids
-    if seq_ids is None or seq_ids.numel() != hidden_states.shape[0]:
-        raise RuntimeError(
-            f"{block.name}.{block.experts_attr} received {hidden_states.shape[0]} token rows, but the calibration "
-            f"batch has {0 if seq_ids is None else seq_ids.numel()} tokens; cannot attribute tokens to sequences."
-        )
-    seq_ids = seq_ids.to(hidden_states.device)  # device_map="auto" spreads blocks over devices
-    experts = block.experts
-    first_param = block.first_parameter
-    final = torch.zeros_like(hidden_states)
-    for expert in torch.unique(top_k_index[valid]).tolist():
-        token_idx, slot = torch.where(top_k_index == expert)
-        x = hidden_states[token_idx]
-        weights = block.expert(expert)
-        first_weight = first_param[expert].T if block.is_transposed else first_param[expert]
-        first_bias = None
-        if block.has_bias:
-            first_bias = (experts.gate_up_proj_bias if block.has_gate else experts.up_proj_bias)[expert]
-        h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
-        h = apply_gate(experts, h) if block.has_gate else experts.act_fn(h)
-        out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
-        out = out * top_k_weights[token_idx, slot, None]
-        final.index_add_(0, token_idx, out.to(final.dtype))
-    return final
-
-
-def _register_probe_implementation() -> None:
-    """Make :data:`PROBE_IMPLEMENTATION` known to transformers' experts dispatch. Called where a probe is
-    installed, not at import: importing unite_hf leaves transformers' registry as it found it."""
-    if PROBE_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
-        ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _probe_experts_forward)
-
-
-@contextlib.contextmanager
-def _probe_dispatch(model: nn.Module, source: MoESource) -> Iterator[None]:
-    """Route the fused experts of ``model`` through the probe forward for the duration, and back.
-
-    Through ``PreTrainedModel.set_experts_implementation`` (transformers 5), which validates the name
-    and reaches sub-models; only a model without it (remote code outside ``PreTrainedModel``) has its
-    experts' config switched directly. Sources without fused experts are left alone.
-    """
-    configs = {id(b.experts.config): b.experts.config for b in source.blocks if isinstance(b, FusedExpertsBlock)}
-    if not configs:
-        yield
-        return
-    _register_probe_implementation()
-    previous = {key: get_experts_implementation(config) for key, config in configs.items()}
-    setter = getattr(model, "set_experts_implementation", None)
-
-    def switch(name_of: Callable[[int], str]) -> None:
-        if setter is not None and len(set(map(name_of, configs))) == 1:
-            setter(name_of(next(iter(configs))))
-        for key, config in configs.items():  # configs the model's own dispatch did not reach
-            if get_experts_implementation(config) != name_of(key):
-                set_experts_implementation(config, name_of(key))
-
-    switch(lambda key: PROBE_IMPLEMENTATION)
-    try:
-        yield
-    finally:
-        switch(previous.__getitem__)
-
-
-@contextlib.contextmanager
-def _probe_fused(block: FusedExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
-    """Attach ``probe`` to the block; :func:`_probe_dispatch` routes the experts' forward to it."""
-    experts = block.experts
-    experts._unite_probe = probe
-    try:
-        yield
-    finally:
-        del experts._unite_probe
-
-
-def _read_index_and_weights(output: object, block: MoEBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Routers that return their choice: ``(topk_idx, topk_weight, aux)`` (DeepSeek-MoE remote code) or
-    ``(logits, weights, index)`` (transformers 5): an integer and a float tensor of the same shape."""
-    if not isinstance(output, (tuple, list)):
-        return None
-    tensors = [t if isinstance(t, torch.Tensor) else None for t in output]
-    at = next((i for i, t in enumerate(tensors) if t is not None and not t.is_floating_point() and t.ndim == 2), None)
-    if at is None:
-        return None
-    # the weights sit next to the index in both conventions (logits have the same shape when top-k = E)
-    candidates = [i for i, t in enumerate(tensors) if t is not None and t.is_floating_point() and t.shape == tensors[at].shape]
-    return (tensors[at], tensors[min(candidates, key=lambda i: abs(i - at))]) if candidates else None
-
-
-def _read_softmax_logits(output: object, block: MoEBlock) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Routers that return only logits (an ``nn.Linear`` gate, transformers-4 Mixtral / Qwen2-MoE): the
-    block's softmax then top-k, renormalised unless the block says ``norm_topk_prob=False``."""
-    top_k = next((getattr(m, a) for m in (block.block, block.router) for a in ("top_k", "num_experts_per_tok")
-                  if isinstance(getattr(m, a, None), int)), None)
-    if not isinstance(output, torch.Tensor) or output.shape[-1] != block.num_experts or top_k is None:
-        return None
-    weights, index = torch.softmax(output.reshape(-1, block.num_experts).float(), dim=-1).topk(top_k, dim=-1)
-    if getattr(block.block, "norm_topk_prob", True):
-        weights = weights / weights.sum(-1, keepdim=True)
-    return index, weights
-
-
-# Ways to read (top-k index, top-k weight) from a ModuleList block's router output, tried in order. The
-# counts read this way must equal the counts the expert probe observes, else the mass is dropped.
-_ROUTER_OUTPUT_READERS: tuple[Callable[[object, MoEBlock], tuple[torch.Tensor, torch.Tensor] | None], ...] = (
-    _read_index_and_weights, _read_softmax_logits,
-)
-
-
-@contextlib.contextmanager
-def _probe_module_list(block: ModuleListExpertsBlock, probe: _BlockProbe) -> Iterator[None]:
-    patched: list[tuple[nn.Linear, object]] = []
-    probe.mass_counts = torch.zeros_like(probe.routed)
-
-    def read_router(module: nn.Module, inputs: object, output: object) -> None:
-        routing = next((r for r in (read(output, block) for read in _ROUTER_OUTPUT_READERS) if r is not None), None)
-        if routing is None:
-            probe.mass_counts = None  # unreadable router: no routing mass for this block
-        elif probe.mass_counts is not None:
-            index, weights = routing
-            index = index.reshape(-1).to(probe.mass.device)
-            probe.mass.index_add_(0, index, weights.detach().reshape(-1).double().to(probe.mass.device))
-            probe.mass_counts += torch.bincount(index, minlength=block.num_experts).double()
-
-    def probed_forward(linear: nn.Linear, name: str, expert: int, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if name == block.projection_names()[0]:
-            probe.routed[expert] += flat.shape[0]
-        seq_ids = torch.zeros(flat.shape[0], dtype=torch.long, device=x.device)  # one sequence per pass
-        return probe.linear(name, expert, flat, linear.weight, linear.bias, seq_ids).reshape(*x.shape[:-1], -1)
-
-    router_handle = block.router.register_forward_hook(read_router)
-    try:
-        for expert in range(block.num_experts):
-            for proj in block.projection_names():
-                linear = block.linear(expert, proj)
-                patched.append((linear, linear.__dict__.get("forward")))  # e.g. an accelerate hook
-                linear.forward = functools.partial(probed_forward, linear, proj, expert)
-        yield
-    finally:
-        router_handle.remove()
-        for linear, previous in patched:
-            if previous is None:
-                del linear.forward
-            else:
-                linear.forward = previous
-
-
-# layout name -> (context manager installing the probe, whether a pass may hold several sequences)
-PROBES: dict[str, tuple[Callable[[MoEBlock, _BlockProbe], contextlib.AbstractContextManager], bool]] = {
-    FusedExpertsBlock.layout: (_probe_fused, True),
-    ModuleListExpertsBlock.layout: (_probe_module_list, False),
-}
+def __getattr__(name: str) -> object:
+    """``PROBES``, the table of probes keyed by layout name, is gone: each layout owns its probe
+    (:meth:`MoEBlock.probe`, :attr:`MoEBlock.multi_sequence`). Kept as a FutureWarning alias."""
+    if name == "PROBES":
+        warnings.warn("unite_hf.importance.PROBES is deprecated: each expert layout owns its probe "
+                      "(MoEBlock.probe and MoEBlock.multi_sequence)", FutureWarning, stacklevel=2)
+        return {layout: (lambda block, probe: block.probe(probe), cls.multi_sequence) for layout, cls in LAYOUTS.items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # -- the calibration pass -----------------------------------------------------------------------------------
@@ -696,8 +523,7 @@ def compute_expert_importance(
     if input_ids.ndim != 2 or input_ids.numel() == 0:
         raise ValueError(f"calibration input_ids must be a non-empty [N, T] tensor, got shape {tuple(input_ids.shape)}")
     source = source or get_source(model)
-    install, multi_sequence = PROBES[source.layout]
-    if not multi_sequence:
+    if not all(block.multi_sequence for block in source.blocks):
         batch_size = 1
     probes = [_BlockProbe(block, diagonal and fisher) for block in source.blocks]
     generator = torch.Generator().manual_seed(seed)
@@ -707,8 +533,9 @@ def compute_expert_importance(
     with contextlib.ExitStack() as stack:
         stack.enter_context(_calibration_mode(model, need_grad=fisher, train_mode=train_mode))
         for block, probe in zip(source.blocks, probes):
-            stack.enter_context(install(block, probe))
-        stack.enter_context(_probe_dispatch(model, source))
+            stack.enter_context(block.probe(probe))
+        for layout, blocks in blocks_by_layout(source.blocks).items():  # model-wide switches (fused experts)
+            stack.enter_context(layout.probe_model(model, blocks))
         if not fisher:
             stack.enter_context(torch.inference_mode())
         # unit "seq": tqdm shows sequences/s; tokens/s is added as a postfix
@@ -752,13 +579,13 @@ def compute_expert_importance(
 
 
 def _routing_mass(probes: list[_BlockProbe]) -> torch.Tensor | None:
-    """Stacked routing-weight sums; None when a ModuleList block's router output could not be read, or
-    gave counts that disagree with the tokens its experts actually received (then the weights are not
-    trustworthy either). Callers that need the mass say so; a Fisher pass does not care."""
+    """Stacked routing-weight sums; None when a block's router output could not be read, or gave counts
+    that disagree with the tokens its experts actually received (then the weights are not trustworthy
+    either). Callers that need the mass say so; a Fisher pass does not care."""
     for probe in probes:
-        if probe.mass_counts is not None and not torch.equal(probe.mass_counts, probe.routed):
+        if probe.mass_unreadable:
             return None
-        if isinstance(probe.block, ModuleListExpertsBlock) and probe.mass_counts is None:
+        if probe.mass_counts is not None and not torch.equal(probe.mass_counts, probe.routed):
             return None
     return torch.stack([p.mass.cpu() for p in probes])
 

@@ -51,3 +51,30 @@ def shared_expert_children(block: nn.Module) -> list[tuple[str, nn.Module]]:
 def is_shared_gate(module: nn.Module) -> bool:
     """A shared expert's gate: a linear map to one output, applied as ``sigmoid(gate(x)) * shared(x)``."""
     return isinstance(module, nn.Linear) and module.out_features == 1
+
+
+# An MLP's (gate, up, down) nn.Linear attribute names, one row per naming convention (None: no gate).
+# One table for routed experts stored as modules, shared experts and dense MLPs alike.
+MLP_LINEAR_NAMES: tuple[tuple[str | None, str, str], ...] = (
+    ("gate_proj", "up_proj", "down_proj"),
+    ("w1", "w3", "w2"),  # Mixtral v4: w1 the gate, w3 the up projection
+    (None, "up_proj", "down_proj"),
+    (None, "fc1", "fc2"),
+)
+MLP_ACTIVATION_ATTRS: tuple[str, ...] = ("act_fn", "act", "activation_fn")
+
+
+def mlp_linear_names(mlp: nn.Module, gated_only: bool = False) -> dict[str, str] | None:
+    """``proj -> attribute`` of the first row of :data:`MLP_LINEAR_NAMES` whose names are all
+    ``nn.Linear`` children of ``mlp`` (``proj`` in gate, up, down; no gate for a non-gated row), else None."""
+    for row in MLP_LINEAR_NAMES:
+        if gated_only and row[0] is None:
+            continue
+        if all(name is None or isinstance(getattr(mlp, name, None), nn.Linear) for name in row):
+            return {proj: name for proj, name in zip(("gate", "up", "down"), row) if name is not None}
+    return None
+
+
+def mlp_activation(mlp: nn.Module):
+    """The MLP's activation callable (first of :data:`MLP_ACTIVATION_ATTRS`), else None."""
+    return next((getattr(mlp, a) for a in MLP_ACTIVATION_ATTRS if callable(getattr(mlp, a, None))), None)

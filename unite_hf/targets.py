@@ -35,7 +35,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from .configuration_unite import UniteConfig
 from .gene import UniteGene
 from .layer_map import map_layers
-from .model_structure import is_shared_gate
+from .model_structure import is_shared_gate, mlp_linear_names
 from .sources import get_source
 
 
@@ -263,24 +263,35 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 
-SHARED_LINEAR_NAMES = {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
-
-
 def shared_expert_weights(gene: UniteGene, source_layer: int, source=None) -> dict[str, torch.Tensor]:
-    """The shared expert MLP's ``proj -> (out, in)`` weights of a source layer, from the gene."""
+    """The shared expert MLP's ``proj -> (out, in)`` weights of a source layer, from the gene. The MLP and
+    its linears are found by structure on the source's (meta) block, as the layout reports them."""
     source = source or _meta_source(gene)
     block = source.block(source_layer)
-    names = [n for n, m in block.shared_experts if not is_shared_gate(m)]
-    if not names:
+    mlps = [(n, m) for n, m in block.shared_experts if not is_shared_gate(m)]
+    if not mlps:
         return {}
+    name, mlp = mlps[0]
+    linears = mlp_linear_names(mlp) or {}
     weights = {}
     for proj in gene.config.projections:
-        keys = [f"{block.name}.{names[0]}.{linear}.weight" for linear in SHARED_LINEAR_NAMES[proj]]
-        key = next((k for k in keys if k in gene.source_state_dict), None)
-        if key is None:
-            raise ValueError(f"the gene holds no {proj} weight for the shared expert of layer {source_layer} (looked for {keys})")
+        key = f"{block.name}.{name}.{linears[proj]}.weight" if proj in linears else None
+        if key not in gene.source_state_dict:
+            looked_for = key or f"a {proj} linear in {type(mlp).__name__} {block.name}.{name}"
+            raise ValueError(f"the gene holds no {proj} weight for the shared expert of layer {source_layer} "
+                             f"(looked for {looked_for})")
         weights[proj] = gene.source_state_dict[key]
     return weights
+
+
+def __getattr__(name: str) -> object:
+    """``SHARED_LINEAR_NAMES`` is deprecated: shared-expert linears are found by structure, with the one
+    naming table of :data:`unite_hf.model_structure.MLP_LINEAR_NAMES`."""
+    if name == "SHARED_LINEAR_NAMES":
+        warnings.warn("unite_hf.targets.SHARED_LINEAR_NAMES is deprecated: see unite_hf.model_structure.MLP_LINEAR_NAMES",
+                      FutureWarning, stacklevel=2)
+        return {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _meta_source(gene: UniteGene):

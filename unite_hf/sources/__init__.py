@@ -13,13 +13,22 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import LAYOUTS, PROJECTIONS, ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
+from .base import (
+    LAYOUTS,
+    PROJECTIONS,
+    DiskKeys,
+    ExpertProbe,
+    ExpertWeights,
+    MoEBlock,
+    UnsupportedSourceError,
+    register_layout,
+)
 from .fused import FusedExpertsBlock
 from .module_list import ModuleListExpertsBlock
-from ..model_structure import LAYER_LIST_PATHS, ROUTER_ATTRS, find_layer_list, moe_slot, router_attr, shared_expert_children
+from ..model_structure import LAYER_LIST_PATHS, ROUTER_ATTRS, find_layer_list, moe_slot, router_attr
 
 __all__ = [
-    "LAYOUTS", "PROJECTIONS", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",
+    "LAYOUTS", "PROJECTIONS", "DiskKeys", "ExpertProbe", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",
     "ModuleListExpertsBlock", "UnsupportedSourceError", "find_decoder_layers", "get_source", "register_layout",
 ]
 
@@ -109,7 +118,7 @@ def _read_block(layer_idx: int, name: str, block: nn.Module) -> MoEBlock:
     router = router_attr(block)
     if router is None:
         raise UnsupportedSourceError(f"{name} ({type(block).__name__}) has experts but no router at {ROUTER_ATTRS}.")
-    moe_block = layout(layer_idx, name, block, "experts", router, shared_expert_children(block))
+    moe_block = layout(layer_idx, name, block, "experts", router, layout.find_shared_experts(block))
     router_weight = moe_block.router_weight
     if router_weight.shape[0] != moe_block.num_experts:
         raise UnsupportedSourceError(

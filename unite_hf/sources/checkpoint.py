@@ -5,12 +5,13 @@ A checkpoint folder holds ``config.json``, one or more ``*.safetensors`` shards 
 that the usual source adapters (:func:`unite_hf.sources.get_source`) tell which layers hold experts,
 their layout flags and the in-memory names of every other weight. On-disk names are mapped to
 in-memory names with transformers' own renamings for the family (``block_sparse_moe`` -> ``mlp`` for
-Mixtral, GraniteMoE's ``input_linear``/``output_linear``, ...), so both on-disk expert layouts read:
+Mixtral, GraniteMoE's ``input_linear``/``output_linear``, ...). Which on-disk keys hold which expert is
+the layout's to say (:meth:`MoEBlock.checkpoint_keys`, :meth:`MoEBlock.read_checkpoint_expert`):
 
-- per-expert keys, as ``save_pretrained`` writes them in transformers 5:
+- per-expert keys (every layout, by default), as ``save_pretrained`` writes them in transformers 5:
   ``...experts.{i}.w1.weight`` / ``w3`` / ``w2`` or ``...experts.{i}.gate_proj.weight`` / ``up_proj`` / ``down_proj``;
-- fused 3D keys: ``...experts.gate_up_proj`` (E, 2I, H) and ``...experts.down_proj`` (E, H, I) (plus
-  ``*_bias``), read one expert slice at a time with ``safe_open(...).get_slice``.
+- fused 3D keys (the fused layout): ``...experts.gate_up_proj`` (E, 2I, H) and ``...experts.down_proj``
+  (E, H, I) (plus ``*_bias``), read one expert slice at a time with ``safe_open(...).get_slice``.
 
 Only safetensors are read, never pickle.
 """
@@ -19,44 +20,28 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-from .base import ExpertWeights, MoEBlock, UnsupportedSourceError
-from .fused import FusedExpertsBlock
+from .base import CheckpointError, DiskKeys, ExpertWeights, MoEBlock, UnsupportedSourceError
 
 INDEX_NAME = "model.safetensors.index.json"
-# per-expert linear name -> projection
-_PER_EXPERT_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
-_PER_EXPERT_KEY = re.compile(r"^(\d+)\.(\w+)\.(weight|bias)$")
-_FUSED_KEY = re.compile(r"^(gate_up_proj|up_proj|down_proj)(_bias)?$")
-
-
-class CheckpointError(ValueError):
-    """The folder is not a readable safetensors MoE checkpoint."""
-
-
-@dataclass
-class _ExpertKeys:
-    per_expert: dict[tuple[int, str, str], str]  # (expert, proj, "weight"|"bias") -> on-disk key
-    fused: dict[str, str]  # in-memory parameter name (gate_up_proj, down_proj_bias, ...) -> on-disk key
 
 
 class CheckpointMoEBlock(MoEBlock):
-    """A MoE block whose experts live on disk: :meth:`expert` reads one expert's matrices lazily."""
+    """A MoE block whose experts live on disk: :meth:`expert` reads one expert's matrices lazily,
+    through the meta block's layout (:meth:`MoEBlock.read_checkpoint_expert`)."""
 
-    def __init__(self, meta_block: MoEBlock, checkpoint: MoECheckpoint, keys: _ExpertKeys) -> None:
+    def __init__(self, meta_block: MoEBlock, checkpoint: MoECheckpoint, keys: DiskKeys) -> None:
         # share the meta block's identity (names, router, shared experts) without its parameters
         self.__dict__.update({k: v for k, v in meta_block.__dict__.items()})
         self.meta_block = meta_block
         self.checkpoint = checkpoint
         self.keys = keys
-        self.layout = "checkpoint:" + ("fused_3d" if keys.fused else "per_expert")
+        self.layout = f"checkpoint:{keys.format}"
 
     @property
     def num_experts(self) -> int:
@@ -73,27 +58,18 @@ class CheckpointMoEBlock(MoEBlock):
     def projection_names(self) -> tuple[str, ...]:
         return self.meta_block.projection_names()
 
+    @property
+    def activation(self):
+        return self.meta_block.activation
+
+    @property
+    def custom_gating(self) -> bool:
+        return self.meta_block.custom_gating
+
     def expert(self, index: int) -> ExpertWeights:
         if not 0 <= index < self.num_experts:
             raise IndexError(f"{self.name}: expert {index} out of range ({self.num_experts} experts)")
-        read = self.checkpoint.read
-        if self.keys.fused:
-            block: FusedExpertsBlock = self.meta_block  # type: ignore[assignment]
-            first_name = "gate_up_proj" if block.has_gate else "up_proj"
-            first = read(self.keys.fused[first_name], index)
-            down = read(self.keys.fused["down_proj"], index)
-            first_bias = down_bias = None
-            if block.has_bias:
-                first_bias = read(self.keys.fused[f"{first_name}_bias"], index)
-                down_bias = read(self.keys.fused["down_proj_bias"], index)
-            return block.expert_views(first, down, first_bias, down_bias)
-        values = {}
-        for proj in self.projection_names():
-            values[proj] = read(self.keys.per_expert[(index, proj, "weight")])
-            bias_key = self.keys.per_expert.get((index, proj, "bias"))
-            values[f"{proj}_bias"] = read(bias_key) if bias_key is not None else None
-        values.setdefault("gate", None)
-        return ExpertWeights(**values)
+        return self.meta_block.read_checkpoint_expert(self.keys, self.checkpoint.read, index)
 
 
 class MoECheckpoint:
@@ -183,7 +159,7 @@ class MoECheckpoint:
         meta_names = set(self.meta_model.state_dict())
         expert_prefixes = {f"{b.name}.{b.experts_attr}.": b for b in self.source.blocks}
         router_prefixes = tuple(f"{b.name}.{b.router_attr}." for b in self.source.blocks)
-        keys = {prefix: _ExpertKeys({}, {}) for prefix in expert_prefixes}
+        names: dict[str, dict[str, str]] = {prefix: {} for prefix in expert_prefixes}  # below experts -> disk key
         self.non_expert_keys: dict[str, str] = {}  # in-memory name -> on-disk key
         unknown = []
         for disk_key in self.weight_map:
@@ -192,16 +168,7 @@ class MoECheckpoint:
                 name = f"model.{name}"
             prefix = next((p for p in expert_prefixes if name.startswith(p)), None)
             if prefix is not None:
-                rest = name[len(prefix):]
-                per_expert, fused = _PER_EXPERT_KEY.match(rest), _FUSED_KEY.match(rest)
-                if per_expert and per_expert.group(2) in _PER_EXPERT_NAMES:
-                    expert, linear, kind = per_expert.groups()
-                    keys[prefix].per_expert[(int(expert), _PER_EXPERT_NAMES[linear], kind)] = disk_key
-                elif fused:
-                    keys[prefix].fused[rest] = disk_key
-                else:
-                    raise CheckpointError(f"{self.path}: expert tensor {disk_key!r} ({name!r}) has a layout unite_hf "
-                                          "cannot read (neither per-expert nor fused 3D keys)")
+                names[prefix][name[len(prefix):]] = disk_key  # the layout places it (checkpoint_keys)
             elif name.startswith(router_prefixes):
                 continue
             elif name in meta_names:
@@ -213,30 +180,11 @@ class MoECheckpoint:
                                   f"{type(self.meta_model).__name__}, e.g. {unknown[:3]}")
         self.blocks: list[CheckpointMoEBlock] = []
         for prefix, block in expert_prefixes.items():
-            self.blocks.append(CheckpointMoEBlock(block, self, self._check_expert_keys(block, keys[prefix])))
+            keys = block.checkpoint_keys(names[prefix], where=f"{self.path}: {block.name}.{block.experts_attr}")
+            self.blocks.append(CheckpointMoEBlock(block, self, keys))
         missing = [n for n in self.source.non_expert_state_dict() if n not in self.non_expert_keys]
         if missing:
             raise CheckpointError(f"{self.path}: weights missing from the checkpoint: {missing[:5]}")
-
-    def _check_expert_keys(self, block: MoEBlock, keys: _ExpertKeys) -> _ExpertKeys:
-        where = f"{self.path}: {block.name}.{block.experts_attr}"
-        if keys.fused and keys.per_expert:
-            raise CheckpointError(f"{where} mixes per-expert and fused expert tensors")
-        if keys.fused:
-            if not isinstance(block, FusedExpertsBlock):
-                raise CheckpointError(f"{where}: fused 3D tensors on disk but the model's experts are a ModuleList")
-            first = "gate_up_proj" if block.has_gate else "up_proj"
-            needed = [first, "down_proj"] + ([f"{first}_bias", "down_proj_bias"] if block.has_bias else [])
-            missing = [n for n in needed if n not in keys.fused]
-            if missing:
-                raise CheckpointError(f"{where}: missing fused expert tensors {missing}")
-            return keys
-        needed = [(e, p, "weight") for e in range(block.num_experts) for p in block.projection_names()]
-        missing = [k for k in needed if k not in keys.per_expert]
-        if missing:
-            e, p, _ = missing[0]
-            raise CheckpointError(f"{where}: {len(missing)} expert weight(s) missing, e.g. expert {e} {p}")
-        return keys
 
     # -- what the extractor needs ------------------------------------------------------------
     @property

@@ -12,12 +12,19 @@ code:
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Callable, Iterator
+
 import torch
 from torch import nn
 
-from .base import ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
+from .base import CheckpointError, DiskKeys, ExpertProbe, ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
 
 _REQUIRED_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
+# the experts implementation name the Fisher probe registers with transformers' experts dispatch
+PROBE_IMPLEMENTATION = "unite_probe"
+_FUSED_KEY = re.compile(r"^(gate_up_proj|up_proj|down_proj)(_bias)?$")
 
 
 @register_layout
@@ -87,8 +94,7 @@ class FusedExpertsBlock(MoEBlock):
         experts = self.experts
         first_bias = down_bias = None
         if self._has_bias:
-            first_bias = (experts.gate_up_proj_bias if self._has_gate else experts.up_proj_bias)[index]
-            down_bias = experts.down_proj_bias[index]
+            first_bias, down_bias = self._first_bias[index], experts.down_proj_bias[index]
         return self.expert_views(self.first_parameter[index], experts.down_proj[index], first_bias, down_bias)
 
     def expert_views(
@@ -98,13 +104,25 @@ class FusedExpertsBlock(MoEBlock):
         first_bias: torch.Tensor | None = None,
         down_bias: torch.Tensor | None = None,
     ) -> ExpertWeights:
-        """Split one expert's stored matrices into (out, in) views.
-
-        Also used on accumulators shaped like the parameters (the diagonal Fisher), so the layout
-        logic lives in exactly one place.
-        """
+        """Split one expert's stored matrices into (out, in) views (also used on slices read from disk)."""
         if self.is_transposed:
             first, down = first.T, down.T
+        return self.expert_from_linears({"first": (first, first_bias), "down": (down, down_bias)})
+
+    def probed_linears(self) -> dict[str, tuple[torch.Size, torch.Size | None]]:
+        """Two maps per expert: ``first`` (gate and up together, or up) and ``down``, as ``(out, in)``."""
+        def out_in(stored: torch.Tensor) -> torch.Size:
+            shape = stored.shape[1:]
+            return torch.Size(reversed(shape)) if self.is_transposed else shape
+
+        first_bias = down_bias = None
+        if self._has_bias:
+            first_bias, down_bias = self._first_bias.shape[1:], self.experts.down_proj_bias.shape[1:]
+        return {"first": (out_in(self.first_parameter), first_bias), "down": (out_in(self.experts.down_proj), down_bias)}
+
+    def expert_from_linears(self, linears: dict[str, tuple[torch.Tensor, torch.Tensor | None]]) -> ExpertWeights:
+        """Split ``first`` into gate and up (halves or interleaved rows); ``down`` as it is."""
+        (first, first_bias), (down, down_bias) = linears["first"], linears["down"]
         if not self._has_gate:
             return ExpertWeights(gate=None, up=first, down=down, up_bias=first_bias, down_bias=down_bias)
         gate, up = self._split(first)
@@ -125,3 +143,113 @@ class FusedExpertsBlock(MoEBlock):
         from ..compat import has_custom_gating
 
         return has_custom_gating(self.experts)
+
+    # -- the Fisher probe: a registered experts implementation ---------------------------------------
+    def probe(self, probe: ExpertProbe) -> contextlib.AbstractContextManager[None]:
+        """Attach ``probe`` to the experts; :meth:`probe_model` routes their forward to
+        :func:`probed_experts_forward`, which finds it there."""
+        return _attached(self.experts, probe)
+
+    @classmethod
+    @contextlib.contextmanager
+    def probe_model(cls, model: nn.Module, blocks: list[MoEBlock]) -> Iterator[None]:
+        """Route the fused experts of ``model`` through :data:`PROBE_IMPLEMENTATION` for the duration, and back.
+
+        Through ``PreTrainedModel.set_experts_implementation`` (transformers 5), which validates the name
+        and reaches sub-models; only a model without it (remote code outside ``PreTrainedModel``) has its
+        experts' config switched directly.
+        """
+        from ..compat import get_experts_implementation, set_experts_implementation
+
+        configs = {id(b.experts.config): b.experts.config for b in blocks}
+        _register_probe_implementation()
+        previous = {key: get_experts_implementation(config) for key, config in configs.items()}
+        setter = getattr(model, "set_experts_implementation", None)
+
+        def switch(name_of: Callable[[int], str]) -> None:
+            if setter is not None and len(set(map(name_of, configs))) == 1:
+                setter(name_of(next(iter(configs))))
+            for key, config in configs.items():  # configs the model's own dispatch did not reach
+                if get_experts_implementation(config) != name_of(key):
+                    set_experts_implementation(config, name_of(key))
+
+        switch(lambda key: PROBE_IMPLEMENTATION)
+        try:
+            yield
+        finally:
+            switch(previous.__getitem__)
+
+    @property
+    def _first_bias(self) -> torch.Tensor:
+        return self.experts.gate_up_proj_bias if self._has_gate else self.experts.up_proj_bias
+
+    # -- on disk: 3D tensors, one expert per slice (or the per-expert keys of transformers 5's save) -------
+    def checkpoint_keys(self, names: dict[str, str], where: str) -> DiskKeys:
+        fused = {name: key for name, key in names.items() if _FUSED_KEY.match(name)}
+        if not fused:  # Mixtral / Qwen2-MoE as transformers 5 saves them: per-expert keys
+            return super().checkpoint_keys(names, where)
+        if len(fused) < len(names):
+            raise CheckpointError(f"{where} mixes per-expert and fused expert tensors "
+                                  f"(e.g. {sorted(set(names) - set(fused))[:3]})")
+        first = "gate_up_proj" if self._has_gate else "up_proj"
+        needed = [first, "down_proj"] + ([f"{first}_bias", "down_proj_bias"] if self._has_bias else [])
+        missing = [n for n in needed if n not in fused]
+        if missing:
+            raise CheckpointError(f"{where}: missing fused expert tensors {missing}")
+        return DiskKeys("fused_3d", fused)
+
+    def read_checkpoint_expert(self, keys: DiskKeys, read: Callable[[str, int | None], torch.Tensor],
+                               index: int) -> ExpertWeights:
+        if keys.format != "fused_3d":
+            return super().read_checkpoint_expert(keys, read, index)
+        first_name = "gate_up_proj" if self._has_gate else "up_proj"
+        first, down = read(keys.keys[first_name], index), read(keys.keys["down_proj"], index)
+        first_bias = down_bias = None
+        if self._has_bias:
+            first_bias, down_bias = read(keys.keys[f"{first_name}_bias"], index), read(keys.keys["down_proj_bias"], index)
+        return self.expert_views(first, down, first_bias, down_bias)
+
+
+@contextlib.contextmanager
+def _attached(experts: nn.Module, probe: ExpertProbe) -> Iterator[None]:
+    experts._unite_probe = probe
+    try:
+        yield
+    finally:
+        del experts._unite_probe
+
+
+def probed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The eager fused-experts forward, with every projection routed through the block's probe."""
+    from ..compat import apply_gate
+
+    probe: ExpertProbe = self._unite_probe
+    block: FusedExpertsBlock = probe.block  # type: ignore[assignment]
+    probe.route(top_k_index, top_k_weights)
+    seq_ids = probe.token_sequences(hidden_states)
+    experts = block.experts
+    first_param = block.first_parameter
+    valid = top_k_index < block.num_experts  # expert-parallel sentinels carry index num_experts
+    final = torch.zeros_like(hidden_states)
+    for expert in torch.unique(top_k_index[valid]).tolist():
+        token_idx, slot = torch.where(top_k_index == expert)
+        x = hidden_states[token_idx]
+        weights = block.expert(expert)
+        first_weight = first_param[expert].T if block.is_transposed else first_param[expert]
+        first_bias = block._first_bias[expert] if block.has_bias else None
+        h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
+        h = apply_gate(experts, h) if block.has_gate else experts.act_fn(h)
+        out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
+        out = out * top_k_weights[token_idx, slot, None]
+        final.index_add_(0, token_idx, out.to(final.dtype))
+    return final
+
+
+def _register_probe_implementation() -> None:
+    """Make :data:`PROBE_IMPLEMENTATION` known to transformers' experts dispatch. Called where a probe is
+    installed, not at import: importing unite_hf leaves transformers' registry as it found it."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if PROBE_IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, probed_experts_forward)
