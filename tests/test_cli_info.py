@@ -111,16 +111,17 @@ def test_cli_choices_are_the_registries():
     )
     from tools.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS  # a tool of the checkout (not installed)
     from unite_hf.calibration import DEFAULT_CALIBRATION
-    from unite_hf.cli import EXTRACTORS, RUNNERS
+    from unite_hf.cli import RUNNERS
     from unite_hf.decomposition import DECOMPOSITIONS
     from unite_hf.fusion import FUSIONS
     from unite_hf.importance import LABEL_MODES
+    from unite_hf.methods import METHODS
     from unite_hf.training.finetune import FORMATS, INITS
     from unite_hf.training.tasks import TASKS
 
     cli = unite_hf_cli
     assert cli.FUSION_NAMES == sorted(FUSIONS) and cli.DECOMPOSITION_NAMES == sorted(DECOMPOSITIONS)
-    assert cli.LABEL_MODE_NAMES == list(LABEL_MODES) and cli.METHOD_NAMES == sorted(EXTRACTORS)
+    assert cli.LABEL_MODE_NAMES == list(LABEL_MODES) and cli.METHOD_NAMES == sorted(METHODS)
     assert cli.COMMONALITY_SCORE_NAMES == sorted(COMMONALITY_SCORES)
     assert cli.SELECTION_STRATEGY_NAMES == sorted(SELECTION_STRATEGIES)
     assert cli.TASK_NAMES == sorted(TASKS) and cli.FORMAT_NAMES == list(FORMATS) and cli.INIT_NAMES == list(INITS)

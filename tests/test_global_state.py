@@ -76,7 +76,7 @@ def test_seeded_scopes_the_global_generator():
 
 def test_extraction_filters_only_the_rank_clipping_warning(monkeypatch):
     """Other warnings raised inside a decomposition reach the caller (no blanket simplefilter)."""
-    import unite_hf.methods.unite as unite_method
+    import unite_hf.methods.unite.extract as unite_method  # where the extraction looks decompose up
     from unite_hf import extract_universal_knowledge
 
     original = unite_method.decompose

@@ -22,6 +22,12 @@ from .methods.unite import extract_universal_knowledge  # noqa: E402
 from .methods.masa import MasaGene, extract_masa_gene  # noqa: E402
 from .analysis import ExpertAnalysis, analyze_experts, select_experts  # noqa: E402
 from .methods.xpert import XpertGene, extract_xpert_gene  # noqa: E402
+from .methods import METHODS, MethodConfig, get_method, load_methods, register_method  # noqa: E402
+from .methods.unite import UniteExtractionConfig  # noqa: E402
+from .methods.masa import MasaExtractionConfig  # noqa: E402
+from .methods.xpert import XpertExtractionConfig  # noqa: E402
+
+load_methods()  # every method folder registers itself: a new method is a new folder, nothing listed here
 from .scaling import adaptive_scale, llama_target_config, masa_init  # noqa: E402
 from .sources import MoESource, UnsupportedSourceError, get_source, register_layout  # noqa: E402
 from .configuration_unite import UniteConfig  # noqa: E402
@@ -59,5 +65,7 @@ __all__ = [
     "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
     "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",
     "MasaGene", "extract_masa_gene", "ExpertAnalysis", "analyze_experts", "select_experts", "XpertGene",
-    "extract_xpert_gene", "adaptive_scale", "llama_target_config", "masa_init",
+    "extract_xpert_gene", "adaptive_scale", "llama_target_config", "masa_init", "METHODS", "MethodConfig",
+    "get_method", "load_methods", "register_method", "UniteExtractionConfig", "MasaExtractionConfig",
+    "XpertExtractionConfig",
 ]

@@ -569,10 +569,13 @@ def analyze_experts(
 # CLI: `unite-hf analyze-experts`
 # --------------------------------------------------------------------------------------------------
 def domain_argument(value: str) -> tuple[str, str]:
-    name, sep, corpus = value.partition("=")
-    if not name or (sep and not corpus):
-        raise argparse.ArgumentTypeError(f"expected NAME=CORPUS or a built-in NAME, got {value!r}")
-    return name, corpus if sep else name
+    """``NAME=CORPUS`` (or a built-in ``NAME``) as ``(NAME, CORPUS)``, for argparse."""
+    from .methods.xpert.config import parse_domain
+
+    try:
+        return parse_domain(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -77,8 +78,9 @@ def calibration_dataset_ids(calibration: str) -> list[str]:
 
 
 def render_card(template: str, card_data: dict[str, Any], **variables: Any) -> str:
-    """Render ``model_cards/<template>`` with huggingface_hub's ModelCard (YAML metadata + Jinja)."""
-    template_path = resources.files("unite_hf") / "model_cards" / template
+    """Render ``model_cards/<template>`` with huggingface_hub's ModelCard (YAML metadata + Jinja); an
+    absolute path is used as it is (a method folder may ship its own card template)."""
+    template_path = Path(template) if Path(template).is_absolute() else resources.files("unite_hf") / "model_cards" / template
     data = ModelCardData(**{k: v for k, v in card_data.items() if v is not None})
     card = ModelCard.from_template(data, template_str=template_path.read_text(encoding="utf-8"), paper_url=PAPER_URL,
                                    **variables)

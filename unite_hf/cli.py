@@ -28,15 +28,6 @@ def command(name: str):
     return decorator
 
 
-def extraction_kwargs(args: argparse.Namespace) -> dict:
-    return dict(
-        calibration=args.calibration, num_sequences=args.num_sequences, seq_len=args.seq_len, seed=args.seed,
-        batch_size=args.batch_size, rank=args.rank, fusion=args.fusion, decomposition=args.decomposition,
-        fisher_labels=args.fisher_labels, n_iter_max=args.n_iter_max, dataset_config=args.dataset_config,
-        text_column=args.text_column, split=args.split, train_mode=args.train_mode,
-    )
-
-
 def _load_source(args: argparse.Namespace):
     import torch
     from transformers import AutoModelForCausalLM
@@ -46,70 +37,41 @@ def _load_source(args: argparse.Namespace):
                                                 device_map=args.device_map, trust_remote_code=args.trust_remote_code)
 
 
-def _extract_unite(args: argparse.Namespace, tokenizer):
-    from pathlib import Path
-
-    from .gene import UniteGene
-    from .methods.unite import extract_universal_knowledge
-
-    importance = None
-    if args.importance:
-        donor = UniteGene.from_pretrained(args.importance)
-        if donor.method != "unite":  # an XPERT gene's "importance" is a commonality score, not a Fisher
-            raise ValueError(f"--importance needs a UNITE gene (it reuses the Fisher); {args.importance} is {donor.method}")
-        importance = donor.expert_importance()
-    streamable = args.fused_width is None and not args.activation_aware
-    if streamable and Path(args.source).is_dir() and (importance is not None or args.fusion == "uniform"):
-        # nothing to calibrate: stream the experts from the checkpoint's shards, one layer at a time
-        return extract_universal_knowledge(args.source, importance=importance, spill_dir=args.spill_dir,
-                                           trust_remote_code=args.trust_remote_code, source_id=args.source,
-                                           source_revision=args.revision, show_progress=progress_enabled(args),
-                                           **extraction_kwargs(args))
-    return extract_universal_knowledge(_load_source(args), tokenizer, importance=importance, source_id=args.source,
-                                       source_revision=args.revision, fused_width=args.fused_width,
-                                       activation_aware=args.activation_aware, show_progress=progress_enabled(args),
-                                       **extraction_kwargs(args))
+def _run_method(spec, config, args: argparse.Namespace, tokenizer, inputs: dict):
+    """Run a registered method from the command line: its own ``run_cli`` when it has one, else load
+    the source with transformers and call its ``extract``."""
+    context = dict(source_id=args.source, source_revision=args.revision, show_progress=progress_enabled(args), **inputs)
+    if spec.run_cli is not None:
+        return spec.run_cli(config, args, tokenizer, lambda: _load_source(args), **context)
+    return spec.extract(config, _load_source(args), tokenizer, **context)
 
 
-def _extract_masa(args: argparse.Namespace, tokenizer):
-    from .methods.masa import DEFAULT_CORPORA, extract_masa_gene
+def __getattr__(name: str):
+    if name == "EXTRACTORS":  # the hard-coded --method table that the method registry replaced
+        import warnings
 
-    if isinstance(args.rank, tuple):
-        raise ValueError("--rank for MASA is one int r (the gene matrices are r x r)")
-    return extract_masa_gene(
-        _load_source(args), tokenizer, args.corpora or DEFAULT_CORPORA, rank=64 if args.rank is None else args.rank,
-        selection=args.selection,
-        num_experts=args.num_experts, spectral_weight=args.spectral_weight, tokens=args.tokens, seq_len=args.seq_len,
-        batch_size=args.batch_size, learning_rate=args.learning_rate, seed=args.seed, source_id=args.source,
-        source_revision=args.revision, show_progress=progress_enabled(args))
+        from .methods import load_methods
 
-
-def _extract_xpert(args: argparse.Namespace, tokenizer):
-    from .analysis import DEFAULT_DOMAINS, ExpertAnalysis
-    from .methods.xpert import extract_xpert_gene
-
-    analysis = ExpertAnalysis.load(args.analysis) if args.analysis else None
-    return extract_xpert_gene(
-        _load_source(args), tokenizer, dict(args.domains) if args.domains else DEFAULT_DOMAINS, analysis=analysis,
-        k=args.k_common, strategy=args.strategy, rank=args.rank, n_iter_max=args.n_iter_max, num_sequences=args.num_sequences,
-        seq_len=args.seq_len, seed=args.seed, batch_size=args.batch_size, score=args.score, source_id=args.source,
-        source_revision=args.revision, show_progress=progress_enabled(args))
-
-
-# --method -> extractor(args, tokenizer) -> gene
-EXTRACTORS: dict[str, Callable] = {"unite": _extract_unite, "masa": _extract_masa, "xpert": _extract_xpert}
+        warnings.warn("unite_hf.cli.EXTRACTORS is deprecated: use unite_hf.methods.get_method(name)", FutureWarning,
+                      stacklevel=2)
+        return {name: spec.extract for name, spec in load_methods().items()}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @command("extract")
 def _run_extract(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
+    from unite_hf_cli.extract import config_from_args
 
     from .gene import check_gene_destination
+    from .methods import get_method
 
+    config, inputs = config_from_args(args)  # every setting checked before anything is loaded
+    spec = get_method(config.method)
     check_gene_destination(args.out)  # an unwritable --out fails now, not after the calibration pass
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.source, revision=None if args.tokenizer else args.revision,
                                               trust_remote_code=args.trust_remote_code)
-    gene = EXTRACTORS[args.method](args, tokenizer)
+    gene = _run_method(spec, config, args, tokenizer, inputs)
     gene.tokenizer = tokenizer
     gene.save_pretrained(args.out)
     if args.push_to_hub:

@@ -106,6 +106,9 @@ class GeneConfig:
     # settings and measurements of methods other than UNITE (MASA: gene rank, alignment budget and
     # losses; XPERT: the expert analysis report); JSON, so it travels inside the checksummed config
     method_config: dict[str, Any] = field(default_factory=dict)
+    # the recipe that made the gene: the method's config (unite_hf.methods.<method>.config), as mergekit
+    # keeps its YAML; `unite-hf extract --config` runs it again. Empty for genes saved before recipes.
+    recipe: dict[str, Any] = field(default_factory=dict)
     files: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -229,6 +232,17 @@ class Gene:
                       source_tensors: dict[str, torch.Tensor]) -> GeneT:  # pragma: no cover - abstract
         """Rebuild the gene from its files; raise ``KeyError``/``ValueError`` when a tensor is missing."""
         raise NotImplementedError
+
+    @property
+    def recipe(self):
+        """The method config that made this gene (``None`` for a gene saved before recipes were kept);
+        ``gene.recipe.to_yaml()`` is a file ``unite-hf extract --config`` runs again. A setting given in
+        Python that no file can hold (a token tensor) reads as ``None``."""
+        if not self.config.recipe:
+            return None
+        from .methods.config import CONFIG_CLASSES
+
+        return CONFIG_CLASSES[self.config.method].from_dict(self.config.recipe)
 
     def card_variables(self, config: GeneConfig) -> dict[str, Any]:  # pragma: no cover - abstract
         """Variables of the card template (``model_cards/<card_template>``)."""
@@ -419,18 +433,19 @@ class Gene:
         return info
 
 
-# genes of these methods are registered when their module is imported
-GENE_MODULES: dict[str, str] = {"masa": "unite_hf.methods.masa", "xpert": "unite_hf.methods.xpert"}
-
-
 def _gene_class(method: str) -> type[Gene]:
-    if method not in GENE_TYPES and method in GENE_MODULES:
-        import importlib
-
-        importlib.import_module(GENE_MODULES[method])
+    # every method folder registered its gene class when ``import unite_hf`` loaded the methods
     if method not in GENE_TYPES:
-        raise GeneFormatError(f"unknown gene method {method!r}; this unite_hf reads {sorted(set(GENE_TYPES) | set(GENE_MODULES))}")
+        raise GeneFormatError(f"unknown gene method {method!r}; this unite_hf reads {sorted(GENE_TYPES)}")
     return GENE_TYPES[method]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "GENE_MODULES":  # the string map that the method registry replaced
+        warnings.warn("unite_hf.gene.GENE_MODULES is deprecated: methods register themselves "
+                      "(unite_hf.methods.METHODS, unite_hf.gene.GENE_TYPES)", FutureWarning, stacklevel=2)
+        return {method: cls.__module__ for method, cls in GENE_TYPES.items() if method != "unite"}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_gene(path_or_repo_id: str | os.PathLike | Gene, **kwargs: Any) -> Gene:

@@ -11,15 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable
+from typing import Any, Callable
 
-DEFAULT_CALIBRATION = "wikitext2"  # unite_hf.calibration.DEFAULT_CALIBRATION
-FUSION_NAMES = ["concat", "fisher", "fisher_aligned", "fisher_diag", "frequency", "uniform"]  # unite_hf.fusion.FUSIONS
-DECOMPOSITION_NAMES = ["cp", "svd", "tucker", "tucker_hidden"]  # unite_hf.decomposition.DECOMPOSITIONS
-LABEL_MODE_NAMES = ["empirical", "sampled"]  # unite_hf.importance.LABEL_MODES
-METHOD_NAMES = ["masa", "unite", "xpert"]  # unite_hf.cli.EXTRACTORS
-COMMONALITY_SCORE_NAMES = ["min_frequency", "min_router_mass", "top_m_fraction"]  # unite_hf.analysis
-SELECTION_STRATEGY_NAMES = ["common", "least", "random"]  # unite_hf.analysis.SELECTION_STRATEGIES
 TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "piqa", "rte", "sst2",
               "winogrande"]  # unite_hf.training.tasks.TASKS
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
@@ -29,18 +22,52 @@ MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # unite_hf.
 MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # unite_hf.moefy.ROUTERS
 BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",
                         "sst2"]  # unite_hf.analysis.BUILTIN_DOMAINS
-DEFAULT_DOMAIN_NAMES = ["wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2"]  # unite_hf.analysis
 ANALYSIS_FILE, HEATMAP_FILE = "expert_analysis.json", "expert_heatmap.png"  # unite_hf.analysis
 EXPERIMENT_NAMES = ["generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "downstream",
                     "masa", "xpert", "retention", "lm_probe"]  # unite_hf.bench.EXPERIMENTS
 SCRIPT_EXPERIMENT_NAMES = ["retention", "lm_probe"]  # unite_hf.bench.SCRIPT_EXPERIMENTS
 
+# names the method configs own (unite_hf/methods/<name>/config.py), read from there on first use
+_CONFIG_CONSTANTS = {
+    "DEFAULT_CALIBRATION": ("unite", "DEFAULT_CALIBRATION"), "FUSION_NAMES": ("unite", "FUSION_NAMES"),
+    "DECOMPOSITION_NAMES": ("unite", "DECOMPOSITION_NAMES"), "LABEL_MODE_NAMES": ("unite", "LABEL_MODE_NAMES"),
+    "COMMONALITY_SCORE_NAMES": ("xpert", "COMMONALITY_SCORE_NAMES"),
+    "SELECTION_STRATEGY_NAMES": ("xpert", "SELECTION_STRATEGY_NAMES"), "DEFAULT_DOMAIN_NAMES": ("xpert", "DEFAULT_DOMAINS"),
+}
+
+
+def _config_constant(name: str) -> Any:
+    from .extract import method_configs
+
+    method, attribute = _CONFIG_CONSTANTS[name]
+    value = getattr(sys.modules[method_configs()[method].__module__], attribute)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def __getattr__(name: str) -> Any:
+    """``METHOD_NAMES`` and the choice lists above, from the method configs (loaded without torch)."""
+    if name == "METHOD_NAMES":
+        from .extract import method_configs
+
+        return sorted(method_configs())
+    if name in _CONFIG_CONSTANTS:
+        return _config_constant(name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 def _domain(value: str) -> tuple[str, str]:
-    """``--domain NAME=CORPUS`` (parsed by unite_hf.analysis, imported only when the option is used)."""
-    from unite_hf.analysis import domain_argument
+    """``--domain NAME=CORPUS`` of analyze-experts (the parser XPERT's config gives its own ``--domain``)."""
+    parse = sys.modules[_xpert_config().__module__].parse_domain
+    try:
+        return parse(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
-    return domain_argument(value)
+
+def _xpert_config() -> type:
+    from .extract import method_configs
+
+    return method_configs()["xpert"]
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -71,43 +98,14 @@ def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
                         help="no progress bars (also off with HF_HUB_DISABLE_PROGRESS_BARS=1 or TQDM_DISABLE=1)")
 
 
-def _rank(value: str) -> int | tuple[int, int, int]:
-    parts = [int(p) for p in value.split(",")]
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 3:
-        return tuple(parts)  # type: ignore[return-value]
-    raise argparse.ArgumentTypeError("rank is an int or r_L,r_out,r_in")
-
-
 def add_calibration_arguments(parser: argparse.ArgumentParser, num_sequences: int, seq_len: int) -> None:
     """The calibration corpus and its seeded windows (extraction and moefy)."""
-    parser.add_argument("--calibration", default=DEFAULT_CALIBRATION,
+    parser.add_argument("--calibration", default=_config_constant("DEFAULT_CALIBRATION"),
                         help="'wikitext2', a local text file, or a Hub dataset id (default: %(default)s)")
     parser.add_argument("--num-sequences", type=int, default=num_sequences,
                         help="calibration sequences N (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=seq_len, help="tokens per sequence T (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration windows")
-
-
-def add_extraction_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that extracts a gene."""
-    add_calibration_arguments(parser, num_sequences=128, seq_len=512)
-    parser.add_argument("--batch-size", type=int, default=8, help="sequences per Fisher pass (default: %(default)s)")
-    parser.add_argument("--rank", type=_rank, default=None,
-                        help="Tucker rank: r, or r_L,r_out,r_in (default: 512, clipped to the dimensions)")
-    parser.add_argument("--fusion", choices=FUSION_NAMES, default="fisher",
-                        help="how each layer's experts become one FFN (fisher: the paper's Eq. 3)")
-    parser.add_argument("--decomposition", choices=DECOMPOSITION_NAMES, default="tucker",
-                        help="how the fused FFNs of all layers are factorized")
-    parser.add_argument("--fisher-labels", choices=LABEL_MODE_NAMES, default="empirical",
-                        help="observed next tokens, or labels sampled from the model (true Fisher)")
-    parser.add_argument("--n-iter-max", type=int, default=25, help="HOOI/ALS iterations (default: %(default)s)")
-    parser.add_argument("--dataset-config", default=None, help="config name of a Hub calibration dataset")
-    parser.add_argument("--text-column", default=None, help="text column of a calibration dataset (default: auto)")
-    parser.add_argument("--split", default="train", help="split of a Hub calibration dataset (default: %(default)s)")
-    parser.add_argument("--train-mode", action="store_true",
-                        help="calibrate in train mode (dropout off), for remote-code MoEs whose eval path disables autograd")
 
 
 def _extract_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,35 +118,9 @@ def _extract_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="for remote-code MoEs (e.g. DeepSeek-MoE-16B)")
     parser.add_argument("--out", required=True, help="folder to write the gene to")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", default=None, help="also push the gene to this Hub repo")
-    parser.add_argument("--importance", default=None, metavar="GENE",
-                        help="reuse the Fisher and routing frequency of this gene (no calibration pass); with a local "
-                             "--source folder the experts are then streamed from its safetensors shards")
-    parser.add_argument("--spill-dir", default=None, help="scratch folder for streamed per-layer fused experts")
-    parser.add_argument("--fused-width", type=int, default=None,
-                        help="--fusion concat: neurons kept (1..E*I, default E*I); other fusions keep the expert width")
-    parser.add_argument("--activation-aware", action="store_true",
-                        help="weight each projection by its calibration inputs' second moment before decomposing")
-    parser.add_argument("--method", choices=METHOD_NAMES, default="unite",
-                        help="unite (Fisher fusion + Tucker), masa (gene matrices) or xpert (common experts + Tucker)")
-    add_extraction_arguments(parser)
-    masa = parser.add_argument_group("MASA (--method masa)")
-    masa.add_argument("--corpora", nargs="+", default=None,
-                      help="alignment corpora, mixed in equal shares (default: wikitext2 simplebooks)")
-    masa.add_argument("--tokens", type=int, default=262_144, help="alignment budget in tokens (default: %(default)s)")
-    masa.add_argument("--spectral-weight", type=float, default=0.1, help="λ of the log-spectral term; 0 turns it off")
-    masa.add_argument("--selection", default="auto", choices=["auto", "dense", "frequent", "shared"],
-                      help="which FFN weights get gene matrices (default: dense FFNs, else shared, else most routed experts)")
-    masa.add_argument("--num-experts", type=int, default=1, help="experts per layer for --selection frequent")
-    masa.add_argument("--learning-rate", type=float, default=1e-3, help="Adam learning rate of the alignment")
-    xpert = parser.add_argument_group("XPERT (--method xpert)")
-    xpert.add_argument("--domain", dest="domains", action="append", type=_domain, metavar="NAME=CORPUS",
-                       help="a domain for the routing analysis (repeat; default: the built-in five, see analyze-experts)")
-    xpert.add_argument("--k-common", type=int, default=None, help="experts per layer to consolidate (default: top-k)")
-    xpert.add_argument("--strategy", choices=SELECTION_STRATEGY_NAMES, default="common",
-                       help="common (XPERT) or the controls random / least")
-    xpert.add_argument("--score", choices=COMMONALITY_SCORE_NAMES, default="min_frequency",
-                       help="commonality score that ranks experts across domains")
-    xpert.add_argument("--analysis", default=None, metavar="DIR", help="reuse a saved analyze-experts folder")
+    from .extract import add_arguments
+
+    add_arguments(parser)  # every method's settings, generated from its config dataclass
     add_quiet_argument(parser)
 
 
@@ -238,12 +210,12 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--domain", dest="domains", action="append", type=_domain, metavar="NAME=CORPUS",
                         help="a domain: NAME=<text file | Hub dataset id | wikitext2 | simplebooks | built-in>, or a "
                              f"built-in NAME ({', '.join(BUILTIN_DOMAIN_NAMES)}); repeat for each domain "
-                             f"(default: {' '.join(DEFAULT_DOMAIN_NAMES)})")
+                             f"(default: {' '.join(_config_constant('DEFAULT_DOMAIN_NAMES'))})")
     parser.add_argument("--num-sequences", type=int, default=32, help="sequences per domain (default: %(default)s)")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sequences drawn from each domain")
     parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
-    parser.add_argument("--score", choices=COMMONALITY_SCORE_NAMES, default="min_frequency",
+    parser.add_argument("--score", choices=_config_constant("COMMONALITY_SCORE_NAMES"), default="min_frequency",
                         help="commonality score that ranks experts across domains")
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--k-common", type=int, default=None, help="common experts per layer (default: top-k)")
@@ -326,7 +298,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse (``--help`` and usage errors end here, fast), then run the command with unite_hf."""
-    build_parser(argv).parse_args(argv)
+    args = build_parser(argv).parse_args(argv)
+    if args.command == "extract":  # settings of the wrong method, or out of range: say so before loading torch
+        from .extract import config_from_args
+
+        try:
+            config_from_args(args)
+        except (ValueError, OSError) as err:
+            print(f"unite-hf extract: error: {err}", file=sys.stderr)
+            return 2
     from unite_hf.cli import main as run
 
     return run(argv)

@@ -34,6 +34,7 @@ will see them all. A layer with several units gets their routing-frequency-weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -46,13 +47,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import CalibrationSet, load_calibration, load_mixed_calibration
-from ..gene import Gene, GeneConfig, register_gene
-from ..sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
-from ..seeding import seeded_by_argument
-from .unite import _source_provenance, check_finite_weights
+from ...calibration import CalibrationSet, load_calibration, load_mixed_calibration
+from ...gene import Gene, GeneConfig, register_gene
+from ...sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
+from ...seeding import seeded_by_argument
+from ..common import check_finite_weights, source_provenance
+from .config import DEFAULT_CORPORA, MasaExtractionConfig
 
-DEFAULT_CORPORA: tuple[str, ...] = ("wikitext2", "simplebooks")
 SINGULAR_VALUE_FLOOR = 1e-8
 
 
@@ -317,15 +318,6 @@ def _spectral_loss(matrix: torch.Tensor, target_log_spectrum: torch.Tensor) -> t
     return (target_log_spectrum - log_s).square().mean()
 
 
-def _validate_settings(rank: int, spectral_weight: float, tokens: int) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"rank must be a positive int, got {rank!r}")
-    if spectral_weight < 0 or not math.isfinite(spectral_weight):
-        raise ValueError(f"spectral_weight must be a finite number >= 0, got {spectral_weight}")
-    if tokens < 1:
-        raise ValueError(f"tokens must be positive, got {tokens}")
-
-
 def _validate_rank(units: list[FFNUnit], rank: int) -> None:
     smallest = min(min(w.shape) for unit in units for w in unit.weights.values())
     if rank > smallest:
@@ -367,11 +359,13 @@ def extract_masa_gene(
         tokens: alignment budget in tokens (one optimizer step per batch of ``batch_size x seq_len``).
         learning_rate: Adam learning rate, decayed linearly to 0.
     """
-    from ..progress import progress_enabled
+    from ...progress import progress_enabled
 
     show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
+    recipe = MasaExtractionConfig(  # validates every setting before anything runs; saved as the gene's recipe
+        corpora=corpora, rank=rank, selection=selection, num_experts=num_experts, spectral_weight=spectral_weight,
+        tokens=tokens, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
     selection = _resolve_selection(model, selection)
-    _validate_settings(rank, spectral_weight, tokens)
     check_finite_weights(model)  # before any pass over the data
     frequency = None
     if selection == "frequent":
@@ -379,7 +373,7 @@ def extract_masa_gene(
         if not 1 <= num_experts <= num_source_experts:
             raise ValueError(f"num_experts={num_experts} is out of range: the source has {num_source_experts} "
                              "experts per layer")
-        from ..importance import compute_routing_frequency
+        from ...importance import compute_routing_frequency
 
         probe = _alignment_text(corpora, tokenizer, max(1, min(16, tokens // seq_len)), seq_len, seed, show_progress)
         frequency = compute_routing_frequency(model, probe, batch_size=batch_size, show_progress=show_progress)
@@ -467,7 +461,7 @@ def extract_masa_gene(
     cfg = model.config
     config = GeneConfig(
         method="masa",
-        **_source_provenance(model, source_id, source_revision),
+        **source_provenance(model, source_id, source_revision),
         num_layers=num_layers,
         moe_layers=sorted({u.layer for u in units}),
         hidden_size=cfg.hidden_size,
@@ -487,6 +481,7 @@ def extract_masa_gene(
             "output_error_per_step": [round(v, 6) for v in history],
             "source_widths": {proj: list(units[0].weights[proj].shape) for proj in units[0].weights},
         },
+        recipe=recipe.to_dict(),
     )
     detached = {key: m.detach().cpu() for key, m in matrices.items()}
     return MasaGene(config, detached, spectra, tokenizer=tokenizer)
@@ -495,7 +490,7 @@ def extract_masa_gene(
 def _alignment_text(corpora: Any, tokenizer, num_sequences: int, seq_len: int, seed: int,
                     show_progress: bool) -> CalibrationSet:
     """A list of corpus names or paths is mixed in equal shares; anything else is one corpus."""
-    from ..calibration import CORPUS_ALIASES
+    from ...calibration import CORPUS_ALIASES
 
     if isinstance(corpora, (list, tuple)) and corpora and all(
             isinstance(c, (str, os.PathLike)) and (str(c) in CORPUS_ALIASES or os.path.exists(c)) for c in corpora):
@@ -505,3 +500,11 @@ def _alignment_text(corpora: Any, tokenizer, num_sequences: int, seq_len: int, s
         corpora = corpora[0]
     return load_calibration(corpora, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                             show_progress=show_progress)
+
+
+def extract_from_config(config: MasaExtractionConfig, model: nn.Module, tokenizer=None, *, source_id: str | None = None,
+                        source_revision: str | None = None, show_progress: bool = True) -> MasaGene:
+    """Run MASA with ``config`` (see :func:`extract_masa_gene`)."""
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return extract_masa_gene(model, tokenizer, source_id=source_id, source_revision=source_revision,
+                             show_progress=show_progress, **settings)

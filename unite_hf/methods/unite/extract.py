@@ -19,75 +19,26 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
-from ..decomposition import (
+from ...calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
+from ...decomposition import (
     DECOMPOSITIONS,
     NEEDS_HIDDEN_MODE,
     decompose,
     decompose_streaming,
     resolve_ranks,
 )
-from ..fusion import check_width, fuse_block, get_fusion
-from ..gene import GeneConfig, UniteGene
-from ..importance import LABEL_MODES, ExpertImportance, compute_expert_importance
-from ..sources import FusedExpertsBlock, MoESource, get_source
-from ..sources.checkpoint import MoECheckpoint, is_checkpoint_path
+from ...fusion import check_width, fuse_block, get_fusion
+from ...gene import UniteGene
+from ...importance import LABEL_MODES, ExpertImportance, compute_expert_importance
+from ...sources import MoESource, get_source
+from ...sources.checkpoint import MoECheckpoint, is_checkpoint_path
+from .config import UniteExtractionConfig
+from ..common import (  # noqa: F401  (check_* and the old private names stay importable from here)
+    check_finite_weights, check_on_device, check_seq_len, make_gene, source_provenance,
+)
 
-
-def check_finite_weights(model: nn.Module) -> None:
-    """Raise ``ValueError`` naming the first parameter or buffer holding NaN or Inf."""
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
-            bad = "NaN" if torch.isnan(tensor).any() else "Inf"
-            raise ValueError(f"source weight {name!r} contains {bad}; refusing to extract a gene from it.")
-
-
-def check_on_device(model: nn.Module) -> None:
-    """Raise ``ValueError`` when weights sit on the meta device with nothing to load them (a model built
-    under ``init_empty_weights`` or from a config on ``meta``): it would fail inside the forward pass,
-    mid-calibration. Weights offloaded by accelerate (a ``_hf_hook`` on their module) are fine."""
-    for module_name, module in model.named_modules():
-        if hasattr(module, "_hf_hook"):
-            continue
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor.device.type == "meta":
-                where = f"{module_name}.{name}" if module_name else name
-                raise ValueError(f"source weight {where!r} is on the meta device (no data); load the model with its "
-                                 "weights (from_pretrained without init_empty_weights) before extracting")
-
-
-def check_seq_len(model: nn.Module, seq_len: int) -> None:
-    """Raise ``ValueError`` when ``seq_len`` exceeds the model's ``max_position_embeddings``."""
-    config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    limit = getattr(text_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and seq_len > limit:
-        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={limit}; choose a "
-                         f"seq_len of at most {limit}")
-
-
-def _source_provenance(model: nn.Module, source_id: str | None, source_revision: str | None,
-                       loaded_from: str | os.PathLike | None = None) -> dict[str, Any]:
-    """Source id, resolved commit sha, license, model type and config of the source.
-
-    ``loaded_from`` (default: the model's ``name_or_path``) is where the weights came from; the sha
-    and license are resolved from it (Hub cache snapshot, local card, or Hub model info) by
-    :func:`unite_hf.provenance.resolve_source`. The Hub is only asked about the id the model was
-    loaded from, never about a name given for the record only."""
-    from ..provenance import resolve_source
-
-    config = getattr(model, "config", None)
-    loaded_from = str(loaded_from or getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None) or "")
-    commit = getattr(config, "_commit_hash", None)  # transformers 4 configs carry it
-    resolved = resolve_source(loaded_from or source_id, source_revision or commit,
-                              query_hub=not source_id or source_id == loaded_from)
-    return {
-        "source_id": source_id or resolved.repo_id or loaded_from or None,
-        "source_revision": resolved.revision,
-        "source_license": resolved.license,
-        "source_model_type": getattr(config, "model_type", None),
-        "source_config": config.to_dict() if hasattr(config, "to_dict") else {},
-    }
+_source_provenance = source_provenance  # the names these had before they moved to methods/common.py
+_make_gene = make_gene
 
 
 _RANK_CLIPPED = r"default rank \d+ exceeds"
@@ -175,10 +126,44 @@ def extract_universal_knowledge(
             before decomposing and un-weight afterwards (SVD-LLM / ASVD; see
             :mod:`unite_hf.decomposition`). Costs one more inference pass over the calibration
             windows (also when ``importance`` is given).
+
+    The settings (everything but the model, tokenizer, importance, provenance and runtime switches) make
+    a :class:`~unite_hf.methods.unite.UniteExtractionConfig`, validated before anything runs and saved
+    in the gene as its recipe (``gene.recipe``); :func:`extract_from_config` runs one directly.
     """
-    from ..progress import progress_enabled
+    config = UniteExtractionConfig(
+        calibration=calibration, num_sequences=num_sequences, seq_len=seq_len, seed=seed, text_column=text_column,
+        dataset_config=dataset_config, split=split, batch_size=batch_size, fisher_labels=fisher_labels,
+        train_mode=train_mode, fusion=fusion, fused_width=fused_width, decomposition=decomposition, rank=rank,
+        n_iter_max=n_iter_max, activation_aware=activation_aware)
+    return extract_from_config(config, model, tokenizer, importance=importance, source_id=source_id,
+                               source_revision=source_revision, show_progress=show_progress,
+                               trust_remote_code=trust_remote_code, spill_dir=spill_dir)
+
+
+def extract_from_config(
+    config: UniteExtractionConfig,
+    model: nn.Module | str | os.PathLike,
+    tokenizer=None,
+    *,
+    importance: ExpertImportance | str | os.PathLike | None = None,
+    source_id: str | None = None,
+    source_revision: str | None = None,
+    show_progress: bool = True,
+    trust_remote_code: bool = False,
+    spill_dir: str | os.PathLike | None = None,
+) -> UniteGene:
+    """Run UNITE with ``config`` (see :func:`extract_universal_knowledge` for the other arguments).
+    ``importance`` may also name a saved UNITE gene (folder or Hub id) whose Fisher is reused."""
+    from ...progress import progress_enabled
 
     show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
+    if isinstance(importance, (str, os.PathLike)):
+        importance = donor_importance(importance)
+    c = config
+    calibration, rank, fusion, decomposition, fused_width = c.calibration, c.rank, c.fusion, c.decomposition, c.fused_width
+    num_sequences, seq_len, seed, batch_size, n_iter_max = c.num_sequences, c.seq_len, c.seed, c.batch_size, c.n_iter_max
+    fisher_labels, activation_aware = c.fisher_labels, c.activation_aware
     if is_checkpoint_path(model):
         if fused_width is not None or activation_aware:
             raise ValueError("fused_width and activation_aware are not supported when streaming from a checkpoint "
@@ -186,7 +171,7 @@ def extract_universal_knowledge(
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
             source_id=source_id, source_revision=source_revision, show_progress=show_progress,
-            trust_remote_code=trust_remote_code, spill_dir=spill_dir,
+            trust_remote_code=trust_remote_code, spill_dir=spill_dir, recipe=config.to_dict(),
         )
     if isinstance(model, (str, os.PathLike)):
         raise ValueError(f"{model} is not a checkpoint folder; pass a loaded model or a folder with config.json "
@@ -205,14 +190,14 @@ def extract_universal_knowledge(
     calib = None
     if importance is None or activation_aware:
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
-                                 text_column=text_column, dataset_config=dataset_config, split=split,
+                                 text_column=c.text_column, dataset_config=c.dataset_config, split=c.split,
                                  show_progress=show_progress)
         check_seq_len(model, calib.seq_len)  # the windows' real length, before the Fisher pass
         _check_vocabulary(model, calib)
     if importance is None:
         importance = compute_expert_importance(
             model, calib, source=source, labels=fisher_labels, diagonal=strategy.requires == "fisher_diag",
-            batch_size=batch_size, seed=seed, train_mode=train_mode, show_progress=show_progress,
+            batch_size=batch_size, seed=seed, train_mode=c.train_mode, show_progress=show_progress,
         )
         calibration_name, num_sequences, seq_len = calib.name, calib.num_sequences, calib.seq_len
     else:
@@ -242,50 +227,19 @@ def extract_universal_knowledge(
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
 
     source_weights = {name: tensor.detach().to("cpu").clone() for name, tensor in source.non_expert_state_dict().items()}
-    provenance = _source_provenance(model, source_id, source_revision)
-    gene = _make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
-                      calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
-                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max,
+    provenance = source_provenance(model, source_id, source_revision)
+    gene = make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
+                     calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                     fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max,
+                     recipe=config.to_dict(),
                       **({"method_config": {"activation_aware": True}} if activation_aware else {}))
     gene.tokenizer = tokenizer  # travels with the gene, so targets grown from it can be fine-tuned right away
     return gene
 
 
-def _make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, importance: ExpertImportance,
-               source_weights: dict[str, torch.Tensor], gene_class: type[UniteGene] = UniteGene,
-               gene_kwargs: dict[str, Any] | None = None, **method: Any) -> UniteGene:
-    first = source.blocks[0]
-    meta_first = getattr(first, "meta_block", first)
-    expert = meta_first.expert(0)
-    projections = first.projection_names()
-    config = GeneConfig(
-        **provenance,
-        source_layout=meta_first.layout,
-        num_layers=source.num_layers,
-        moe_layers=source.moe_layers,
-        dense_layers=source.dense_layers,
-        num_experts=source.num_experts,
-        hidden_size=expert.down.shape[0],
-        expert_intermediate_size=decompositions["down"].shape[2],  # the fused width (concat may widen it)
-        projections=list(projections),
-        has_bias=first.has_bias,
-        custom_gating=isinstance(meta_first, FusedExpertsBlock) and meta_first.custom_gating,
-        shared_experts=[name for name, _ in first.shared_experts],
-        ranks={proj: list(dec.ranks) for proj, dec in decompositions.items()},
-        relative_error={proj: dec.relative_error for proj, dec in decompositions.items()},
-        retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
-        **method,
-    )
-    gene = gene_class(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
-                      source_weights, fused_biases, **(gene_kwargs or {}))
-    if importance.routed is not None and importance.routing_mass is not None:  # concat fusion re-fuses from these
-        gene.routing = {"routed": importance.routed.clone(), "routing_mass": importance.routing_mass.clone()}
-    return gene
-
-
 def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_iter_max: int,
                              importance: ExpertImportance | None, source_id: str | None, source_revision: str | None,
-                             show_progress: bool, trust_remote_code: bool, spill_dir) -> UniteGene:
+                             show_progress: bool, trust_remote_code: bool, spill_dir, recipe: dict[str, Any]) -> UniteGene:
     """Streaming extraction: fuse layer by layer from the shards, spill, decompose layer by layer."""
     strategy = get_fusion(fusion)
     if decomposition not in DECOMPOSITIONS:
@@ -346,19 +300,19 @@ def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_i
                     decompositions[proj] = decompose_streaming(
                         layer_fn, len(spill), shape, decomposition, ranks[proj], n_iter_max=n_iter_max,
                         show_progress=show_progress, name=proj)
-        provenance = _source_provenance(checkpoint.meta_model, source_id, source_revision, loaded_from=path)
-        return _make_gene(source, provenance, decompositions, {p: torch.stack(v) for p, v in fused_biases.items()},
+        provenance = source_provenance(checkpoint.meta_model, source_id, source_revision, loaded_from=path)
+        return make_gene(source, provenance, decompositions, {p: torch.stack(v) for p, v in fused_biases.items()},
                           importance, source_weights, calibration="precomputed importance",
                           num_sequences=importance.num_sequences, seq_len=0, seed=0, fisher_labels=importance.labels,
-                          fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max)
+                          fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, recipe=recipe)
 
 
 def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list, decomposition: str, batch_size: int,
                    show_progress: bool) -> dict[str, torch.Tensor]:
     """``proj -> S`` for activation-aware bases: one shared weight where the method shares the input
     factor across layers (the mean moment), per layer where each layer has its own."""
-    from ..decomposition import input_axis_is_per_layer, input_weight_from_moment
-    from ..input_moments import collect_block_inputs, fused_hidden_moment
+    from ...decomposition import input_axis_is_per_layer, input_weight_from_moment
+    from ...input_moments import collect_block_inputs, fused_hidden_moment
 
     inputs = collect_block_inputs(model, source, calib.input_ids, batch_size=batch_size, show_progress=show_progress)
     weights = {}
@@ -371,6 +325,14 @@ def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list,
         per_layer = input_axis_is_per_layer(decomposition, hidden_mode(proj))
         weights[proj] = input_weight_from_moment(moments if per_layer else moments.mean(0))
     return weights
+
+
+def donor_importance(gene_path: str | os.PathLike) -> ExpertImportance:
+    """The Fisher and routing frequency stored in a saved UNITE gene, to extract again without calibrating."""
+    donor = UniteGene.from_pretrained(gene_path)
+    if donor.method != "unite":  # an XPERT gene's "importance" is a commonality score, not a Fisher
+        raise ValueError(f"importance needs a UNITE gene (it reuses the Fisher); {gene_path} is {donor.method}")
+    return donor.expert_importance()
 
 
 def hidden_mode(proj: str) -> str:

@@ -25,6 +25,7 @@ consolidation with the same ``k`` and ranks, so they match the parameter count a
 
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Any
 
@@ -32,12 +33,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
-from ..decomposition import Decomposition, decompose, resolve_ranks
-from ..gene import GeneConfig, UniteGene, register_gene
-from ..importance import ExpertImportance
-from ..sources import get_source
-from .unite import _make_gene, _source_provenance, check_finite_weights
+from ...analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
+from ...decomposition import Decomposition, decompose, resolve_ranks
+from ...gene import GeneConfig, UniteGene, register_gene
+from ...importance import ExpertImportance
+from ...sources import get_source
+from ..common import check_finite_weights, make_gene, source_provenance
+from .config import XpertExtractionConfig
 
 
 @register_gene("xpert")
@@ -141,10 +143,37 @@ def extract_xpert_gene(
         strategy: ``"common"`` (XPERT), or the controls ``"random"`` (seeded) and ``"least"``.
         rank: Tucker ranks of the stacked ``(L * k, d_out, d_in)`` tensor: ``(r_E, r_out, r_in)``, one
             int ``r`` for ``(L * k, r, r)``, or ``None`` (512, clipped to the dimensions with a warning).
+
+    The settings make an :class:`~unite_hf.methods.xpert.XpertExtractionConfig` (validated first, saved
+    in the gene as its recipe); :func:`extract_from_config` runs one directly.
     """
-    from ..progress import progress_enabled
+    config = XpertExtractionConfig(domains=domains, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
+                                   batch_size=batch_size, score=score, k=k, strategy=strategy, rank=rank,
+                                   n_iter_max=n_iter_max)
+    return extract_from_config(config, model, tokenizer, analysis=analysis, source_id=source_id,
+                               source_revision=source_revision, show_progress=show_progress)
+
+
+def extract_from_config(
+    config: XpertExtractionConfig,
+    model: nn.Module,
+    tokenizer=None,
+    *,
+    analysis: ExpertAnalysis | str | os.PathLike | None = None,
+    source_id: str | None = None,
+    source_revision: str | None = None,
+    show_progress: bool = True,
+) -> XpertGene:
+    """Run XPERT with ``config`` (see :func:`extract_xpert_gene`); ``analysis`` may also be the folder
+    of a saved analysis (``unite-hf analyze-experts --out``)."""
+    from ...progress import progress_enabled
 
     show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
+    if isinstance(analysis, (str, os.PathLike)):
+        analysis = ExpertAnalysis.load(analysis)
+    domains, num_sequences, seq_len, seed = config.domains, config.num_sequences, config.seq_len, config.seed
+    batch_size, score, k, strategy = config.batch_size, config.score, config.k, config.strategy
+    rank, n_iter_max = config.rank, config.n_iter_max
     source = get_source(model)
     if analysis is not None and (analysis.moe_layers != source.moe_layers or analysis.num_experts != source.num_experts):
         raise ValueError(f"the analysis covers layers {analysis.moe_layers} with {analysis.num_experts} experts; the "
@@ -197,14 +226,15 @@ def extract_xpert_gene(
                                   frequency=mean_frequency.double(), num_sequences=analysis.num_sequences,
                                   labels="none")
     source_weights = {name: t.detach().to("cpu").clone() for name, t in source.non_expert_state_dict().items()}
-    gene = _make_gene(
-        source, _source_provenance(model, source_id, source_revision), decompositions, biases, importance,
+    gene = make_gene(
+        source, source_provenance(model, source_id, source_revision), decompositions, biases, importance,
         source_weights, gene_class=XpertGene, gene_kwargs={"expert_factors": expert_factors},
         calibration=", ".join(analysis.domains), num_sequences=analysis.num_sequences, seq_len=analysis.seq_len,
         seed=seed, fisher_labels="none", fusion=f"xpert-{strategy}", decomposition="tucker", n_iter_max=n_iter_max,
         method="xpert",
         method_config={"strategy": strategy, "k": k, "selected_experts": selected, "mix_weights": mix.tolist(),
                        "analysis": analysis.to_dict()},
+        recipe=config.to_dict(),
     )
     gene.tokenizer = tokenizer
     return gene

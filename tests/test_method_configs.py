@@ -1,0 +1,223 @@
+"""Method configs (issue 14): validated dataclasses, recipes saved in genes, and a CLI generated from them.
+
+The expected defaults below are written out by hand from the papers' settings and the README (not read
+from the configs), so a default changed in one place only fails here."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import needs_data, run_cli, save_with_tokenizer
+from tiny_models import COMMON, VOCAB, tiny_moe
+
+import unite_hf_cli
+from unite_hf import (
+    MasaExtractionConfig, UniteExtractionConfig, XpertExtractionConfig, extract_masa_gene, extract_universal_knowledge,
+    extract_xpert_gene, load_gene,
+)
+from unite_hf.methods import METHODS, get_method
+from unite_hf.methods.config import CONFIG_CLASSES
+from unite_hf_cli.extract import config_from_args
+
+CONFIGS = {"unite": UniteExtractionConfig, "masa": MasaExtractionConfig, "xpert": XpertExtractionConfig}
+API = {"unite": extract_universal_knowledge, "masa": extract_masa_gene, "xpert": extract_xpert_gene}
+CALIBRATION = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _parse(*argv: str):
+    """``unite-hf extract *argv`` as the CLI reads it: (config, run inputs)."""
+    argv = ["extract", "--source", "src", "--out", "gene", *argv]
+    return config_from_args(unite_hf_cli.build_parser(argv).parse_args(argv))
+
+
+# -- the configs -----------------------------------------------------------------------------------------
+
+def test_every_method_is_registered_with_its_config_gene_class_and_extract_function():
+    assert set(METHODS) == set(CONFIGS) and {m: CONFIG_CLASSES[m] for m in CONFIGS} == CONFIGS
+    for name, config_class in CONFIGS.items():
+        spec = get_method(name)
+        assert spec.config_class is config_class and spec.gene_class.method == name
+        assert config_class.method == name
+
+
+def test_every_field_has_help():
+    for config_class in CONFIGS.values():
+        for field in dataclasses.fields(config_class):
+            assert len(field.metadata.get("help", "")) > 10, f"{config_class.__name__}.{field.name}"
+
+
+def test_defaults_are_the_documented_ones():
+    unite, masa, xpert = UniteExtractionConfig(), MasaExtractionConfig(), XpertExtractionConfig()
+    assert (unite.num_sequences, unite.seq_len, unite.batch_size, unite.rank) == (128, 512, 8, None)
+    assert (unite.fusion, unite.decomposition, unite.fisher_labels, unite.calibration) == ("fisher", "tucker", "empirical", "wikitext2")
+    assert (masa.rank, masa.seq_len, masa.tokens, masa.spectral_weight) == (64, 256, 262_144, 0.1)
+    assert masa.corpora == ("wikitext2", "simplebooks")
+    assert (xpert.num_sequences, xpert.seq_len, xpert.batch_size, xpert.k) == (32, 256, 4, None)  # as analyze-experts
+    assert xpert.domains == ("wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2")
+
+
+@pytest.mark.parametrize(("config_class", "kwargs", "message"), [
+    (UniteExtractionConfig, {"fused_width": 8}, "fused_width applies only to fusion 'concat'"),
+    (UniteExtractionConfig, {"rank": (2, 3)}, "three positive ints"),
+    (UniteExtractionConfig, {"rank": 0}, "positive int"),
+    (UniteExtractionConfig, {"num_sequences": 0}, "num_sequences must be an int >= 1"),
+    (UniteExtractionConfig, {"seq_len": True}, "seq_len must be an int"),
+    (UniteExtractionConfig, {"fisher_labels": "true"}, "fisher_labels must be one of"),
+    (MasaExtractionConfig, {"rank": (8, 8, 8)}, "rank must be a positive int"),
+    (MasaExtractionConfig, {"selection": "dense", "num_experts": 2}, "num_experts applies to selection 'frequent'"),
+    (MasaExtractionConfig, {"learning_rate": 0.0}, "learning_rate must be a finite number > 0"),
+    (MasaExtractionConfig, {"spectral_weight": float("nan")}, "spectral_weight"),
+    (XpertExtractionConfig, {"strategy": "best"}, "strategy must be one of"),
+    (XpertExtractionConfig, {"domains": []}, "at least one domain"),
+])
+def test_bad_settings_fail_at_construction_naming_the_field(config_class, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        config_class(**kwargs)
+
+
+def test_concat_takes_a_fused_width_and_recipes_round_trip():
+    config = UniteExtractionConfig(fusion="concat", fused_width=8, rank=[2, 4, 4])
+    assert config.rank == (2, 4, 4)  # a recipe's list is the API's tuple
+    data = config.to_dict()
+    assert data["method"] == "unite" and data["rank"] == [2, 4, 4]
+    assert json.loads(json.dumps(data)) == data
+    assert UniteExtractionConfig.from_dict(data) == config
+    import yaml
+
+    assert UniteExtractionConfig.from_dict(yaml.safe_load(config.to_yaml())) == config
+    with pytest.raises(ValueError, match="fusion: not an option of method 'masa'"):
+        MasaExtractionConfig.from_dict({"fusion": "cp"})
+    with pytest.raises(ValueError, match="recipe is for method 'unite', not 'xpert'"):
+        XpertExtractionConfig.from_dict(data)
+
+
+# -- CLI / API parity ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", sorted(CONFIGS))
+def test_cli_defaults_are_the_api_defaults(method):
+    config, inputs = _parse("--method", method)
+    assert config == CONFIGS[method]() and inputs == {}
+    parameters = inspect.signature(API[method]).parameters
+    for field in dataclasses.fields(CONFIGS[method]):
+        assert parameters[field.name].default == getattr(config, field.name), f"{method} {field.name}"
+
+
+def test_the_defaults_the_issue_found_disagreeing():
+    """extract --method xpert analysed 128 x 512 tokens (analyze-experts and the API: 32 x 256); --method masa
+    used seq_len 512 (the API: 256); --method masa --fusion was accepted, then ignored."""
+    xpert, _ = _parse("--method", "xpert")
+    assert (xpert.num_sequences, xpert.seq_len) == (32, 256)
+    masa, _ = _parse("--method", "masa")
+    assert masa.seq_len == 256
+    with pytest.raises(ValueError, match="--fusion does not apply to --method masa"):
+        _parse("--method", "masa", "--fusion", "uniform")
+    with pytest.raises(ValueError, match="--importance does not apply to --method xpert"):
+        _parse("--method", "xpert", "--importance", "gene")
+    with pytest.raises(ValueError, match="--corpora, --tokens do not apply to --method unite"):
+        _parse("--tokens", "5", "--corpora", "a")
+
+
+def test_cli_options_become_the_config():
+    config, inputs = _parse("--rank", "2,4,4", "--fusion", "concat", "--fused-width", "8", "--activation-aware",
+                            "--importance", "donor")
+    assert config == UniteExtractionConfig(rank=(2, 4, 4), fusion="concat", fused_width=8, activation_aware=True)
+    assert inputs == {"importance": "donor"}
+    config, inputs = _parse("--method", "xpert", "--domain", "a=x.txt", "--domain", "sst2", "--k-common", "2",
+                            "--rank", "3", "--analysis", "dir")
+    assert config.domains == {"a": "x.txt", "sst2": "sst2"} and config.k == 2 and config.rank == 3
+    assert inputs == {"analysis": "dir"}
+    config, _ = _parse("--method", "masa", "--rank", "8", "--corpora", "wikitext2")
+    assert config.rank == 8 and config.corpora == ("wikitext2",)
+    with pytest.raises(ValueError, match="MASA's rank is one int"):
+        _parse("--method", "masa", "--rank", "8,8,8")
+
+
+def test_a_recipe_file_with_flags_overriding_it(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: xpert\nnum_sequences: 4\nseq_len: 16\nstrategy: least\n")
+    config, _ = _parse("--config", str(recipe), "--seq-len", "8")
+    assert config == XpertExtractionConfig(num_sequences=4, seq_len=8, strategy="least")
+    with pytest.raises(ValueError, match="is a 'xpert' recipe; it does not run with --method masa"):
+        _parse("--config", str(recipe), "--method", "masa")
+    recipe.write_text("method: unite\ntokens: 5\n")
+    with pytest.raises(ValueError, match="tokens: not an option of method 'unite'"):
+        _parse("--config", str(recipe))
+
+
+def test_a_gene_keeps_its_recipe_and_the_recipe_runs_again(tmp_path):
+    gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, rank=(2, 4, 4), n_iter_max=3,
+                                       fusion="uniform", seed=7, show_progress=False)
+    expected = UniteExtractionConfig(calibration=None, rank=(2, 4, 4), n_iter_max=3, fusion="uniform", seed=7)
+    assert gene.recipe == expected  # the token tensor is not recorded: None
+    gene.save_pretrained(tmp_path / "gene")
+    loaded = load_gene(tmp_path / "gene")
+    assert loaded.recipe == expected
+    config_file = str(tmp_path / "gene" / "gene_config.json")
+    with pytest.raises(ValueError, match="calibration was given in Python and not recorded; pass --calibration"):
+        _parse("--config", config_file)
+    config, _ = _parse("--config", config_file, "--calibration", "wikitext2")
+    assert config == dataclasses.replace(expected, calibration="wikitext2")
+    (tmp_path / "recipe.yaml").write_text(config.to_yaml())
+    assert _parse("--config", str(tmp_path / "recipe.yaml"))[0] == config
+
+
+def test_masa_and_xpert_genes_keep_their_recipes(tmp_path):
+    from tiny_models import tiny_dense
+
+    masa = extract_masa_gene(tiny_dense(), corpora=CALIBRATION, rank=4,
+                             tokens=CALIBRATION.numel(), seq_len=12, batch_size=2, show_progress=False)
+    assert masa.recipe == MasaExtractionConfig(corpora=None, rank=4, tokens=48, seq_len=12, batch_size=2)
+    masa.save_pretrained(tmp_path / "masa")
+    assert load_gene(tmp_path / "masa").recipe == masa.recipe
+
+
+@needs_data
+def test_cli_runs_a_recipe(tmp_path):
+    import transformers
+
+    config = transformers.MixtralConfig(**{**COMMON, "vocab_size": 50257}, intermediate_size=24, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    save_with_tokenizer(transformers.MixtralForCausalLM(config), tmp_path / "src")
+    (tmp_path / "recipe.yaml").write_text("method: unite\nnum_sequences: 2\nseq_len: 16\nrank: [2, 4, 4]\n"
+                                          "fusion: frequency\nn_iter_max: 3\n")
+    result = run_cli("extract", "--source", str(tmp_path / "src"), "--config", str(tmp_path / "recipe.yaml"),
+                     "--num-sequences", "3", "--out", str(tmp_path / "gene"), "--quiet", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    gene = load_gene(tmp_path / "gene")
+    assert gene.recipe == UniteExtractionConfig(num_sequences=3, seq_len=16, rank=(2, 4, 4), fusion="frequency",
+                                                n_iter_max=3)
+    assert (gene.config.num_sequences, gene.config.seq_len, gene.config.ranks["up"]) == (3, 16, [2, 4, 4])
+    result = run_cli("extract", "--source", str(tmp_path / "src"), "--method", "masa", "--fusion", "fisher",
+                     "--out", str(tmp_path / "masa"), cwd=tmp_path)
+    assert result.returncode == 2 and "--fusion does not apply to --method masa" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "masa").exists()
+
+
+def test_configs_load_without_torch_and_are_the_librarys_classes():
+    script = ("import sys, unite_hf_cli.extract as e\n"
+              "configs = e.method_configs()\n"
+              "assert 'torch' not in sys.modules and 'unite_hf.gene' not in sys.modules, sorted(sys.modules)\n"
+              "import unite_hf\n"
+              "assert configs['unite'] is unite_hf.UniteExtractionConfig and configs['masa'] is unite_hf.MasaExtractionConfig\n"
+              "import unite_hf.methods.unite.config as c\n"
+              "assert c.UniteExtractionConfig is configs['unite']\n"
+              "print(sorted(configs))\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['masa', 'unite', 'xpert']"
+
+
+def test_deprecated_names_still_answer():
+    import unite_hf.cli
+    import unite_hf.gene
+
+    with pytest.warns(FutureWarning, match="EXTRACTORS is deprecated"):
+        assert sorted(unite_hf.cli.EXTRACTORS) == ["masa", "unite", "xpert"]
+    with pytest.warns(FutureWarning, match="GENE_MODULES is deprecated"):
+        assert unite_hf.gene.GENE_MODULES["masa"] == "unite_hf.methods.masa.extract"

@@ -1,0 +1,15 @@
+"""XPERT (2026): common experts found across domains, consolidated by Tucker, reused at any scale.
+
+``config.py`` holds :class:`XpertExtractionConfig` (the recipe), ``extract.py`` the gene class and the
+extraction (the routing analysis itself is :mod:`unite_hf.analysis`).
+"""
+
+from __future__ import annotations
+
+from .. import register_method
+from .config import XpertExtractionConfig
+from .extract import XpertGene, extract_from_config, extract_xpert_gene
+
+register_method(XpertExtractionConfig, XpertGene, extract_from_config)
+
+__all__ = ["XpertExtractionConfig", "XpertGene", "extract_from_config", "extract_xpert_gene"]
