@@ -43,6 +43,7 @@ def test_info_on_a_gene_and_a_target(saved, capsys):
     report = _info(capsys, str(root / "gene"))
     assert report["kind"] == "gene" and report["method"] == "unite"
     assert report["ranks"] == {p: [2, 6, 6] for p in ("gate", "up", "down")}
+    assert report["recipe"]["rank"] == [2, 6, 6] and report["recipe"]["method"] == "unite"
     assert report["relative_error"] == pytest.approx(gene.config.relative_error)
     for proj, energy in report["spectral_energy_at_rank"].items():  # the energy curve read at the stored rank
         assert energy["out"] == pytest.approx(float(gene.spectral_energy[proj]["out"][5]))

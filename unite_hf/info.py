@@ -72,7 +72,7 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
     """A JSON-able summary of a gene or a UNITE target (folder or Hub repo id).
 
     Gene: method, provenance (source id, revision, license, model type), calibration, fusion and
-    decomposition, ranks, relative errors, spectral energy kept at the stored ranks, parameters per
+    decomposition, ranks, relative errors, spectral energy kept at the stored ranks, the recipe, parameters per
     file and the files with their sizes. Target: architecture, the gene and its source, depth,
     FFN layers, ranks, core init, parameters and files.
     """
@@ -92,6 +92,7 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
             "moe_layers": config.get("moe_layers"), "num_experts": config.get("num_experts"),
             "ranks": config.get("ranks"), "relative_error": config.get("relative_error"),
             "spectral_energy_at_rank": config.get("retained_energy"),
+            "recipe": config.get("recipe") or None,  # what `unite-hf extract --config` runs again
             "parameters": _parameters(folder, repo_id, revision), "files": files,
         }
     if (folder / TARGET_CONFIG).is_file():
