@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import find_local_data_dir
 from ..gene import UniteGene
-from ..sources import MoESource, get_source
+from ..sources import MoESource, UnsupportedSourceError, get_source
 
 #: held-out text: a file under the data dir and the fraction at its end that is used
 DEFAULT_HELD_OUT = ("simplebooks/simplebooks92_valid.txt", 0.2)
@@ -233,6 +233,20 @@ def _default_layers(moe_layers: list[int], count: int = 3) -> list[int]:
     return sorted({moe_layers[round(i * (len(moe_layers) - 1) / (count - 1))] for i in range(count)})
 
 
+def _check_growable(gene: UniteGene) -> None:
+    """Retention scores the target that from_gene grows, which is the source family's own stack built from
+    the gene's config: a family whose config builds no MoE blocks (per-expert ModuleList experts patched into
+    a dense family's layers, for instance) has no slot for the UNITE FFN, whatever its expert layout."""
+    from ..targets import _meta_source
+
+    try:
+        _meta_source(gene)
+    except UnsupportedSourceError as err:
+        raise ValueError("retention scores the target that from_gene grows, and no target can be grown from this "
+                         f"source: its family's config builds no MoE blocks (e.g. ModuleList experts patched into a "
+                         f"dense family): {err}") from err
+
+
 def measure_retention(
     gene: UniteGene | str | os.PathLike,
     source: nn.Module | str | os.PathLike,
@@ -282,9 +296,7 @@ def measure_retention(
     moe = get_source(model)
     # cheap checks first: the pair, the ranks, the layers, the text
     _check_match(gene, moe, model)
-    if gene.config.source_layout == "module_list":
-        raise ValueError("retention scores the target that from_gene grows, and targets cannot be grown yet from "
-                         "sources with per-expert ModuleList experts (their family stack has no MoE slot to fill)")
+    _check_growable(gene)
     ranks = _resolve_target_ranks(gene, rank)
     layers = _default_layers(gene.moe_layers) if layers is None else list(layers)
     bad = [layer for layer in layers if layer not in gene.moe_layers]

@@ -11,7 +11,6 @@ from torch import nn
 
 from ..gene import GeneConfig, UniteGene
 from ..importance import ExpertImportance
-from ..sources import FusedExpertsBlock
 
 
 def check_finite_weights(model: nn.Module) -> None:
@@ -88,7 +87,7 @@ def make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, 
         expert_intermediate_size=decompositions["down"].shape[2],  # the fused width (concat may widen it)
         projections=list(projections),
         has_bias=first.has_bias,
-        custom_gating=isinstance(meta_first, FusedExpertsBlock) and meta_first.custom_gating,
+        custom_gating=meta_first.custom_gating,  # the layout's to say (False unless it overrides act(gate) * up)
         shared_experts=[name for name, _ in first.shared_experts],
         ranks={proj: list(dec.ranks) for proj, dec in decompositions.items()},
         relative_error={proj: dec.relative_error for proj, dec in decompositions.items()},

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 
 import torch
@@ -26,6 +28,13 @@ from .base import (
 from .fused import FusedExpertsBlock
 from .module_list import ModuleListExpertsBlock
 from ..model_structure import LAYER_LIST_PATHS, ROUTER_ATTRS, find_layer_list, moe_slot, router_attr
+
+# Every other module of this package is a layout that registers itself on import: a new layout is one new
+# file here, imported (and so tried by get_source) without an edit anywhere else.
+_NOT_LAYOUTS = {"base", "checkpoint", "fused", "module_list"}
+for _module in pkgutil.iter_modules(__path__):
+    if _module.name not in _NOT_LAYOUTS and not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "LAYOUTS", "PROJECTIONS", "DiskKeys", "ExpertProbe", "ExpertWeights", "FusedExpertsBlock", "MoEBlock", "MoESource",

@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 from ...calibration import CalibrationSet, load_calibration, load_mixed_calibration
 from ...gene import Gene, GeneConfig, register_gene
 from ...sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
+from ...model_structure import mlp_activation, mlp_linear_names
 from ...seeding import seeded_by_argument
 from ..common import check_finite_weights, source_provenance
 from .config import DEFAULT_CORPORA, MasaExtractionConfig
@@ -139,13 +140,10 @@ class FFNUnit:
 
 
 def _mlp_linears(mlp: nn.Module) -> dict[str, nn.Linear] | None:
-    """``proj -> nn.Linear`` of a gate/up/down (or w1/w3/w2, or up/down) MLP, else ``None``."""
-    for names in (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"), (None, "up_proj", "down_proj"),
-                  (None, "fc1", "fc2")):
-        linears = [getattr(mlp, n, None) if n else None for n in names]
-        if all(isinstance(lin, nn.Linear) for lin in linears[1:]) and (names[0] is None or isinstance(linears[0], nn.Linear)):
-            return {proj: lin for proj, lin in zip(PROJECTIONS, linears) if lin is not None}
-    return None
+    """``proj -> nn.Linear`` of a gate/up/down (or w1/w3/w2, or up/down) MLP, else ``None``
+    (the naming conventions of :data:`unite_hf.model_structure.MLP_LINEAR_NAMES`)."""
+    names = mlp_linear_names(mlp)
+    return None if names is None else {proj: getattr(mlp, name) for proj, name in names.items()}
 
 
 def _mlp_unit(layer: int, name: str, module: nn.Module, mlp: nn.Module) -> FFNUnit | None:
@@ -157,11 +155,10 @@ def _mlp_unit(layer: int, name: str, module: nn.Module, mlp: nn.Module) -> FFNUn
 
 
 def _activation(mlp: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    for attr in ("act_fn", "act", "activation_fn"):
-        fn = getattr(mlp, attr, None)
-        if callable(fn):
-            return fn
-    raise UnsupportedSourceError(f"{type(mlp).__name__} has no act_fn; cannot compute what reaches its down projection")
+    fn = mlp_activation(mlp)
+    if fn is None:
+        raise UnsupportedSourceError(f"{type(mlp).__name__} has no act_fn; cannot compute what reaches its down projection")
+    return fn
 
 
 def _dense_units(model: nn.Module, **_: Any) -> list[FFNUnit]:
