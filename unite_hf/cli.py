@@ -124,9 +124,9 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 @command("moefy")
 def _run_moefy(args: argparse.Namespace) -> int:
-    from .moefy import run
+    from ._checkout import load_tool
 
-    return run(args)
+    return load_tool("moefy").run(args)  # tools/moefy.py: in a source checkout, not installed
 
 
 @command("analyze-experts")

@@ -18,8 +18,8 @@ TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
 INIT_NAMES = ["unite", "random", "copy-only", "masa"]  # unite_hf.training.finetune.INITS
 PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
-MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # unite_hf.moefy.GROUPINGS
-MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # unite_hf.moefy.ROUTERS
+MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # tools.moefy.GROUPINGS
+MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # tools.moefy.ROUTERS
 BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",
                         "sst2"]  # unite_hf.analysis.BUILTIN_DOMAINS
 ANALYSIS_FILE, HEATMAP_FILE = "expert_analysis.json", "expert_heatmap.png"  # unite_hf.analysis
@@ -180,7 +180,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``unite-hf moefy`` (``unite_hf.moefy.add_arguments`` is this)."""
+    """Options of ``unite-hf moefy`` (``tools.moefy.add_arguments`` is this)."""
     parser.add_argument("--model", required=True, help="Hub id or local folder of a dense Llama-family causal LM")
     parser.add_argument("--gguf-file", default=None, help="GGUF file name inside --model (needs the gguf package)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or folder (default: the model's)")

@@ -25,7 +25,7 @@ from torch import nn
 
 from tools.demo import SMOLLM2_GGUF, SMOLLM2_PACKAGE, real_dense_source
 from unite_hf.io import sha256_of
-from unite_hf.moefy import _FFN_PROJS, SUPPORTED_MODEL_TYPES, _check_same_non_ffn_keys, _mixtral_config
+from tools.moefy import _FFN_PROJS, SUPPORTED_MODEL_TYPES, _check_same_non_ffn_keys, _mixtral_config
 
 from .cache import (
     BuildOptions,
