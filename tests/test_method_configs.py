@@ -108,6 +108,18 @@ def test_cli_defaults_are_the_api_defaults(method):
         assert parameters[field.name].default == getattr(config, field.name), f"{method} {field.name}"
 
 
+def test_analyze_experts_takes_xperts_defaults():
+    """`unite-hf analyze-experts`, `analyze_experts` and `extract --method xpert` run one routing analysis."""
+    from unite_hf import analyze_experts
+
+    argv = ["analyze-experts", "--source", "s", "--out", "o"]
+    args = unite_hf_cli.build_parser(argv).parse_args(argv)
+    parameters = inspect.signature(analyze_experts).parameters
+    for name, expected in {"num_sequences": 32, "seq_len": 256, "seed": 0, "batch_size": 4, "score": "min_frequency"}.items():
+        assert getattr(args, name) == parameters[name].default == getattr(XpertExtractionConfig(), name) == expected
+    assert parameters["domains"].default == XpertExtractionConfig().domains
+
+
 def test_the_defaults_the_issue_found_disagreeing():
     """extract --method xpert analysed 128 x 512 tokens (analyze-experts and the API: 32 x 256); --method masa
     used seq_len 512 (the API: 256); --method masa --fusion was accepted, then ignored."""

@@ -211,11 +211,17 @@ def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a domain: NAME=<text file | Hub dataset id | wikitext2 | simplebooks | built-in>, or a "
                              f"built-in NAME ({', '.join(BUILTIN_DOMAIN_NAMES)}); repeat for each domain "
                              f"(default: {' '.join(_config_constant('DEFAULT_DOMAIN_NAMES'))})")
-    parser.add_argument("--num-sequences", type=int, default=32, help="sequences per domain (default: %(default)s)")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sequences drawn from each domain")
-    parser.add_argument("--batch-size", type=int, default=4, help="sequences per forward pass (default: %(default)s)")
-    parser.add_argument("--score", choices=_config_constant("COMMONALITY_SCORE_NAMES"), default="min_frequency",
+    # the routing analysis's settings are XPERT's (extract --method xpert runs the same analysis): one default each
+    xpert = _xpert_config()
+    defaults = {name: xpert.__dataclass_fields__[name].default for name in ("num_sequences", "seq_len", "seed",
+                                                                             "batch_size", "score")}
+    parser.add_argument("--num-sequences", type=int, default=defaults["num_sequences"],
+                        help="sequences per domain (default: %(default)s)")
+    parser.add_argument("--seq-len", type=int, default=defaults["seq_len"], help="tokens per sequence (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help="seed of the sequences drawn from each domain")
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"],
+                        help="sequences per forward pass (default: %(default)s)")
+    parser.add_argument("--score", choices=_config_constant("COMMONALITY_SCORE_NAMES"), default=defaults["score"],
                         help="commonality score that ranks experts across domains")
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--k-common", type=int, default=None, help="common experts per layer (default: top-k)")
