@@ -177,6 +177,11 @@ def test_a_gene_keeps_its_recipe_and_the_recipe_runs_again(tmp_path):
     assert config == dataclasses.replace(expected, calibration="wikitext2")
     (tmp_path / "recipe.yaml").write_text(config.to_yaml())
     assert _parse("--config", str(tmp_path / "recipe.yaml"))[0] == config
+    old = json.loads((tmp_path / "gene" / "gene_config.json").read_text())
+    old.pop("recipe")  # a gene saved before recipes were kept
+    (tmp_path / "old_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="saved before genes kept their recipe"):
+        _parse("--config", str(tmp_path / "old_config.json"))
 
 
 def test_masa_and_xpert_genes_keep_their_recipes(tmp_path):

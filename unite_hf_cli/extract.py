@@ -110,8 +110,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every method's settings (from the config classes) and run inputs, grouped by the methods they apply to."""
     configs = method_configs()
     parser.add_argument("--method", choices=list(configs), default=None,
-                        help="unite (Fisher fusion + Tucker), masa (gene matrices) or xpert (common experts + Tucker); "
-                             "default: the recipe's, else unite")
+                        help=f"the extraction method, one of unite_hf/methods/ (default: the recipe's, else "
+                             f"{DEFAULT_METHOD})")
     parser.add_argument("--config", default=None, metavar="RECIPE",
                         help="a recipe (YAML or JSON: method and settings, e.g. a gene's gene_config.json 'recipe' "
                              "written out, or gene.recipe.to_yaml()); options given here override it")
@@ -165,7 +165,10 @@ def config_from_args(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from unite_hf.methods.config import load_recipe  # torch-free, loaded by method_configs
 
     recipe = load_recipe(args.config) if getattr(args, "config", None) else {}
-    if "recipe" in recipe and "format_version" in recipe:  # a gene's gene_config.json: run the recipe it keeps
+    if "format_version" in recipe:  # a gene's gene_config.json: run the recipe it keeps
+        if not recipe.get("recipe"):
+            raise ValueError(f"{args.config} is the config of a gene saved before genes kept their recipe; give the "
+                             "settings as options (its calibration, fusion, ranks... are in that file)")
         recipe = dict(recipe["recipe"])
     method = getattr(args, "method", None) or recipe.get("method") or DEFAULT_METHOD
     if recipe.get("method") not in (None, method):
