@@ -8,6 +8,12 @@ code:
 - ``is_concatenated``: ``[gate; up]`` halves versus interleaved rows ``[g0, u0, g1, u1, ...]``;
 - ``is_transposed``: parameters stored ``(E, in, out)`` instead of ``(E, out, in)``;
 - ``has_bias``: ``gate_up_proj_bias`` / ``up_proj_bias`` and ``down_proj_bias``.
+
+The Fisher probe is an experts implementation, :data:`PROBE_IMPLEMENTATION`, registered with
+transformers' dispatch when first needed and switched on through ``set_experts_implementation`` for the
+pass (:meth:`FusedExpertsBlock.probe_model`); it runs gate and up as one probed map, ``first``. On disk
+the experts are 3D tensors read one expert slice at a time, or the per-expert keys transformers 5 writes
+for Mixtral and Qwen2-MoE.
 """
 
 from __future__ import annotations
