@@ -323,3 +323,16 @@ def test_low_precision_direct_form_is_exact_for_its_inputs(kind, monkeypatch):
     got = float(importance._direct_sq_norms_low_precision(x, g, seq_ids, bias=True))
     assert abs(got - reference) <= 1e-5 * reference
     assert not importance._tensor_core_direct(x, g)  # on a CPU the float32 kernels stay in charge
+
+
+def test_the_probes_table_is_a_deprecated_alias_of_the_layouts_own_probes():
+    """PROBES (layout name -> (install, whether a pass may hold several sequences)) still answers, with a
+    FutureWarning: fused experts take several sequences per pass, ModuleList experts one."""
+    import unite_hf.importance as importance
+
+    with pytest.warns(FutureWarning, match="PROBES is deprecated"):
+        probes = importance.PROBES
+    from unite_hf.sources import LAYOUTS
+
+    assert set(probes) == set(LAYOUTS) and probes["fused_3d"][1] is True and probes["module_list"][1] is False
+    assert all(callable(install) for install, _ in probes.values())

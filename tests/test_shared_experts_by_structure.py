@@ -61,3 +61,11 @@ def test_hunyuan_shared_mlp_is_kept_dropped_or_fused(mode):
         bases = ffn._bases("up")
         torch.testing.assert_close(ffn.shared_cores["up"],
                                    bases.out_basis.T @ source_shared.up_proj.weight @ bases.in_basis)
+
+
+def test_shared_linear_names_is_a_deprecated_alias():
+    import unite_hf.targets as targets
+
+    with pytest.warns(FutureWarning, match="SHARED_LINEAR_NAMES is deprecated"):
+        names = targets.SHARED_LINEAR_NAMES
+    assert names == {"gate": ("gate_proj", "w1"), "up": ("up_proj", "w3"), "down": ("down_proj", "w2")}

@@ -121,8 +121,7 @@ class PackedMoeForCausalLM(transformers.MixtralForCausalLM):
 
 # -- 2. the layout: the only unite_hf-facing code a new expert storage needs ------------------------------
 
-@register_layout
-class PackedRowsBlock(MoEBlock):
+class PackedRowsBlock(MoEBlock):  # in a layout's own file: decorated with @register_layout (see packed_family)
     """Experts packed as flat rows ``[gate | up | down]`` of one ``(E, 3*I*H)`` parameter."""
 
     layout = "packed_rows"
@@ -194,6 +193,9 @@ def packed_family():
     transformers.AutoConfig.register(PackedMoeConfig.model_type, PackedMoeConfig, exist_ok=True)
     transformers.AutoModel.register(PackedMoeConfig, PackedMoeModel, exist_ok=True)
     transformers.AutoModelForCausalLM.register(PackedMoeConfig, PackedMoeForCausalLM, exist_ok=True)
+    # register_layout is the class decorator a layout file uses; called here instead, so that the layout is
+    # known only while this module's tests run (a decorator would register it when pytest collects the file)
+    register_layout(PackedRowsBlock)
     yield
     CONFIG_MAPPING._extra_content.pop(PackedMoeConfig.model_type, None)  # no public unregister
     MODEL_MAPPING._extra_content.pop(PackedMoeConfig, None)
