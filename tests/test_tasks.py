@@ -8,6 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from conftest import DATA
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
@@ -27,7 +28,7 @@ from unite_hf.training.tasks import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = (REPO_ROOT / ".." / "shared" / "data").resolve()
+DATA_DIR = DATA if DATA is not None else (REPO_ROOT / ".." / "shared" / "data").resolve()  # conftest's rule
 TOKENIZER_FILE = DATA_DIR / "tokenizers" / "gpt2_tokenizer.json"
 
 needs_data = pytest.mark.skipif(not (DATA_DIR / "arc_easy").is_dir(),
