@@ -107,7 +107,7 @@ def test_help_imports_neither_torch_nor_transformers():
 
 def test_cli_choices_are_the_registries():
     import unite_hf_cli
-    from unite_hf.analysis import (
+    from unite_hf.methods.xpert.analysis import (
         ANALYSIS_FILE, BUILTIN_DOMAINS, COMMONALITY_SCORES, DEFAULT_DOMAINS, HEATMAP_FILE, SELECTION_STRATEGIES,
     )
     from tools.bench import EXPERIMENTS, PROFILES, SCRIPT_EXPERIMENTS  # a tool of the checkout (not installed)

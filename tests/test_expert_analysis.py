@@ -18,8 +18,8 @@ import torch
 import transformers
 from tiny_models import COMMON, VOCAB, tiny_dense, tiny_module_list_moe, tiny_moe
 
-from unite_hf import analysis as analysis_module
-from unite_hf.analysis import (
+from unite_hf.methods.xpert import analysis as analysis_module
+from unite_hf.methods.xpert.analysis import (
     ANALYSIS_FILE,
     COMMONALITY_SCORES,
     HEATMAP_FILE,

@@ -230,9 +230,17 @@ def test_configs_load_without_torch_and_are_the_librarys_classes():
     assert result.stdout.strip() == "['masa', 'unite', 'xpert']"
 
 
-def test_deprecated_names_still_answer():
+def test_deprecated_names_still_answer(monkeypatch):
+    import importlib
+
+    import unite_hf
     import unite_hf.cli
     import unite_hf.gene
+
+    monkeypatch.delitem(sys.modules, "unite_hf.analysis", raising=False)
+    with pytest.warns(FutureWarning, match="unite_hf.analysis moved to unite_hf.methods.xpert.analysis"):
+        alias = importlib.import_module("unite_hf.analysis")
+    assert alias.analyze_experts is unite_hf.analyze_experts and alias.DEFAULT_DOMAINS == XpertExtractionConfig().domains
 
     with pytest.warns(FutureWarning, match="EXTRACTORS is deprecated"):
         assert sorted(unite_hf.cli.EXTRACTORS) == ["masa", "unite", "xpert"]

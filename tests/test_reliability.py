@@ -349,7 +349,7 @@ def test_saving_into_the_current_folder_follows_it_to_the_new_folder(target, gen
 
 
 def test_an_expert_analysis_folder_is_replaced_whole_and_keeps_other_files(tmp_path):
-    from unite_hf.analysis import ANALYSIS_FILE, HEATMAP_FILE, ExpertAnalysis, analyze_experts
+    from unite_hf.methods.xpert.analysis import ANALYSIS_FILE, HEATMAP_FILE, ExpertAnalysis, analyze_experts
 
     model = tiny_moe("mixtral")
     domains = {"a": CALIBRATION[:2], "b": CALIBRATION[2:]}

@@ -9,7 +9,7 @@ from conftest import needs_data, run_cli, save_with_tokenizer
 from tiny_models import COMMON, VOCAB, tiny_moe
 
 from unite_hf import UniteForSequenceClassification, UniteGene, load_gene
-from unite_hf.analysis import analyze_experts
+from unite_hf.methods.xpert.analysis import analyze_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
 from unite_hf.scaling import map_layers, masa_init
 from unite_hf.sources import get_source

@@ -19,7 +19,7 @@ from .importance import ExpertImportance, compute_expert_importance, compute_rou
 from .io import CorruptedFileError  # noqa: E402
 from .methods.unite import extract_universal_knowledge  # noqa: E402
 from .methods.masa import MasaGene, extract_masa_gene  # noqa: E402
-from .analysis import ExpertAnalysis, analyze_experts, select_experts  # noqa: E402
+from .methods.xpert.analysis import ExpertAnalysis, analyze_experts, select_experts  # noqa: E402
 from .methods.xpert import XpertGene, extract_xpert_gene  # noqa: E402
 from .methods import METHODS, MethodConfig, get_method, load_methods, register_method  # noqa: E402
 from .methods.unite import UniteExtractionConfig  # noqa: E402

@@ -131,7 +131,7 @@ def _run_moefy(args: argparse.Namespace) -> int:
 
 @command("analyze-experts")
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .analysis import run
+    from .methods.xpert.analysis import run
 
     return run(args)
 

@@ -21,8 +21,8 @@ PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
 MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # tools.moefy.GROUPINGS
 MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # tools.moefy.ROUTERS
 BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",
-                        "sst2"]  # unite_hf.analysis.BUILTIN_DOMAINS
-ANALYSIS_FILE, HEATMAP_FILE = "expert_analysis.json", "expert_heatmap.png"  # unite_hf.analysis
+                        "sst2"]  # unite_hf.methods.xpert.analysis.BUILTIN_DOMAINS
+ANALYSIS_FILE, HEATMAP_FILE = "expert_analysis.json", "expert_heatmap.png"  # unite_hf.methods.xpert.analysis
 EXPERIMENT_NAMES = ["generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "downstream",
                     "masa", "xpert", "retention", "lm_probe"]  # unite_hf.bench.EXPERIMENTS
 SCRIPT_EXPERIMENT_NAMES = ["retention", "lm_probe"]  # unite_hf.bench.SCRIPT_EXPERIMENTS
@@ -200,7 +200,7 @@ def _moefy_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``unite-hf analyze-experts`` (``unite_hf.analysis.add_arguments`` is this)."""
+    """Options of ``unite-hf analyze-experts`` (``unite_hf.methods.xpert.analysis.add_arguments`` is this)."""
     parser.add_argument("--source", required=True, help="Hub id or local path of a MoE causal LM")
     parser.add_argument("--revision", default=None, help="branch, tag or commit of a Hub source (default: main)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer id or path (default: the source's)")

@@ -1,7 +1,7 @@
 """XPERT (2026): common experts found across domains, consolidated by Tucker, reused at any scale.
 
 ``config.py`` holds :class:`XpertExtractionConfig` (the recipe), ``extract.py`` the gene class and the
-extraction (the routing analysis itself is :mod:`unite_hf.analysis`).
+extraction, ``analysis.py`` the cross-domain routing analysis (``unite-hf analyze-experts``).
 """
 
 from __future__ import annotations

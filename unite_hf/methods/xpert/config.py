@@ -8,11 +8,12 @@ from typing import Any
 from ..config import MethodConfig, check_tucker_rank, option, parse_rank
 
 DEFAULT_DOMAINS: tuple[str, ...] = ("wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2")
-"""``unite_hf.analysis.DEFAULT_DOMAINS``: general text, simple books, science QA, science questions, reviews."""
+"""The routing analysis's default domains: general text, simple books, science QA, science questions,
+movie-review sentences (``unite_hf.methods.xpert.analysis.DEFAULT_DOMAINS`` is this)."""
 COMMONALITY_SCORE_NAMES = ["min_frequency", "min_router_mass", "top_m_fraction"]
-"""The built-in commonality scores (``unite_hf.analysis.COMMONALITY_SCORES``)."""
+"""The built-in commonality scores (``unite_hf.methods.xpert.analysis.COMMONALITY_SCORES``)."""
 SELECTION_STRATEGY_NAMES = ["common", "least", "random"]
-"""``unite_hf.analysis.SELECTION_STRATEGIES``."""
+"""``unite_hf.methods.xpert.analysis.SELECTION_STRATEGIES``."""
 
 
 def parse_domain(value: str) -> tuple[str, str]:

@@ -1,6 +1,6 @@
 """XPERT (2026): common experts found across domains, consolidated by Tucker, reused at any scale.
 
-1. **Analysis** (:func:`unite_hf.analysis.analyze_experts`): inference-only routing statistics over
+1. **Analysis** (:func:`unite_hf.methods.xpert.analysis.analyze_experts`): inference-only routing statistics over
    several domains and a commonality score per expert.
 2. **Consolidation** (:func:`extract_xpert_gene`): the ``k`` selected experts of each of the ``L``
    MoE layers are stacked per projection layer-major, as ``(L * k, d_out, d_in)`` (row ``l * k + j``
@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
+from .analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
 from ...decomposition import Decomposition, decompose, resolve_ranks
 from ...gene import GeneConfig, UniteGene, register_gene
 from ...importance import ExpertImportance
@@ -136,8 +136,8 @@ def extract_xpert_gene(
     Args:
         model: a MoE causal LM.
         tokenizer, domains, num_sequences, seq_len, seed, batch_size, score: for the expert analysis
-            (:func:`~unite_hf.analysis.analyze_experts`), unless ``analysis`` is given.
-        analysis: a precomputed :class:`~unite_hf.analysis.ExpertAnalysis` (skips the routing pass).
+            (:func:`~unite_hf.methods.xpert.analysis.analyze_experts`), unless ``analysis`` is given.
+        analysis: a precomputed :class:`~unite_hf.methods.xpert.analysis.ExpertAnalysis` (skips the routing pass).
         k: experts per layer (default: the analysis's ``k_common``, else the largest number of common
             experts any layer has under its threshold; every layer needs the same count to stack).
         strategy: ``"common"`` (XPERT), or the controls ``"random"`` (seeded) and ``"least"``.
