@@ -184,6 +184,26 @@ def test_a_gene_keeps_its_recipe_and_the_recipe_runs_again(tmp_path):
         _parse("--config", str(tmp_path / "old_config.json"))
 
 
+def test_calibration_settings_a_run_does_not_read_are_named(tmp_path):
+    """Which settings count depends on the inputs (issue 14): with precomputed importance, or streaming from
+    a checkpoint, the calibration settings are not read, and a run given any of them says so."""
+    import warnings
+
+    model = tiny_moe("mixtral")
+    importance = extract_universal_knowledge(model, calibration=CALIBRATION, rank=(2, 4, 4), n_iter_max=2,
+                                             show_progress=False).expert_importance()
+    with pytest.warns(UserWarning, match=r"num_sequences, seq_len have no effect: the importance is precomputed"):
+        extract_universal_knowledge(model, importance=importance, rank=(2, 4, 4), n_iter_max=2, num_sequences=4,
+                                    seq_len=12, show_progress=False)
+    model.save_pretrained(tmp_path / "src")
+    with pytest.warns(UserWarning, match=r"calibration has no effect: the experts stream from a checkpoint"):
+        extract_universal_knowledge(tmp_path / "src", calibration=CALIBRATION, fusion="uniform", rank=(2, 4, 4),
+                                    n_iter_max=2, show_progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # defaults: nothing to say
+        extract_universal_knowledge(model, importance=importance, rank=(2, 4, 4), n_iter_max=2, show_progress=False)
+
+
 def test_masa_and_xpert_genes_keep_their_recipes(tmp_path):
     from tiny_models import tiny_dense
 
