@@ -237,17 +237,19 @@ def test_cli_runs_a_recipe(tmp_path):
 
 
 def test_configs_load_without_torch_and_are_the_librarys_classes():
-    script = ("import sys, unite_hf_cli.extract as e\n"
-              "configs = e.method_configs()\n"
-              "assert 'torch' not in sys.modules and 'unite_hf.gene' not in sys.modules, sorted(sys.modules)\n"
-              "import unite_hf\n"
-              "assert configs['unite'] is unite_hf.UniteExtractionConfig and configs['masa'] is unite_hf.MasaExtractionConfig\n"
-              "import unite_hf.methods.unite.config as c\n"
-              "assert c.UniteExtractionConfig is configs['unite']\n"
-              "print(sorted(configs))\n")
+    """The CLI reads the configs without torch; once unite_hf is imported they are its very classes."""
+    script = """
+import sys, unite_hf_cli.extract as e
+configs = e.method_configs()
+assert 'torch' not in sys.modules and 'unite_hf.gene' not in sys.modules, sorted(sys.modules)
+import unite_hf
+import unite_hf.methods.unite.config as c
+assert configs['unite'] is unite_hf.UniteExtractionConfig is c.UniteExtractionConfig
+assert configs['masa'] is unite_hf.MasaExtractionConfig
+print(sorted(configs))
+"""
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "['masa', 'unite', 'xpert']"
+    assert (result.returncode, result.stdout.strip()) == (0, "['masa', 'unite', 'xpert']"), result.stderr
 
 
 def test_deprecated_names_still_answer(monkeypatch):
