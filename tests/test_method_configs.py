@@ -202,6 +202,11 @@ def test_calibration_settings_a_run_does_not_read_are_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # defaults: nothing to say
         extract_universal_knowledge(model, importance=importance, rank=(2, 4, 4), n_iter_max=2, show_progress=False)
+    from unite_hf import analyze_experts
+
+    analysis = analyze_experts(model, {"a": CALIBRATION, "b": CALIBRATION.flip(1)}, num_sequences=4, seq_len=12, show_progress=False)
+    with pytest.warns(UserWarning, match=r"seq_len has no effect: the analysis is precomputed"):
+        extract_xpert_gene(model, analysis=analysis, k=2, rank=(2, 4, 4), seq_len=12, n_iter_max=2, show_progress=False)
 
 
 def test_masa_and_xpert_genes_keep_their_recipes(tmp_path):

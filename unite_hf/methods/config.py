@@ -119,6 +119,20 @@ class MethodConfig:
             raise ValueError(f"{self.method} config: {name} must be a string{' or None' if optional else ''}, "
                              f"got {value!r}")
 
+    def warn_unread(self, names: tuple[str, ...], why: str, stacklevel: int = 3) -> None:
+        """Warn (``UserWarning``) naming the settings among ``names`` that differ from their defaults,
+        when this run does not read them (``why``): which settings count can depend on the inputs of a
+        run (a precomputed importance or analysis), and that must not be silent. ``None`` counts as unset."""
+        import warnings
+
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        unread = [name for name in names if getattr(self, name) is not None
+                  and (not isinstance(getattr(self, name), (str, int, float, bool, tuple))
+                       or getattr(self, name) != defaults[name])]
+        if unread:
+            warnings.warn(f"{', '.join(unread)} {'has' if len(unread) == 1 else 'have'} no effect: {why}", UserWarning,
+                          stacklevel=stacklevel + 1)
+
     # -- recipe --------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """``{"method": ..., field: value, ...}``, JSON/YAML-ready: tuples become lists, paths strings.

@@ -41,6 +41,11 @@ _source_provenance = source_provenance  # the names these had before they moved 
 _make_gene = make_gene
 
 
+_CALIBRATION_SETTINGS = ("calibration", "num_sequences", "seq_len", "text_column", "dataset_config", "split",
+                         "batch_size", "fisher_labels", "train_mode")
+"""Settings that only the calibration pass reads (the Fisher, or the activation-aware moments)."""
+
+
 _RANK_CLIPPED = r"default rank \d+ exceeds"
 """The message of :func:`~unite_hf.decomposition.resolve_ranks`'s clipping warning: the one warning the
 extractor silences inside a decomposition, because it has already raised it once per projection."""
@@ -168,7 +173,7 @@ def extract_from_config(
         if fused_width is not None or activation_aware:
             raise ValueError("fused_width and activation_aware are not supported when streaming from a checkpoint "
                              "path; load the model")
-        _warn_unused_calibration(config, "the experts stream from a checkpoint with no calibration pass")
+        config.warn_unread(_CALIBRATION_SETTINGS, "the experts stream from a checkpoint with no calibration pass")
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
             source_id=source_id, source_revision=source_revision, show_progress=show_progress,
@@ -189,7 +194,7 @@ def extract_from_config(
     check_finite_weights(model)
 
     if importance is not None and not activation_aware:
-        _warn_unused_calibration(config, "the importance is precomputed")
+        config.warn_unread(_CALIBRATION_SETTINGS, "the importance is precomputed")
     calib = None
     if importance is None or activation_aware:
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
@@ -328,22 +333,6 @@ def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list,
         per_layer = input_axis_is_per_layer(decomposition, hidden_mode(proj))
         weights[proj] = input_weight_from_moment(moments if per_layer else moments.mean(0))
     return weights
-
-
-_CALIBRATION_SETTINGS = ("calibration", "num_sequences", "seq_len", "text_column", "dataset_config", "split",
-                         "batch_size", "fisher_labels", "train_mode")
-"""Settings that only the calibration pass reads (the Fisher, or the activation-aware moments)."""
-
-
-def _warn_unused_calibration(config: UniteExtractionConfig, why: str) -> None:
-    """Say which calibration settings, set away from their defaults, this run does not read: which of
-    them count depends on the source and the inputs, and that must not be silent."""
-    defaults = UniteExtractionConfig()
-    unused = [name for name in _CALIBRATION_SETTINGS if getattr(config, name) is not None  # None: none given
-              and (not isinstance(getattr(config, name), (str, int, bool)) or getattr(config, name) != getattr(defaults, name))]
-    if unused:
-        warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect: {why}",
-                      UserWarning, stacklevel=4)
 
 
 def donor_importance(gene_path: str | os.PathLike) -> ExpertImportance:

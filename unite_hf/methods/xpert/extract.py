@@ -181,6 +181,8 @@ def extract_from_config(
     if k is not None and not 1 <= k <= source.num_experts:
         raise ValueError(f"k={k} is out of range: the source has {source.num_experts} experts per layer")
     check_finite_weights(model)
+    if analysis is not None:
+        config.warn_unread(("domains", "num_sequences", "seq_len", "batch_size", "score"), "the analysis is precomputed")
     if analysis is None:
         analysis = analyze_experts(model, domains, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                    batch_size=batch_size, score=score, k_common=k, source_id=source_id,
