@@ -8,7 +8,7 @@ import transformers
 from conftest import needs_data, run_cli, save_with_tokenizer
 from tiny_models import COMMON, VOCAB, tiny_moe
 
-from unite_hf import UniteForSequenceClassification, UniteGene, load_gene
+from unite_hf import UniteForSequenceClassification, UniteGene, extract_universal_knowledge, load_gene
 from unite_hf.methods.xpert.analysis import analyze_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
 from unite_hf.scaling import map_layers, masa_init
@@ -83,6 +83,11 @@ def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
     loaded = load_gene(tmp_path / "gene")
     assert isinstance(loaded, XpertGene) and isinstance(UniteGene.from_pretrained(tmp_path / "gene"), XpertGene)
     assert loaded.analysis().common_experts == gene.analysis().common_experts
+    torch.testing.assert_close(loaded.commonality, gene.analysis().commonality.float())  # not a Fisher: refused as one
+    with pytest.raises(ValueError, match="holds a commonality score, not a Fisher"):
+        loaded.expert_importance()
+    with pytest.raises(ValueError, match="holds a commonality score, not a Fisher"):
+        extract_universal_knowledge(model, importance=str(tmp_path / "gene"), show_progress=False)
     for proj in ("gate", "up", "down"):
         torch.testing.assert_close(loaded.gene_matrix(2, proj), gene.gene_matrix(2, proj), rtol=0, atol=0)
     card = (tmp_path / "gene" / "README.md").read_text()

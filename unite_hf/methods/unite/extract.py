@@ -85,7 +85,7 @@ def extract_universal_knowledge(
     text_column: str | None = None,
     dataset_config: str | None = None,
     split: str = "train",
-    importance: ExpertImportance | None = None,
+    importance: ExpertImportance | str | os.PathLike | None = None,
     source_id: str | None = None,
     source_revision: str | None = None,
     show_progress: bool = True,
@@ -122,7 +122,8 @@ def extract_universal_knowledge(
         train_mode: calibrate in train mode (dropout off), for remote-code MoEs whose eval path
             runs the experts under ``torch.no_grad``.
         text_column, dataset_config, split: how to read a Hub or ``datasets`` calibration corpus.
-        importance: precomputed :class:`ExpertImportance` (skips calibration).
+        importance: precomputed :class:`ExpertImportance` (skips calibration), or a saved UNITE gene (folder
+            or Hub id) whose Fisher and routing frequency are reused.
         source_id, source_revision: provenance; defaults to the model's ``name_or_path``.
         trust_remote_code, spill_dir: for a checkpoint path only.
         fused_width: width of the fused FFN for fusions that keep neurons side by side (``concat``:
@@ -337,10 +338,7 @@ def _input_weights(model, source: MoESource, calib: CalibrationSet, fused: list,
 
 def donor_importance(gene_path: str | os.PathLike) -> ExpertImportance:
     """The Fisher and routing frequency stored in a saved UNITE gene, to extract again without calibrating."""
-    donor = UniteGene.from_pretrained(gene_path)
-    if donor.method != "unite":  # an XPERT gene's "importance" is a commonality score, not a Fisher
-        raise ValueError(f"importance needs a UNITE gene (it reuses the Fisher); {gene_path} is {donor.method}")
-    return donor.expert_importance()
+    return UniteGene.from_pretrained(gene_path).expert_importance()  # an XPERT gene refuses: no Fisher there
 
 
 def hidden_mode(proj: str) -> str:

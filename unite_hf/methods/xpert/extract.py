@@ -63,6 +63,18 @@ class XpertGene(UniteGene):
         return [list(experts) for experts in self.config.method_config["selected_experts"]]
 
     @property
+    def commonality(self) -> torch.Tensor:
+        """The commonality score per expert, ``[len(moe_layers), num_experts]`` (stored where a UNITE gene
+        keeps its Fisher, ``importance.fisher``, so that the files stay one format)."""
+        return self._importance.float()
+
+    def expert_importance(self):
+        """Refused: an XPERT gene holds a commonality score, not a Fisher, so re-fusing from it (as
+        ``importance=`` of a UNITE extraction) would weigh experts by the wrong statistic."""
+        raise ValueError(f"an XPERT gene ({self.name_or_path or 'this gene'}) holds a commonality score, not a Fisher: "
+                         "its importance cannot seed a UNITE extraction; use a UNITE gene of the source")
+
+    @property
     def mix_weights(self) -> torch.Tensor:
         return torch.tensor(self.config.method_config["mix_weights"], dtype=torch.float64)
 
