@@ -386,3 +386,41 @@ def test_the_two_rename_swap_where_renameat2_is_missing(gene, saved_with_tokeniz
     assert sorted(p.name for p in saved_with_tokenizer.iterdir()) == [
         "README.md", "gene.safetensors", "gene_config.json", "source_weights.safetensors"]
     assert sorted(p.name for p in saved_with_tokenizer.parent.iterdir()) == [".gene.lock", "gene"]
+
+
+def _folder_digests(path: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def test_plain_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
+    """save_model_folder (finetune's model/, the bench's Llama bases, moefy's output): a plain transformers
+    model and its tokenizer replace the folder in one swap; a failure half-way leaves the old files
+    byte for byte; files that are not the model's stay."""
+    from unite_hf.io import save_model_folder
+
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(0)
+    old, new = transformers.LlamaForCausalLM(config), transformers.LlamaForCausalLM(config)
+    tokenizer = tiny_tokenizer()
+    folder = tmp_path / "model"
+    save_model_folder(folder, old, tokenizer)
+    (folder / "notes.txt").write_text("mine")
+    before = _folder_digests(folder)
+    assert "model.safetensors" in before and any(name.startswith("tokenizer") for name in before)
+
+    class Broken:  # the tokenizer fails after the model's weights were written to the staging folder
+        def save_pretrained(self, path):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(ArtifactWriteError, match="previous content is unchanged"):
+        save_model_folder(folder, new, Broken())
+    assert _folder_digests(folder) == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".model.lock"]  # no staging left
+
+    save_model_folder(folder, new, tokenizer)
+    after = _folder_digests(folder)
+    assert after["notes.txt"] == before["notes.txt"] and after["model.safetensors"] != before["model.safetensors"]
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(folder)
+    for name, tensor in new.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor)

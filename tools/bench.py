@@ -243,6 +243,7 @@ class Bench:
     def base(self, key: str, gene: str, init: str, width: int, scaling: str | None = None) -> Path:
         """A Llama causal LM of ``width`` from ``gene`` (or random), continued-pretrained once and saved."""
         from unite_hf.training.finetune import build_llama_causal_lm
+        from unite_hf.io import save_model_folder
         from unite_hf.training.pretrain import continued_pretraining
 
         if key not in self.bases:
@@ -251,8 +252,7 @@ class Bench:
             summary = continued_pretraining(model, self.tokenizer, tokens=p.pretrain_tokens, seq_len=p.seq_len,
                                             output_dir=self.work_dir / "pretrain" / key, show_progress=False)
             path = self.work_dir / "bases" / key
-            model.save_pretrained(path)
-            self.tokenizer.save_pretrained(path)
+            save_model_folder(path, model, self.tokenizer)
             self.bases[key] = path
             self.meta.setdefault("pretrain", {})[key] = {k: v for k, v in summary.items() if k != "output_dir"}
             print(f"bench: base {key}: pretrain loss {summary['loss_start']} -> {summary['loss_end']}", flush=True)

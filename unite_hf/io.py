@@ -469,6 +469,23 @@ def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path],
                                    keep_foreign=True)
 
 
+def save_model_folder(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> None:
+    """Replace the folder ``path`` atomically with ``model.save_pretrained`` plus the tokenizer, for
+    any transformers model (plain Llama targets, moefied sources, UNITE targets), so that at every
+    instant ``path`` holds the whole old model or the whole new one; other files of the folder stay."""
+    tokenizer_files = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
+
+    def owned(name: str) -> bool:
+        return bool(_TARGET_OWNED.match(name)) or (tokenizer is not None and name.startswith(tokenizer_files))
+
+    def write(staging: Path) -> None:
+        model.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    write_folder_atomically(path, write, owned=owned, keep_foreign=True)
+
+
 def record_target_checksums(directory: str | os.PathLike) -> None:
     """Write :data:`TARGET_CHECKSUMS_NAME`: the size and SHA-256 of every other file of the folder."""
     records = file_records(directory, exclude=(TARGET_CHECKSUMS_NAME,))

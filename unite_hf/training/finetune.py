@@ -263,6 +263,7 @@ def finetune(
     from transformers import Trainer, TrainingArguments, set_seed
 
     from .tasks import TaskDataCollator, load_task, tokenize_task
+    from ..io import save_model_folder
     from .trainer_utils import compute_accuracy, correct_per_example
 
     started = time.perf_counter()
@@ -304,8 +305,7 @@ def finetune(
         if hub is not None and hub.name:
             result["dataset_config"] = hub.name
         target.set_card_info(datasets=[hub.path if hub else task], eval_results=[result])
-    target.save_pretrained(Path(output_dir) / "model")
-    tokenizer.save_pretrained(Path(output_dir) / "model")
+    save_model_folder(Path(output_dir) / "model", target, tokenizer)  # all or nothing, UNITE or Llama
     if push_to_hub:
         target.push_to_hub(push_to_hub, commit_message=f"Fine-tuned on {task} with unite_hf")
         tokenizer.push_to_hub(push_to_hub, commit_message="Upload tokenizer")
