@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from unite_hf.calibration import find_local_data_dir, no_data_dir_message
-from unite_hf.moefy import moefy
+from tools.moefy import moefy
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 

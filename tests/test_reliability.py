@@ -291,18 +291,31 @@ def test_a_failed_target_save_keeps_the_old_target(target, monkeypatch):
 
 # -- cheap checks before the expensive ones -----------------------------------------------------------------
 
-def test_a_model_on_the_meta_device_is_refused_before_calibration():
+def _extract_with(method: str, model, seq_len: int = 16):
+    """Each method's extractor, given nothing it could read before its cheap checks (no tokenizer, no data)."""
+    from unite_hf import extract_masa_gene, extract_xpert_gene
+
+    if method == "unite":
+        ids = torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        return extract_universal_knowledge(model, calibration=ids, show_progress=False)
+    if method == "masa":
+        return extract_masa_gene(model, None, ["wikitext2"], rank=4, seq_len=seq_len, show_progress=False)
+    return extract_xpert_gene(model, None, {"a": "wikitext2"}, seq_len=seq_len, show_progress=False)
+
+
+@pytest.mark.parametrize("method", ["unite", "masa", "xpert"])
+def test_a_model_on_the_meta_device_is_refused_before_calibration(method):
     with torch.device("meta"):  # a model built without weights
         model = transformers.MixtralForCausalLM(tiny_config("mixtral"))
     with pytest.raises(ValueError, match="meta device"):
-        extract_universal_knowledge(model, calibration=CALIBRATION, show_progress=False)
+        _extract_with(method, model)
 
 
-def test_seq_len_above_max_position_embeddings_is_refused():
+@pytest.mark.parametrize("method", ["unite", "masa", "xpert"])
+def test_seq_len_above_max_position_embeddings_is_refused(method):
     model = tiny_moe("mixtral")  # max_position_embeddings 128
-    long = torch.randint(0, VOCAB, (2, 129), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
-        extract_universal_knowledge(model, calibration=long, show_progress=False)
+        _extract_with(method, model, seq_len=129)
 
 
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -220,7 +220,7 @@ class Bench:
                                    "source_widths")}
 
     def _xpert_genes(self) -> None:
-        from unite_hf.analysis import DEFAULT_DOMAINS, analyze_experts
+        from unite_hf.methods.xpert.analysis import DEFAULT_DOMAINS, analyze_experts
         from unite_hf.methods.xpert import extract_xpert_gene
 
         p = self.profile

@@ -579,8 +579,9 @@ def run(args: argparse.Namespace) -> int:
     calibration = args.calibration if uses_data else None
     moe = moefy(model, args.num_experts, top_k, calibration, tokenizer, grouping=args.grouping, router=router,
                 down_scale=args.down_scale, seed=args.seed, num_sequences=args.num_sequences, seq_len=args.seq_len)
-    moe.save_pretrained(args.out)
-    tokenizer.save_pretrained(args.out)
+    from unite_hf.io import save_model_folder
+
+    save_model_folder(args.out, moe, tokenizer)  # all or nothing: an interrupted save keeps the old folder
     layers = moe.config.moefy["layers"]
 
     def mean(key: str) -> float | None:

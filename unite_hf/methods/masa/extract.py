@@ -52,7 +52,7 @@ from ...gene import Gene, GeneConfig, register_gene
 from ...sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
 from ...model_structure import mlp_activation, mlp_linear_names
 from ...seeding import seeded_by_argument
-from ..common import check_finite_weights, source_provenance
+from ..common import check_finite_weights, check_on_device, check_seq_len, source_provenance
 from .config import DEFAULT_CORPORA, MasaExtractionConfig
 
 SINGULAR_VALUE_FLOOR = 1e-8
@@ -362,8 +362,10 @@ def extract_masa_gene(
     recipe = MasaExtractionConfig(  # validates every setting before anything runs; saved as the gene's recipe
         corpora=corpora, rank=rank, selection=selection, num_experts=num_experts, spectral_weight=spectral_weight,
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
+    check_on_device(model)  # the cheap checks before any pass over the data
+    check_seq_len(model, seq_len)
     selection = _resolve_selection(model, selection)
-    check_finite_weights(model)  # before any pass over the data
+    check_finite_weights(model)
     frequency = None
     if selection == "frequent":
         num_source_experts = get_source(model).num_experts
