@@ -47,6 +47,16 @@ def test_smoke_bench_writes_a_report(tmp_path):
     resumed = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r for r in resumed["runs"] if r["experiment"] == "downstream"] == downstream
     again = resumed
+    # an interrupted run's finished downstream runs join the report when it is only re-rendered
+    stored = tmp_path / "out" / "results.json"
+    stored.write_text(json.dumps({**resumed, "runs": [r for r in resumed["runs"] if r["experiment"] != "downstream"]}))
+    run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, report_only=True)
+    collected = json.loads(stored.read_text())
+    assert sorted(map(json.dumps, (r for r in collected["runs"] if r["experiment"] == "downstream"))) == \
+        sorted(map(json.dumps, downstream))
+    assert "interrupted" in report.read_text()
+    stored.write_text(json.dumps(resumed))
+    run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, report_only=True)
     rendered = report.read_text()
     run_bench(tmp_path / "out", "smoke", tiny=True, report_only=True)  # re-render only: same report, nothing lost
     assert report.read_text() == rendered

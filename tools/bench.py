@@ -259,6 +259,26 @@ class Bench:
         return self.bases[key]
 
     # -- runs -----------------------------------------------------------------------------------
+    def _fingerprint(self) -> str:
+        """What a resumable run's result depends on beyond its own name: the profile and the source."""
+        return json.dumps({"profile": asdict(self.profile), "tiny": self.tiny, "source": self.source_name}, sort_keys=True)
+
+    def collect_finished(self) -> list[str]:
+        """Add the resumable runs finished in ``work_dir`` under this profile and source that the stored
+        runs lack (an interrupted ``downstream`` run, rendered with ``--report-only``); returns their
+        experiments."""
+        known = {(r["experiment"], r["task"], r["init"], r["seed"]) for r in self.runs}
+        added: set[str] = set()
+        for path in sorted((self.work_dir / "runs").glob("*/bench_result.json")):
+            stored = json.loads(path.read_text())
+            result = stored.get("result", {})
+            key = (result.get("experiment"), result.get("task"), result.get("init"), result.get("seed"))
+            if stored.get("fingerprint") == self._fingerprint() and key not in known:
+                self.runs.append(result)
+                known.add(key)
+                added.add(result["experiment"])
+        return sorted(added)
+
     def run(self, experiment: str, *, task: str, init: str = "unite", gene: str = "fisher/tucker", seed: int,
             layers: int | None = None, rank: int | None = None, fraction: float = 1.0, base: Path | None = None,
             label: str | None = None, eval_split: str = "validation", eval_examples: int | None | str = "profile",
@@ -272,7 +292,7 @@ class Bench:
         tag = base.name if base is not None else f"{gene.replace('/', '_')}-L{shape['layers']}-r{shape['rank']}"
         name = f"{experiment}-{task}-{label or init}-{tag}-f{fraction}-s{seed}"
         run_dir = self.work_dir / "runs" / name
-        fingerprint = json.dumps({"profile": asdict(p), "tiny": self.tiny, "source": self.source_name}, sort_keys=True)
+        fingerprint = self._fingerprint()
         finished = run_dir / "bench_result.json"
         if resume and finished.is_file():
             stored = json.loads(finished.read_text())
@@ -365,7 +385,8 @@ class Bench:
 
     def report(self) -> str:
         p = self.profile
-        reproduce = [f"- `{c['command']}` ({c['experiments']}): {c['minutes']} minutes on this machine"
+        reproduce = [f"- `{c['command']}` ({c['experiments']}): " + (f"{c['minutes']} minutes on this machine"
+                     if c["minutes"] is not None else f"interrupted; its finished runs were collected from the work folder")
                      for c in self.meta.get("commands", [])]
         lines = [
             "# Benchmark results", "",
@@ -829,6 +850,11 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
         if not stored.is_file() or not same:
             raise ValueError(f"nothing to re-render: {stored} is missing or holds another profile")
         bench.runs, bench.meta, bench.source_name = previous["runs"], previous.get("meta", {}), previous["source"]
+        collected = bench.collect_finished()  # runs of an interrupted resumable experiment join the report
+        if collected:
+            bench.meta.setdefault("commands", []).append(
+                {"command": f"unite-hf bench --profile {profile} --work-dir {work_dir} --experiments {' '.join(collected)}",
+                 "experiments": collected, "minutes": None})
     else:
         for name in experiments:
             if name in SCRIPT_EXPERIMENTS:
