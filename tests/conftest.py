@@ -21,6 +21,10 @@ from unite_hf.calibration import DATA_DIR_ENV, find_local_data_dir
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: minutes, not seconds; deselect with -m 'not slow'")
+    # transformers' own markers, on the common tests test_transformers_common.py runs (registered in
+    # transformers' conftest, which its sdist's tests do not bring along)
+    for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test"):
+        config.addinivalue_line("markers", f"{marker}: transformers' marker of the same name (its common tests)")
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -45,6 +49,8 @@ def _test_data_dir() -> Path | None:
 
 DATA = _test_data_dir()
 """The local data folder (WikiText-2, task files, the GPT-2 tokenizer), or None: tests that need it skip."""
+DATA_DIR = DATA if DATA is not None else Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+"""DATA, or where it would be: for tests that name files inside it and skip when they are missing."""
 if DATA is not None:
     # The library reads data only from data_dir= or $UNITE_HF_DATA_DIR (never a guess from the cwd): the
     # suite names its folder once, here, for every test and every CLI subprocess it starts.

@@ -7,7 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
-from conftest import DATA
+from conftest import DATA_DIR
 import torch
 
 from unite_hf import calibration as calib
@@ -21,7 +21,6 @@ from unite_hf.calibration import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = DATA if DATA is not None else (REPO_ROOT / ".." / "shared" / "data").resolve()  # conftest's rule
 WIKITEXT = DATA_DIR / "wikitext2" / "wikitext2_raw_test_hf_joined.txt"
 TOKENIZER_FILE = DATA_DIR / "tokenizers" / "gpt2_tokenizer.json"
 EOS = 50256  # <|endoftext|> in GPT-2

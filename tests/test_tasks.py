@@ -8,7 +8,7 @@ from pathlib import Path
 
 import datasets
 import pytest
-from conftest import DATA
+from conftest import DATA_DIR
 import torch
 from datasets import ClassLabel, Dataset, Features, Sequence, Value
 
@@ -27,8 +27,6 @@ from unite_hf.training.tasks import (
     tokenize_task,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DATA_DIR = DATA if DATA is not None else (REPO_ROOT / ".." / "shared" / "data").resolve()  # conftest's rule
 TOKENIZER_FILE = DATA_DIR / "tokenizers" / "gpt2_tokenizer.json"
 
 needs_data = pytest.mark.skipif(not (DATA_DIR / "arc_easy").is_dir(),
