@@ -38,8 +38,8 @@ def test_print_shows_shapes_ranks_and_bases(gene):
     assert "rank=(r_out=4, r_in=4), own bases" in own and "shared_experts=kept" in own
 
 
-# -- a subset of transformers' ModelTesterMixin checks, written out (the PyPI sdist lacks the test
-# modules test_modeling_common.py imports) ----------------------------------------------------------
+# -- a subset of transformers' ModelTesterMixin checks, written out, on targets grown from a gene; they run
+# offline (test_transformers_common.py runs the full common tests, fetched from the transformers sdist) --
 HEADS = {"UniteModel": {}, "UniteForCausalLM": {}, "UniteForSequenceClassification": {"num_labels": 3},
          "UniteForMultipleChoice": {}}
 
@@ -122,3 +122,31 @@ def test_initialisation_from_config(gene):
     d_out, d_in = ffn.linear("up").d_out, ffn.linear("up").d_in
     expected = config.initializer_range * (d_out * d_in / core.numel()) ** 0.5
     assert abs(core.std().item() - expected) / expected < 0.5
+
+
+@pytest.mark.parametrize("cls_name", list(HEADS))
+def test_return_dict_false_gives_tuples(gene, cls_name):
+    """Regression (found by transformers' test_model_outputs_equivalence): the heads read
+    ``outputs.last_hidden_state`` and failed on ``return_dict=False``."""
+    import unite_hf
+
+    model = getattr(unite_hf, cls_name).from_gene(gene, num_hidden_layers=2, pad_token_id=0, **HEADS[cls_name]).eval()
+    with torch.no_grad():
+        as_tuple = model(**_inputs(cls_name), return_dict=False)
+        as_output = model(**_inputs(cls_name))
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], _first(as_output), rtol=0, atol=0)
+
+
+def test_parallel_plans_name_only_modules_the_target_has(gene):
+    """Regression (found by transformers' test_tp_plan_matches_params and
+    test_tied_weights_are_sharded_together): the family backbone's tensor- and expert-parallel plans named
+    the experts the UNITE FFNs replace, and the causal LM's plan sharded the embedding but not its head."""
+    import re
+
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=2)
+    names = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+    for plan in (model.tp_plan, model.ep_plan):
+        for key in plan:
+            assert any(re.fullmatch(re.escape(key).replace(r"\*", r"[^.]+"), n) for n in names), key
+    assert "lm_head" in model.tp_plan and "model.backbone.embed_tokens" in model.tp_plan

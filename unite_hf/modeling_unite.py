@@ -14,6 +14,7 @@ import dataclasses
 import importlib
 import math
 import os
+import re
 import tempfile
 
 import torch
@@ -24,6 +25,7 @@ from transformers.activations import ACT2FN
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, MultipleChoiceModelOutput, SequenceClassifierOutputWithPast,
 )
+from transformers.utils import can_return_tuple
 
 from .configuration_unite import UNITE_MODEL_TAGS, UniteConfig  # noqa: F401  (UNITE_MODEL_TAGS: also read from here)
 from .model_structure import find_layer_list, is_shared_gate, moe_slot, shared_expert_children  # noqa: F401
@@ -410,6 +412,7 @@ class UniteModel(UnitePreTrainedModel):
             if config.shared_experts != "drop":
                 shared = dict(shared_expert_children(block))
             setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
+        _prune_parallel_plans(self.backbone)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -425,6 +428,7 @@ class UniteModel(UnitePreTrainedModel):
                 return child
         raise KeyError(f"target layer {layer} has a dense MLP, not a UNITE FFN; FFN layers: {self.config.ffn_layers}")
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, use_cache=None, **kwargs) -> BaseModelOutputWithPast:
         # The family backbones take the cache as their 4th argument, named past_key_values before
@@ -432,7 +436,20 @@ class UniteModel(UnitePreTrainedModel):
         cache = kwargs.pop("cache", None)
         cache = cache if cache is not None else past_key_values
         return self.backbone(input_ids, attention_mask, position_ids, cache, inputs_embeds=inputs_embeds,
-                             use_cache=use_cache, **kwargs)
+                             use_cache=use_cache, return_dict=True, **kwargs)
+
+
+def _prune_parallel_plans(backbone: nn.Module) -> None:
+    """Drop the entries of the family backbone's tensor- and expert-parallel plans that name modules the
+    UNITE FFNs replaced (``mlp.experts``, the router, the source's dense projections): transformers
+    applies every entry of a plan, and the factorized FFNs have none (they stay replicated)."""
+    names = {n for n, _ in backbone.named_modules()} | {n for n, _ in backbone.named_parameters()}
+    for attribute in ("_tp_plan", "_ep_plan"):
+        plan = getattr(backbone, attribute, None)
+        if plan:
+            used = {key: value for key, value in plan.items()
+                    if any(re.fullmatch(re.escape(key).replace(r"\*", r"[^.]+"), n) for n in names)}
+            setattr(backbone, attribute, used)
 
 
 def _last_token_pool(hidden: torch.Tensor, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
@@ -451,6 +468,9 @@ def _last_token_pool(hidden: torch.Tensor, input_ids: torch.Tensor | None, atten
 
 class UniteForCausalLM(UnitePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.backbone.embed_tokens.weight"}
+    # as every transformers causal LM: the backbone's plans come from the family (see _prune_parallel_plans)
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
 
     def __init__(self, config: UniteConfig) -> None:
         super().__init__(config)
@@ -458,11 +478,13 @@ class UniteForCausalLM(UnitePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, logits_to_keep: int | torch.Tensor = 0,
                 **kwargs) -> CausalLMOutputWithPast:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             return_dict=True, **kwargs)
         hidden = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])
@@ -489,10 +511,12 @@ class UniteForSequenceClassification(UnitePreTrainedModel):
         self.score = nn.Linear(config.text_config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, **kwargs) -> SequenceClassifierOutputWithPast:
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+                             past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                             return_dict=True, **kwargs)
         pooled = _last_token_pool(outputs.last_hidden_state, input_ids, attention_mask, self.config.pad_token_id)
         logits = self.score(pooled)
         loss = None
@@ -513,13 +537,14 @@ class UniteForMultipleChoice(UnitePreTrainedModel):
         self.score = nn.Linear(config.text_config.hidden_size, 1, bias=False)
         self.post_init()
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None,
                 **kwargs) -> MultipleChoiceModelOutput:
         source = input_ids if input_ids is not None else inputs_embeds
         batch, choices = source.shape[:2]
         flat = lambda t: None if t is None else t.reshape(batch * choices, *t.shape[2:])  # noqa: E731
         outputs = self.model(input_ids=flat(input_ids), attention_mask=flat(attention_mask),
-                             inputs_embeds=flat(inputs_embeds), use_cache=False, **kwargs)
+                             inputs_embeds=flat(inputs_embeds), use_cache=False, return_dict=True, **kwargs)
         pooled = _last_token_pool(outputs.last_hidden_state, flat(input_ids), flat(attention_mask), self.config.pad_token_id)
         logits = self.score(pooled).view(batch, choices)
         loss = None if labels is None else nn.functional.cross_entropy(logits, labels.to(logits.device))
