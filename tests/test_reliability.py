@@ -292,15 +292,16 @@ def test_a_failed_target_save_keeps_the_old_target(target, monkeypatch):
 # -- cheap checks before the expensive ones -----------------------------------------------------------------
 
 def _extract_with(method: str, model, seq_len: int = 16):
-    """Each method's extractor, given nothing it could read before its cheap checks (no tokenizer, no data)."""
+    """Each method's extractor on token windows of ``seq_len`` (what the checks judge: the windows' real
+    length, since a short text gives shorter windows than asked for)."""
     from unite_hf import extract_masa_gene, extract_xpert_gene
 
+    ids = torch.randint(0, VOCAB, (4, seq_len), generator=torch.Generator().manual_seed(0))
     if method == "unite":
-        ids = torch.randint(0, VOCAB, (2, seq_len), generator=torch.Generator().manual_seed(0))
         return extract_universal_knowledge(model, calibration=ids, show_progress=False)
     if method == "masa":
-        return extract_masa_gene(model, None, ["wikitext2"], rank=4, seq_len=seq_len, show_progress=False)
-    return extract_xpert_gene(model, None, {"a": "wikitext2"}, seq_len=seq_len, show_progress=False)
+        return extract_masa_gene(model, None, ids, rank=4, seq_len=seq_len, tokens=4 * seq_len, show_progress=False)
+    return extract_xpert_gene(model, None, {"a": ids, "b": ids}, seq_len=seq_len, num_sequences=4, show_progress=False)
 
 
 @pytest.mark.parametrize("method", ["unite", "masa", "xpert"])

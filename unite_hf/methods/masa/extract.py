@@ -362,8 +362,7 @@ def extract_masa_gene(
     recipe = MasaExtractionConfig(  # validates every setting before anything runs; saved as the gene's recipe
         corpora=corpora, rank=rank, selection=selection, num_experts=num_experts, spectral_weight=spectral_weight,
         tokens=tokens, seq_len=seq_len, batch_size=batch_size, learning_rate=learning_rate, seed=seed)
-    check_on_device(model)  # the cheap checks before any pass over the data
-    check_seq_len(model, seq_len)
+    check_on_device(model)  # before any pass over the data
     selection = _resolve_selection(model, selection)
     check_finite_weights(model)
     frequency = None
@@ -375,6 +374,7 @@ def extract_masa_gene(
         from ...importance import compute_routing_frequency
 
         probe = _alignment_text(corpora, tokenizer, max(1, min(16, tokens // seq_len)), seq_len, seed, show_progress)
+        check_seq_len(model, probe.seq_len)  # the windows' real length, before the routing pass
         frequency = compute_routing_frequency(model, probe, batch_size=batch_size, show_progress=show_progress)
     units = UNIT_SELECTIONS[selection](model, frequency=frequency, num_experts=num_experts)
     if not units:
@@ -384,6 +384,7 @@ def extract_masa_gene(
     _validate_rank(units, rank)
     num_sequences = max(1, math.ceil(tokens / seq_len))
     calib = _alignment_text(corpora, tokenizer, num_sequences, seq_len, seed, show_progress)
+    check_seq_len(model, calib.seq_len)  # the windows' real length, before the alignment
     if calib.input_ids.max() >= model.get_input_embeddings().num_embeddings:
         raise ValueError("the alignment corpus has token ids beyond the source's vocabulary: wrong tokenizer?")
 

@@ -48,6 +48,7 @@ from ...calibration import CalibrationSet, find_local_data_dir, load_calibration
 from ...importance import compute_expert_importance
 from ...io import json_bytes, write_folder_atomically
 from ...sources import get_source
+from ..common import check_seq_len
 from .config import DEFAULT_DOMAINS  # one default: XPERT's config (torch-free, read by the CLI)
 
 __all__ = [
@@ -529,6 +530,8 @@ def analyze_experts(
     calibrations = {name: _load_domain(name, corpus, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                        vocab_size=vocab_size, show_progress=show_progress)
                     for name, corpus in named.items()}
+    for calib in calibrations.values():  # the windows' real length (short texts give shorter windows)
+        check_seq_len(model, calib.seq_len)
 
     frequency, mass, tokens, routed_per_token = [], [], [], set()
     for name, calib in tqdm(calibrations.items(), desc="Domains", unit="domain", disable=not show_progress):

@@ -38,7 +38,7 @@ from ...decomposition import Decomposition, decompose, resolve_ranks
 from ...gene import GeneConfig, UniteGene, register_gene
 from ...importance import ExpertImportance
 from ...sources import get_source
-from ..common import check_finite_weights, check_on_device, check_seq_len, make_gene, source_provenance
+from ..common import check_finite_weights, check_on_device, make_gene, source_provenance
 from .config import XpertExtractionConfig
 
 
@@ -192,9 +192,7 @@ def extract_from_config(
                          f"model's MoE layers are {source.moe_layers} with {source.num_experts}")
     if k is not None and not 1 <= k <= source.num_experts:
         raise ValueError(f"k={k} is out of range: the source has {source.num_experts} experts per layer")
-    check_on_device(model)  # the cheap checks before the routing analysis
-    if analysis is None:
-        check_seq_len(model, seq_len)
+    check_on_device(model)  # before the routing analysis (which checks its windows' length itself)
     check_finite_weights(model)
     if analysis is not None:
         config.warn_unread(("domains", "num_sequences", "seq_len", "batch_size", "score"), "the analysis is precomputed")
