@@ -463,16 +463,22 @@ class Bench:
         def outcomes(task: str, label: str) -> dict[int, list[int]]:
             return {r["seed"]: r["correct"] for r in runs if r["task"] == task and r["init"] == label}
 
-        def interval(a: str, b: str, task_list: list[str]) -> str:
+        def interval(a: str, b: str, task_list: list[str]):
             seeds = sorted(set.intersection(*(set(outcomes(t, a)) & set(outcomes(t, b)) for t in task_list)))
             if not seeds:
-                return "-"
+                return None
             # pooled: the tasks' examples side by side, each seed's outcomes concatenated in task order
             pa = [sum((outcomes(t, a)[s] for t in task_list), []) for s in seeds]
             pb = [sum((outcomes(t, b)[s] for t in task_list), []) for s in seeds]
-            d = paired_difference(pa, pb)
+            return paired_difference(pa, pb)
+
+        def cell(d) -> str:
+            if d is None:
+                return "-"
             mark = " **confirmed**" if d.confirmed else ""
             return f"{100 * d.difference:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]{mark}"
+
+        pairs = [(a, b) for a in labels if a in ("kept", "paper") for b in ("copy-only", "random") if b in labels]
 
         examples = {t: len(next(r["correct"] for r in runs if r["task"] == t)) for t in tasks}
         seeds = sorted({r["seed"] for r in runs})
@@ -491,13 +497,12 @@ class Bench:
             lines.append(f"| {task} | " + " | ".join(_fmt(v) if v else "-" for v in cells) + " |")
         lines += ["", "Differences in points with paired bootstrap 95% intervals (examples resampled, each init's "
                       "outcomes averaged over its seeds first; *confirmed* = the interval excludes 0):", "",
-                  "| task | " + " | ".join(f"{a} - {b}" for a in labels if a in ("kept", "paper")
-                                           for b in ("copy-only", "random") if b in labels) + " |"]
-        pairs = [(a, b) for a in labels if a in ("kept", "paper") for b in ("copy-only", "random") if b in labels]
-        lines.append("|---|" + "---|" * len(pairs))
-        for name, task_list in [*((t, [t]) for t in tasks), ("**all tasks pooled**", tasks)]:
-            lines.append(f"| {name} | " + " | ".join(interval(a, b, task_list) for a, b in pairs) + " |")
-        confirmed = [f"{a} - {b}" for a, b in pairs if "confirmed" in interval(a, b, tasks)]
+                  "| task | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
+        for task in tasks:
+            lines.append(f"| {task} | " + " | ".join(cell(interval(a, b, [task])) for a, b in pairs) + " |")
+        pooled = {pair: interval(*pair, tasks) for pair in pairs}
+        lines.append("| **all tasks pooled** | " + " | ".join(cell(pooled[pair]) for pair in pairs) + " |")
+        confirmed = [f"{a} - {b}" for (a, b), d in pooled.items() if d is not None and d.confirmed]
         verdict = (f"**confirmed** for {', '.join(confirmed)}" if confirmed
                    else "**not confirmed** (no pooled interval excludes 0)")
         lines += ["", f"Claim: {PAPER_CLAIMS['downstream']}. Pooled over the tasks: {verdict}.", ""]
