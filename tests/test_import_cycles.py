@@ -109,6 +109,22 @@ def test_no_import_cycles_in_the_source():
     assert _cycles(graph) == []
 
 
+def test_core_modules_import_no_method_and_methods_import_no_other_method():
+    """Code every method shares lives outside methods/ and imports none of them (a method plugs into it,
+    e.g. by registering its scaling); a method's folder imports no other method's folder (XPERT's Llama
+    targets use MASA's scaling only by name, through the registry)."""
+    graph = _import_graph(_modules())
+    method_of = {name: name.split(".")[2] for name in graph
+                 if name.startswith("unite_hf.methods.") and name.count(".") >= 2
+                 and name.split(".")[2] not in ("common", "config")}
+    for core in ("unite_hf.llama_targets", "unite_hf.layer_map", "unite_hf.gene", "unite_hf.targets"):
+        assert not {m for m in graph[core] if m in method_of}, (core, graph[core])
+    for name, method in method_of.items():
+        others = {method_of[m] for m in graph[name] if m in method_of} - {method}
+        assert not others, f"{name} imports the method(s) {sorted(others)}"
+    assert {"unite_hf.methods.masa.scaling", "unite_hf.methods.xpert.scaling"} <= set(method_of)  # the reader reads
+
+
 # Run in a fresh interpreter: for each module, forget every unite_hf module (torch and transformers stay
 # loaded, so this takes seconds), import it, and report any import that asks for a unite_hf module whose
 # own top-level code is still running (importlib marks it with __spec__._initializing): a live cycle.

@@ -3,7 +3,7 @@
 import pytest
 
 from unite_hf.layer_map import map_layers
-from unite_hf.scaling import map_layers as scaling_map_layers
+from unite_hf.llama_targets import map_layers as scaling_map_layers
 from unite_hf.targets import select_layers
 
 # (source layers L, target layers L') -> the map, worked out by hand from j * (L - 1) / (L' - 1):

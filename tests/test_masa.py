@@ -16,7 +16,9 @@ from unite_hf.methods.masa import (
     MasaGene, _dense_units, _spectral_loss, effective_weight, extract_masa_gene, fold_input, kronecker_init,
     masa_forward, pooling_matrix, unfold_output,
 )
-from unite_hf.scaling import adaptive_scale, llama_target_config, map_layers, masa_init, truncate_or_pad
+from unite_hf.layer_map import map_layers
+from unite_hf.llama_targets import llama_target_config, masa_init, truncate_or_pad
+from unite_hf.methods.masa.scaling import adaptive_scale
 
 IDS = torch.randint(0, VOCAB, (8, 16), generator=torch.Generator().manual_seed(0))
 
@@ -120,6 +122,32 @@ def test_truncate_or_pad_and_bad_sizes():
         adaptive_scale(matrix, 0, 3)
     with pytest.raises(ValueError, match="at least 1"):
         truncate_or_pad(matrix, 3, 0)
+
+
+def test_the_old_scaling_module_forwards_every_name_with_a_future_warning(monkeypatch):
+    """unite_hf.scaling was split (Llama targets: core; adaptive scaling: MASA's folder; coupled: XPERT's):
+    every name it had still answers from the old path, the same object as at its new home."""
+    import importlib
+    import sys
+
+    import unite_hf
+    import unite_hf.layer_map
+    import unite_hf.llama_targets as core
+    from unite_hf.methods.masa import scaling as masa_scaling
+    from unite_hf.methods.xpert import scaling as xpert_scaling
+
+    monkeypatch.delitem(sys.modules, "unite_hf.scaling", raising=False)
+    with pytest.warns(FutureWarning, match="unite_hf.scaling was split"):
+        old = importlib.import_module("unite_hf.scaling")
+    assert old.adaptive_scale is masa_scaling.adaptive_scale is unite_hf.adaptive_scale
+    assert old.masa_init is core.masa_init is unite_hf.masa_init
+    assert old.llama_target_config is core.llama_target_config and old.truncate_or_pad is core.truncate_or_pad
+    assert old.map_layers is unite_hf.layer_map.map_layers and old.LLAMA_FFN is core.LLAMA_FFN
+    assert old.FFN_SCALINGS is core.FFN_SCALINGS and old.ScaledMatrix is core.ScaledMatrix
+    assert old._scale_coupled is xpert_scaling.coupled_scale and old._scaled_indices is core.ranked_indices
+    assert sorted(old.SCALINGS) == ["adaptive", "coupled", "truncate"]  # each method registered its own
+    with pytest.raises(AttributeError):
+        old.no_such_name
 
 
 def test_layer_mapping_rule():

@@ -11,7 +11,8 @@ from tiny_models import COMMON, VOCAB, tiny_moe
 from unite_hf import UniteForSequenceClassification, UniteGene, extract_universal_knowledge, load_gene
 from unite_hf.methods.xpert.analysis import analyze_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
-from unite_hf.scaling import map_layers, masa_init
+from unite_hf.layer_map import map_layers
+from unite_hf.llama_targets import masa_init
 from unite_hf.sources import get_source
 
 DOMAINS = {name: torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(seed))

@@ -27,7 +27,8 @@ from .methods.masa import MasaExtractionConfig  # noqa: E402
 from .methods.xpert import XpertExtractionConfig  # noqa: E402
 
 load_methods()  # every method folder registers itself: a new method is a new folder, nothing listed here
-from .scaling import adaptive_scale, llama_target_config, masa_init  # noqa: E402
+from .llama_targets import llama_target_config, masa_init  # noqa: E402
+from .methods.masa.scaling import adaptive_scale  # noqa: E402
 from .sources import MoESource, UnsupportedSourceError, get_source, register_layout  # noqa: E402
 from .configuration_unite import UniteConfig  # noqa: E402
 from .modeling_unite import (  # noqa: E402

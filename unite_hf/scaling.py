@@ -1,228 +1,38 @@
-"""Width scaling: plain Llama targets of any width and depth, initialised from small gene matrices.
+"""Deprecated location: width scaling was split by concern. The plain Llama targets every method with gene
+matrices shares (``masa_init``, ``llama_target_config``, the scaling registry, ``truncate_or_pad``) are in
+``unite_hf.llama_targets``; MASA's adaptive scaling (``adaptive_scale``) is in MASA's folder,
+``unite_hf.methods.masa.scaling``; XPERT's coupled scaling in ``unite_hf.methods.xpert.scaling``
+(``from unite_hf import adaptive_scale, llama_target_config, masa_init`` is unchanged). This alias forwards
+every old name there, with a FutureWarning; it will be removed."""
 
-This is MASA's target side (paper §3.3), shared with XPERT's small-width targets. A gene that can
-be scaled exposes, per source layer and projection, one small matrix ``M`` (``r_out x r_in``):
+import warnings
 
-- a MASA gene: its trained ``r x r`` gene matrices (:meth:`MasaGene.gene_matrix`);
-- an XPERT gene: the layer's Tucker core slice ``G x_1 U_L[l]`` (:meth:`XpertGene.gene_matrix`).
+from . import layer_map as _layer_map
+from . import llama_targets as _llama_targets
+from .methods.masa import scaling as _masa_scaling
+from .methods.xpert import scaling as _xpert_scaling
 
-**Adaptive scaling** (:func:`adaptive_scale`). With the SVD ``M = U Σ V^T``, rows of ``U`` and ``V``
-are scored by the norms of ``U Σ`` and ``V Σ`` (for a square full-rank ``M`` the rows of ``U`` and
-``V`` alone are orthonormal, so their plain norms are all 1 and say nothing; the Σ-weighted norms
-are exactly the norms of ``M``'s rows and columns, which is how they are computed: no SVD of a large
-matrix is needed). For a target size ``p <= r`` the top-``p`` rows are kept (in their original
-order); for ``p > r`` duplicates of the top ``p - r`` rows are appended (cycling through the ranking
-when ``p > 2r``). Columns likewise with ``q``. Then ``M̂ = U_p Σ V_q^T`` with Σ unchanged, which
-equals ``M[rows_p][:, cols_q]``.
+warnings.warn("unite_hf.scaling was split: unite_hf.llama_targets (masa_init, llama_target_config, the scaling "
+              "registry), unite_hf.methods.masa.scaling (adaptive_scale) and unite_hf.methods.xpert.scaling "
+              "(coupled scaling); the alias unite_hf.scaling will be removed", FutureWarning, stacklevel=2)
 
-Scalings (:data:`FFN_SCALINGS`), applied to a layer's gate, up and down together:
-
-- ``"adaptive"`` (MASA): each matrix scaled on its own, as the paper does;
-- ``"coupled"``: one set of intermediate neurons (gate and up rows, down columns) and one set of
-  hidden channels (gate and up columns, down rows) per layer, ranked by the summed norms of the three
-  matrices, so neuron ``i`` of the target is one real neuron of the source. The default for XPERT,
-  whose gene matrices are real experts side by side; with independent choices gate row ``i``, up row
-  ``i`` and down column ``i`` would come from three different neurons;
-- ``"truncate"``: the ablation without adaptive scaling (top-left block, zero padding).
-
-**Layer mapping**: :func:`unite_hf.layer_map.map_layers`, the one map UNITE targets use too: target
-layer ``j`` of ``L'`` takes source layer ``floor(j * (L - 1) / (L' - 1) + 1/2)`` (uniform stretch,
-halves rounded up: first to first, last to last; layers skipped for ``L' < L``, repeated for ``L' > L``).
-
-:func:`masa_init` fills the FFN weights (gate, up, down) of a standard ``LlamaFor*`` model; all
-other weights keep the standard random init, so the result is a plain Llama checkpoint that loads
-with ``AutoModel*`` and no custom code.
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Any, Callable, Protocol
-
-import torch
-from torch import nn
-
-from .layer_map import map_layers  # noqa: F401  (re-exported: unite_hf.scaling.map_layers stays importable)
-
-# target FFN projection -> (Linear name in a Llama MLP, which target dims are (out, in))
-LLAMA_FFN: dict[str, tuple[str, tuple[str, str]]] = {
-    "gate": ("gate_proj", ("intermediate_size", "hidden_size")),
-    "up": ("up_proj", ("intermediate_size", "hidden_size")),
-    "down": ("down_proj", ("hidden_size", "intermediate_size")),
-}
+# the old module's names that changed on the way
+_RENAMED = {"_scaled_indices": (_llama_targets, "ranked_indices"), "_scale_each": (_llama_targets, "scale_each"),
+            "_scale_coupled": (_xpert_scaling, "coupled_scale")}
+_HOMES = (_llama_targets, _masa_scaling, _xpert_scaling, _layer_map)
 
 
-class ScalableGene(Protocol):
-    """What :func:`masa_init` needs from a gene."""
-
-    @property
-    def matrix_layers(self) -> list[int]: ...  # source layers that hold gene matrices, in order
-
-    def gene_matrix(self, layer: int, proj: str) -> torch.Tensor: ...  # (r_out, r_in)
-
-
-@dataclass
-class ScaledMatrix:
-    """The result of adaptive scaling, with its factors for inspection."""
-
-    weight: torch.Tensor  # (p, q) = U_p Σ V_q^T
-    rows: torch.Tensor  # (p,) row of M behind each target row
-    cols: torch.Tensor  # (q,) column of M behind each target column
-    singular_values: torch.Tensor  # Σ of M, unchanged
+def __getattr__(name: str):
+    if name == "SCALINGS":  # a snapshot of the registry's names, as the old module had
+        return tuple(_llama_targets.FFN_SCALINGS)
+    if name in _RENAMED:
+        module, new_name = _RENAMED[name]
+        return getattr(module, new_name)
+    for module in _HOMES:
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _scaled_indices(scores: torch.Tensor, size: int) -> torch.Tensor:
-    """Top-``size`` indices kept in order when shrinking; all, then the top ones again, when growing."""
-    if size < 1:
-        raise ValueError(f"a target dimension must be at least 1, got {size}")
-    ranking = torch.argsort(scores, descending=True, stable=True)
-    r = scores.numel()
-    if size <= r:
-        return torch.sort(ranking[:size]).values
-    extra = ranking.repeat((size - r) // r + 1)[: size - r]
-    return torch.cat([torch.arange(r), extra])
-
-
-def adaptive_scale(matrix: torch.Tensor, p: int, q: int, *, rows: torch.Tensor | None = None,
-                   cols: torch.Tensor | None = None) -> ScaledMatrix:
-    """MASA adaptive scaling of ``matrix`` (``r_out x r_in``) to ``p x q`` (see the module docstring).
-    ``rows`` / ``cols`` impose an index choice (coupled scaling)."""
-    if matrix.ndim != 2:
-        raise ValueError(f"adaptive scaling needs a matrix, got shape {tuple(matrix.shape)}")
-    m = matrix.double()
-    # ||(U Σ)_i|| = ||M_i,:|| and ||(V Σ)_j|| = ||M_:,j||: the SVD's row scores without the SVD
-    rows = _scaled_indices(m.norm(dim=1), p) if rows is None else rows
-    cols = _scaled_indices(m.norm(dim=0), q) if cols is None else cols
-    return ScaledMatrix(m[rows][:, cols].to(matrix.dtype), rows, cols, torch.linalg.svdvals(m).to(matrix.dtype))
-
-
-def truncate_or_pad(matrix: torch.Tensor, p: int, q: int) -> ScaledMatrix:
-    """The ablation without adaptive scaling: keep the top-left ``p x q`` block, zero-pad beyond ``r``."""
-    if p < 1 or q < 1:
-        raise ValueError(f"a target dimension must be at least 1, got {(p, q)}")
-    weight = matrix.new_zeros(p, q)
-    rp, rq = min(p, matrix.shape[0]), min(q, matrix.shape[1])
-    weight[:rp, :rq] = matrix[:rp, :rq]
-    return ScaledMatrix(weight, torch.arange(rp), torch.arange(rq), torch.linalg.svdvals(matrix.double()).to(matrix.dtype))
-
-
-def _scale_each(matrices: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]],
-                scale: Callable[[torch.Tensor, int, int], ScaledMatrix]) -> dict[str, torch.Tensor]:
-    return {proj: scale(matrices[proj], *shapes[proj]).weight for proj in matrices}
-
-
-def _scale_coupled(matrices: dict[str, torch.Tensor], shapes: dict[str, tuple[int, int]]) -> dict[str, torch.Tensor]:
-    gate, up, down = (matrices[p].double() for p in ("gate", "up", "down"))
-    if gate.shape != up.shape or down.shape != gate.T.shape:
-        raise ValueError(f"coupled scaling needs gate/up (I, H) and down (H, I), got {gate.shape}, {up.shape}, {down.shape}")
-    inter, hidden = shapes["gate"]
-    neurons = _scaled_indices(gate.norm(dim=1) + up.norm(dim=1) + down.norm(dim=0), inter)
-    channels = _scaled_indices(gate.norm(dim=0) + up.norm(dim=0) + down.norm(dim=1), hidden)
-    return {proj: adaptive_scale(matrices[proj], *shapes[proj],
-                                 rows=neurons if proj != "down" else channels,
-                                 cols=channels if proj != "down" else neurons).weight for proj in matrices}
-
-
-# name -> (matrices {proj: (out, in)}, target shapes {proj: (p, q)}) -> scaled weights
-FFN_SCALINGS: dict[str, Callable[[dict[str, torch.Tensor], dict[str, tuple[int, int]]], dict[str, torch.Tensor]]] = {
-    "adaptive": lambda matrices, shapes: _scale_each(matrices, shapes, adaptive_scale),
-    "coupled": _scale_coupled,
-    "truncate": lambda matrices, shapes: _scale_each(matrices, shapes, truncate_or_pad),
-}
-SCALINGS = tuple(FFN_SCALINGS)
-
-
-def _llama_layers(model: nn.Module) -> nn.ModuleList:
-    base = getattr(model, "model", model)
-    layers = getattr(base, "layers", None)
-    mlp = getattr(layers[0], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
-    if mlp is None or not all(isinstance(getattr(mlp, name, None), nn.Linear) for name, _ in LLAMA_FFN.values()):
-        raise TypeError(f"{type(model).__name__} is not a Llama-style model (model.layers[i].mlp with gate_proj, "
-                        "up_proj, down_proj); masa_init fills LlamaFor* models.")
-    return layers
-
-
-def masa_init(
-    llama_config_or_model: Any,
-    gene: ScalableGene,
-    *,
-    scaling: str | None = None,
-    model_class: type | None = None,
-) -> nn.Module:
-    """Fill the FFN weights of a standard Llama model of any width and depth from ``gene``.
-
-    Args:
-        llama_config_or_model: a ``LlamaConfig`` (a ``model_class``, default ``LlamaForCausalLM``, is
-            built with the standard random init) or an existing ``LlamaFor*`` model (filled in place).
-        gene: a MASA or XPERT gene, or anything with ``matrix_layers`` and ``gene_matrix(layer, proj)``.
-        scaling: ``"adaptive"`` (MASA), ``"coupled"`` or ``"truncate"`` (see :data:`FFN_SCALINGS`);
-            default: the gene's ``default_scaling`` (MASA: adaptive, XPERT: coupled).
-
-    Each target layer takes the source layer given by :func:`map_layers`; gate, up and down are the
-    gene matrices of that layer, scaled to the target's ``(intermediate, hidden)`` shapes. Biases and
-    every non-FFN weight keep their init. Returns the model.
-    """
-    if not hasattr(gene, "gene_matrix") or not hasattr(gene, "matrix_layers"):
-        raise TypeError(f"{type(gene).__name__} has no gene matrices; pass a MASA or XPERT gene")
-    scaling = scaling or getattr(gene, "default_scaling", "adaptive")
-    if scaling not in FFN_SCALINGS:
-        raise ValueError(f"scaling must be one of {sorted(FFN_SCALINGS)}, got {scaling!r}")
-    projections = list(getattr(getattr(gene, "config", None), "projections", LLAMA_FFN))
-    if set(projections) != set(LLAMA_FFN):
-        raise ValueError(f"the gene has projections {projections}: a Llama FFN needs gate, up and down "
-                         "(non-gated sources cannot fill a gated Llama MLP)")
-    if isinstance(llama_config_or_model, nn.Module):
-        model = llama_config_or_model
-    else:
-        config = llama_config_or_model
-        for dim in ("hidden_size", "intermediate_size", "num_hidden_layers"):
-            if getattr(config, dim, 0) < 1:
-                raise ValueError(f"target {dim}={getattr(config, dim, None)} must be at least 1")
-        if model_class is None:
-            from transformers import LlamaForCausalLM as model_class  # noqa: N813
-        model = model_class(config)
-    layers = _llama_layers(model)
-    gene_layers = gene.matrix_layers
-    scale = FFN_SCALINGS[scaling]
-    with torch.no_grad():
-        for target_idx, gene_idx in enumerate(map_layers(len(gene_layers), len(layers))):
-            linears = {proj: getattr(layers[target_idx].mlp, name) for proj, (name, _) in LLAMA_FFN.items()}
-            matrices = {proj: gene.gene_matrix(gene_layers[gene_idx], proj).detach().float().cpu() for proj in LLAMA_FFN}
-            shapes = {proj: (lin.out_features, lin.in_features) for proj, lin in linears.items()}
-            for proj, weight in scale(matrices, shapes).items():
-                linears[proj].weight.copy_(weight.to(linears[proj].weight.dtype))
-    return model
-
-
-def llama_target_config(source_config: Any, *, hidden_size: int, intermediate_size: int | None = None,
-                        num_hidden_layers: int = 2, head_dim: int | None = None, **overrides: Any):
-    """A ``LlamaConfig`` of the given width and depth that keeps the source's vocabulary, positions,
-    norms and rope settings (so the source's tokenizer fits). ``intermediate_size`` defaults to the
-    source's intermediate / hidden ratio (8/3 for a MoE source); heads keep the source's head size."""
-    from transformers import LlamaConfig
-
-    for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
-                        ("num_hidden_layers", num_hidden_layers), ("head_dim", head_dim)):
-        if value is not None and value < 1:
-            raise ValueError(f"target {name} must be at least 1, got {value}")
-    source = source_config.to_dict() if hasattr(source_config, "to_dict") else dict(source_config)
-    src_hidden = source["hidden_size"]
-    is_moe = any(source.get(k) for k in ("num_local_experts", "num_experts", "n_routed_experts"))
-    # a MoE's expert width is not a dense FFN's: use the SwiGLU convention 8/3 there
-    ratio = 8 / 3 if is_moe or not source.get("intermediate_size") else source["intermediate_size"] / src_hidden
-    if intermediate_size is None:
-        intermediate_size = max(1, round(hidden_size * ratio))
-    if head_dim is None:
-        head_dim = source.get("head_dim") or src_hidden // source["num_attention_heads"]
-    if hidden_size % head_dim:
-        raise ValueError(f"hidden_size {hidden_size} is not a multiple of the head size {head_dim}; pass head_dim=")
-    heads = hidden_size // head_dim
-    kv_ratio = max(1, source["num_attention_heads"] // (source.get("num_key_value_heads") or source["num_attention_heads"]))
-    kv_heads = heads // kv_ratio if heads % kv_ratio == 0 else heads
-    keep = ("vocab_size", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_theta", "hidden_act",
-            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "initializer_range")
-    kwargs = {k: source[k] for k in keep if source.get(k) is not None}
-    kwargs.update(hidden_size=hidden_size, intermediate_size=intermediate_size, num_hidden_layers=num_hidden_layers,
-                  num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim)
-    kwargs.update(overrides)
-    return LlamaConfig(**kwargs)
+def __dir__() -> list[str]:
+    return sorted({"SCALINGS", *_RENAMED, *(n for m in _HOMES for n in dir(m) if not n.startswith("__"))})

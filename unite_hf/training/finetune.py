@@ -12,7 +12,7 @@ Three initialisations of the *same* target architecture, so that comparisons iso
 
 Genes with gene matrices (MASA, and XPERT's consolidated cores) also grow plain **Llama targets** of
 any width (``width=``, the hidden size; a MASA gene always does): ``"masa"`` fills the FFNs through
-:func:`unite_hf.scaling.masa_init` and ``"random"`` is the same Llama config with every weight
+:func:`unite_hf.llama_targets.masa_init` and ``"random"`` is the same Llama config with every weight
 random. Their embeddings and attention are random either way, so ``pretrain_tokens`` runs a short
 continued pretraining (:mod:`unite_hf.training.pretrain`) on local text before the task.
 """
@@ -184,7 +184,7 @@ def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None
     from transformers import LlamaForCausalLM
 
     from ..gene import load_gene
-    from ..scaling import llama_target_config, masa_init
+    from ..llama_targets import llama_target_config, masa_init
 
     if init not in LLAMA_INITS:
         raise ValueError(f"a Llama target takes init {LLAMA_INITS}, got {init!r}")

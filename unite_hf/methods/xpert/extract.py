@@ -13,11 +13,11 @@
      ``U_L[l] = sum_j w_lj U_E[l k + j]``; with ``U_out``, ``U_in`` and ``G`` this is an ordinary
      ``(L, d_out, d_in)`` Tucker decomposition, so an :class:`XpertGene` is a :class:`UniteGene`
      whose fused expert is the frequency-weighted mean of the common experts;
-   - *any width* (plain Llama targets, :func:`unite_hf.scaling.masa_init`): :meth:`XpertGene.gene_matrix`
+   - *any width* (plain Llama targets, :func:`unite_hf.llama_targets.masa_init`): :meth:`XpertGene.gene_matrix`
      is the layer's common experts rebuilt from the factors and laid side by side as one dense FFN
      (gate and up stacked along the output, down along the input, its column blocks scaled by the
-     routing weights ``w_lj``, which sum to 1 like a renormalised top-k mixture), which MASA's
-     adaptive scaling then brings to the target's ``(intermediate, hidden)`` shapes.
+     routing weights ``w_lj``, which sum to 1 like a renormalised top-k mixture), which coupled
+     scaling (:mod:`unite_hf.methods.xpert.scaling`) then brings to the target's ``(intermediate, hidden)`` shapes.
 
 The control selections of the benchmark (``strategy="random"`` or ``"least"``) go through the same
 consolidation with the same ``k`` and ranks, so they match the parameter count and schedule.
