@@ -42,6 +42,8 @@ def test_info_on_a_gene_and_a_target(saved, capsys):
     root, gene, target = saved
     report = _info(capsys, str(root / "gene"))
     assert report["kind"] == "gene" and report["method"] == "unite"
+    assert report["fusion"] == "fisher" and report["expert_statistics"] == ["fisher", "frequency", "routed", "routing_mass"]
+    assert "selection" not in report  # an XPERT gene's (tests/test_xpert.py)
     assert report["ranks"] == {p: [2, 6, 6] for p in ("gate", "up", "down")}
     assert report["recipe"]["rank"] == [2, 6, 6] and report["recipe"]["method"] == "unite"
     assert report["relative_error"] == pytest.approx(gene.config.relative_error)

@@ -5,10 +5,11 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from conftest import needs_data, run_cli, save_with_tokenizer
 from tiny_models import COMMON, VOCAB, tiny_moe
 
-from unite_hf import UniteForSequenceClassification, UniteGene, extract_universal_knowledge, load_gene
+from unite_hf import GeneFormatError, UniteForSequenceClassification, UniteGene, extract_universal_knowledge, load_gene
 from unite_hf.methods.xpert.analysis import analyze_experts
 from unite_hf.methods.xpert import XpertGene, extract_xpert_gene
 from unite_hf.layer_map import map_layers
@@ -73,7 +74,8 @@ def test_controls_use_the_same_count_and_ranks():
     assert genes["common"].selected_experts == [experts[:2] for experts in analysis.common_experts]
     params = {s: sum(t.numel() for t in g.gene_state_dict().values()) for s, g in genes.items()}
     assert len(set(params.values())) == 1
-    assert {g.config.fusion for g in genes.values()} == {"xpert-common", "xpert-random", "xpert-least"}
+    assert [g.config.method_config["strategy"] for g in genes.values()] == ["common", "random", "least"]
+    assert {g.config.fusion for g in genes.values()} == {""}  # no UNITE fusion made them
 
 
 def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
@@ -84,11 +86,7 @@ def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
     loaded = load_gene(tmp_path / "gene")
     assert isinstance(loaded, XpertGene) and isinstance(UniteGene.from_pretrained(tmp_path / "gene"), XpertGene)
     assert loaded.analysis().common_experts == gene.analysis().common_experts
-    torch.testing.assert_close(loaded.commonality, gene.analysis().commonality.float())  # not a Fisher: refused as one
-    with pytest.raises(ValueError, match="holds a commonality score, not a Fisher"):
-        loaded.expert_importance()
-    with pytest.raises(ValueError, match="holds a commonality score, not a Fisher"):
-        extract_universal_knowledge(model, importance=str(tmp_path / "gene"), show_progress=False)
+    torch.testing.assert_close(loaded.commonality, gene.analysis().commonality.float())
     for proj in ("gate", "up", "down"):
         torch.testing.assert_close(loaded.gene_matrix(2, proj), gene.gene_matrix(2, proj), rtol=0, atol=0)
     card = (tmp_path / "gene" / "README.md").read_text()
@@ -113,6 +111,88 @@ def test_gene_round_trip_targets_at_two_scales_and_card(tmp_path):
         torch.testing.assert_close(layer.mlp.down_proj.weight, down[channels][:, neurons].float())
     independent = masa_init(config, loaded, scaling="adaptive")
     assert not torch.equal(independent.model.layers[0].mlp.up_proj.weight, llama.model.layers[0].mlp.up_proj.weight)
+
+
+def test_a_new_xpert_gene_stores_its_commonality_as_such_and_no_fake_fisher(tmp_path):
+    model = tiny_moe("mixtral")
+    analysis = _analysis(model)
+    gene = extract_xpert_gene(model, analysis=analysis, k=2, rank=(6, 16, 16), show_progress=False)
+    gene.save_pretrained(tmp_path / "gene")
+    stored = load_file(tmp_path / "gene" / "gene.safetensors")
+    config = json.loads((tmp_path / "gene" / "gene_config.json").read_text())
+    assert "importance.fisher" not in stored and config["fusion"] == "" and config["format_version"] == 3
+    # the commonality is the analysis's score (E x the smallest routing share over domains, min_frequency)
+    # and the frequency the routing frequency averaged over domains, both as computed from the analysis
+    torch.testing.assert_close(stored["importance.commonality"],
+                               (analysis.num_experts * analysis.frequency.min(dim=0).values).double())
+    torch.testing.assert_close(stored["importance.frequency"], analysis.frequency.mean(dim=0).double())
+    loaded = load_gene(tmp_path / "gene")
+    with pytest.warns(FutureWarning, match="use gene.commonality"):  # the old accessor still answers
+        torch.testing.assert_close(loaded.importance, stored["importance.commonality"].float())
+    for statistics in (gene, loaded):
+        with pytest.raises(ValueError, match="stores no Fisher"):
+            statistics.expert_importance()
+    with pytest.raises(ValueError, match="stores no Fisher"):
+        extract_universal_knowledge(model, importance=str(tmp_path / "gene"), show_progress=False)
+
+
+def _write_gene_tensors(folder, tensors, **config_updates):
+    """Replace a gene folder's gene.safetensors and config keys by hand, with checksums to match."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    save_file(tensors, folder / "gene.safetensors", metadata={"format": "pt", "unite_gene_format": "2"})
+    config = json.loads((folder / "gene_config.json").read_text())
+    data = (folder / "gene.safetensors").read_bytes()
+    config["files"]["gene.safetensors"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    config.update(config_updates)
+    (folder / "gene_config.json").write_text(json.dumps(config))
+
+
+def _write_format_2(folder, gene_folder):
+    """The gene as unite_hf wrote XPERT genes before format 3, written key by key: the commonality in
+    ``importance.fisher``, ``fusion`` "xpert-<strategy>", ``format_version`` 2."""
+    import shutil
+
+    shutil.copytree(gene_folder, folder)
+    tensors = load_file(folder / "gene.safetensors")
+    tensors["importance.fisher"] = tensors.pop("importance.commonality")
+    strategy = json.loads((folder / "gene_config.json").read_text())["method_config"]["strategy"]
+    _write_gene_tensors(folder, tensors, format_version=2, fusion=f"xpert-{strategy}")
+
+
+def test_genes_of_the_old_format_still_load_and_save_in_the_new(tmp_path, capsys):
+    from unite_hf.cli import main
+
+    model = tiny_moe("mixtral")
+    analysis = _analysis(model)
+    gene = extract_xpert_gene(model, analysis=analysis, k=2, rank=(6, 16, 16), show_progress=False)
+    gene.save_pretrained(tmp_path / "new")
+    _write_format_2(tmp_path / "old", tmp_path / "new")
+    old = load_gene(tmp_path / "old")
+    assert isinstance(old, XpertGene) and old.config.fusion == ""
+    torch.testing.assert_close(old.commonality, (analysis.num_experts * analysis.frequency.min(dim=0).values).float())
+    with pytest.raises(ValueError, match="stores no Fisher"):  # the commonality is no longer taken for one
+        old.expert_importance()
+    for proj in ("gate", "up", "down"):
+        torch.testing.assert_close(old.gene_matrix(1, proj), gene.gene_matrix(1, proj), rtol=0, atol=0)
+    assert main(["info", str(tmp_path / "old")]) == 0  # info names the stored statistics for what they are
+    report = json.loads(capsys.readouterr().out)
+    assert report["expert_statistics"] == ["commonality", "frequency"] and report["fusion"] is None
+    assert report["selection"] == {"strategy": "common", "k": 2, "score": "min_frequency"}
+    old.save_pretrained(tmp_path / "resaved")  # a save writes the new format
+    stored = load_file(tmp_path / "resaved" / "gene.safetensors")
+    assert "importance.fisher" not in stored
+    torch.testing.assert_close(stored["importance.commonality"], load_file(tmp_path / "old" / "gene.safetensors")["importance.fisher"])
+    assert json.loads((tmp_path / "resaved" / "gene_config.json").read_text())["format_version"] == 3
+    # a gene without its commonality is incomplete, in either format, and says which tensor is missing
+    for folder, key in ((tmp_path / "old", "importance.fisher"), (tmp_path / "new", "importance.commonality")):
+        tensors = load_file(folder / "gene.safetensors")
+        del tensors[key]
+        _write_gene_tensors(folder, tensors)
+        with pytest.raises(GeneFormatError, match=f"tensor '{key}' is missing"):
+            load_gene(folder)
 
 
 def test_bad_input_gets_clear_errors():

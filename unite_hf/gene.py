@@ -18,12 +18,14 @@ tensor before anything is built from them (:meth:`Gene.from_pretrained`).
 ``Gene.from_pretrained``) returns the right class for any gene folder or repo:
 
 - ``unite`` (:class:`UniteGene`): Tucker bases and cores of the fused experts;
-- ``xpert`` (:class:`~unite_hf.methods.xpert.XpertGene`): Tucker bases of the common experts;
+- ``xpert`` (:class:`~unite_hf.methods.xpert.XpertGene`): Tucker bases of the common experts, with their
+  commonality score (``importance.commonality``) in place of a Fisher;
 - ``masa`` (:class:`~unite_hf.methods.masa.MasaGene`): square gene matrices.
 
 UNITE tensor keys in ``gene.safetensors``: ``ffn.{proj}.core|layer_factor|out_factor|in_factor``,
 ``ffn.{proj}.spectral_energy.{layer,out,in}``, ``ffn.{proj}.fused_bias``, ``importance.fisher``,
-``importance.frequency``.
+``importance.frequency`` (per-expert statistics, ``[len(moe_layers), num_experts]``; ``importance.fisher`` only
+where a Fisher was computed).
 """
 
 from __future__ import annotations
@@ -51,8 +53,10 @@ from .io import (
 from .sources import PROJECTIONS
 
 # 1: UNITE genes (still written as 1, so older readers keep reading them); 2: the method registry
-# (MASA, XPERT), which older unite_hf versions must refuse with "upgrade", not misread
-GENE_FORMAT_VERSION = 2
+# (MASA), which older unite_hf versions must refuse with "upgrade", not misread; 3: XPERT genes with their
+# own commonality tensor and no Fisher (format 2 XPERT genes kept the commonality in importance.fisher and
+# the selection strategy in fusion; still read). Each gene class writes its own (Gene.format_version).
+GENE_FORMAT_VERSION = 3
 CONFIG_NAME = "gene_config.json"
 GENE_WEIGHTS_NAME = "gene.safetensors"
 SOURCE_WEIGHTS_NAME = "source_weights.safetensors"
@@ -97,6 +101,8 @@ class GeneConfig:
     seq_len: int = 0
     seed: int = 0
     fisher_labels: str = "empirical"
+    # the UNITE fusion (unite_hf.fusion.FUSIONS) that made each layer's fused FFN; empty where a method
+    # builds it its own way (XPERT: the routing-frequency-weighted mean of the selected experts)
     fusion: str = "fisher"
     decomposition: str = "tucker"
     n_iter_max: int = 25
@@ -211,6 +217,8 @@ class Gene:
 
     method: ClassVar[str] = ""
     card_template: ClassVar[str] = ""
+    # the format_version this class writes (see GENE_FORMAT_VERSION): the oldest that holds its files
+    format_version: ClassVar[int] = 2
 
     def __init__(self, config: GeneConfig, source_state_dict: dict[str, torch.Tensor] | None = None,
                  tokenizer=None) -> None:
@@ -273,7 +281,7 @@ class Gene:
         and card included). A folder holding files that are not part of a gene is refused, so a
         mistyped path never replaces someone's folder. Saving the same gene twice gives the same bytes."""
         config = dataclasses.replace(self.config, method=self.method, library_version=__version__, files={},
-                                     format_version=1 if self.method == "unite" else GENE_FORMAT_VERSION)
+                                     format_version=self.format_version)
         metadata = {"format": "pt", "unite_gene_format": str(config.format_version)}
         json.dumps(config.to_dict())  # an unserialisable config fails here, before any file is written
         gene_tensors = self.gene_state_dict()
@@ -463,17 +471,19 @@ class UniteGene(Gene):
     :meth:`from_pretrained`. Inspection API:
 
     - :attr:`moe_layers`: source layer indices that hold experts, in order;
-    - :attr:`importance`: float tensor ``[len(moe_layers), num_experts]`` (Fisher scores);
+    - :attr:`importance`: float tensor ``[len(moe_layers), num_experts]`` (Fisher scores; ``None`` for a
+      gene whose method computes none);
     - :meth:`fused_weight`: a layer's fused projection rebuilt from the decomposition, ``(out, in)``.
     """
 
     card_template = "gene.md"
+    format_version = 1
 
     def __init__(
         self,
         config: GeneConfig,
         decompositions: dict[str, Decomposition],
-        importance: torch.Tensor,
+        importance: torch.Tensor | None,
         frequency: torch.Tensor,
         source_state_dict: dict[str, torch.Tensor],
         fused_biases: dict[str, torch.Tensor] | None = None,
@@ -493,10 +503,11 @@ class UniteGene(Gene):
         return list(self.config.moe_layers)
 
     @property
-    def importance(self) -> torch.Tensor:
+    def importance(self) -> torch.Tensor | None:
         """Fisher score per expert, ``[len(moe_layers), num_experts]``. Always the Fisher, whatever
-        fusion was used (``config.fusion`` says which weights built the gene)."""
-        return self._importance.float()
+        fusion was used (``config.fusion`` says which weights built the gene); ``None`` where the gene's
+        method computes no Fisher."""
+        return None if self._importance is None else self._importance.float()
 
     @property
     def frequency(self) -> torch.Tensor:
@@ -514,8 +525,13 @@ class UniteGene(Gene):
 
     def expert_importance(self):
         """The stored Fisher and routing frequency as an :class:`~unite_hf.importance.ExpertImportance`,
-        to re-extract with another fusion, decomposition or rank without a new calibration pass."""
+        to re-extract with another fusion, decomposition or rank without a new calibration pass. Raises
+        ``ValueError`` for a gene that stores no Fisher (an XPERT gene: its method needs none)."""
         from .importance import ExpertImportance
+
+        if self._importance is None:
+            raise ValueError(f"{self.name_or_path or 'this gene'} is a {self.method} gene: it stores no Fisher, so its "
+                             "statistics cannot seed a UNITE extraction; use a UNITE gene of the source")
 
         routing = {name: tensor.double() for name, tensor in self.routing.items()}
         return ExpertImportance(moe_layers=self.moe_layers, fisher=self._importance.double(),
@@ -570,7 +586,7 @@ class UniteGene(Gene):
         n_layers, width, hidden = len(config.moe_layers), config.expert_intermediate_size, config.hidden_size
         expected: dict[str, tuple[tuple[int | None, ...], ...]] = {
             f"importance.{name}": ((n_layers, config.num_experts),)
-            for name in ("fisher", "frequency", "routed", "routing_mass")}
+            for name in ("fisher", "frequency", "routed", "routing_mass", "commonality")}
         for proj in config.projections:
             r_layer, r_out, r_in = config.ranks[proj]
             d_out, d_in = {"down": (hidden, width)}.get(proj, (width, hidden)) if proj in PROJECTIONS else (None, None)
@@ -586,9 +602,14 @@ class UniteGene(Gene):
             if shapes is not None and not any(_shape_fits(tuple(tensor.shape), shape) for shape in shapes):
                 raise GeneFormatError(f"{GENE_WEIGHTS_NAME}: tensor {name!r} has shape {tuple(tensor.shape)}; the "
                                       f"config implies {' or '.join(str(s) for s in shapes)} (None: any size)")
-        for name in ("importance.fisher", "importance.frequency"):
+        for name in cls.required_statistics(config):
             if name not in gene_tensors:
                 raise GeneFormatError(f"{GENE_WEIGHTS_NAME}: tensor {name!r} is missing")
+
+    @classmethod
+    def required_statistics(cls, config: GeneConfig) -> tuple[str, ...]:
+        """The per-expert statistics every gene of this class and format holds in ``gene.safetensors``."""
+        return "importance.fisher", "importance.frequency"
 
     # -- serialisation ---------------------------------------------------------------------------
     def gene_state_dict(self) -> dict[str, torch.Tensor]:
@@ -598,7 +619,8 @@ class UniteGene(Gene):
             tensors.update(dec.state_dict(f"ffn.{proj}"))
         for proj, bias in self.fused_biases.items():
             tensors[f"ffn.{proj}.fused_bias"] = bias
-        tensors["importance.fisher"] = self._importance
+        if self._importance is not None:
+            tensors["importance.fisher"] = self._importance
         tensors["importance.frequency"] = self._frequency
         tensors.update({f"importance.{name}": tensor for name, tensor in self.routing.items()})
         return tensors
@@ -613,7 +635,7 @@ class UniteGene(Gene):
         }
         fused_biases = {proj: gene_tensors[f"ffn.{proj}.fused_bias"] for proj in config.projections
                         if f"ffn.{proj}.fused_bias" in gene_tensors}
-        gene = cls(config, decompositions, gene_tensors["importance.fisher"], gene_tensors["importance.frequency"],
+        gene = cls(config, decompositions, gene_tensors.get("importance.fisher"), gene_tensors["importance.frequency"],
                    source_tensors, fused_biases)
         gene.routing = {name: gene_tensors[f"importance.{name}"] for name in ("routed", "routing_mass")
                         if f"importance.{name}" in gene_tensors}

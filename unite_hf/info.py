@@ -43,15 +43,29 @@ def _files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def _parameters(folder: Path, repo_id: str | None, revision: str | None) -> dict[str, int]:
-    """Element count per safetensors file (local headers, or the Hub's safetensors metadata)."""
+def _tensor_sizes(folder: Path, repo_id: str | None, revision: str | None) -> dict[str, dict[str, int]]:
+    """``file -> tensor name -> element count`` per safetensors file (local headers, or the Hub's metadata)."""
     if repo_id is None:
-        return {p.name: sum(safetensors_parameters(p).values()) for p in sorted(folder.glob("*.safetensors"))}
+        return {p.name: safetensors_parameters(p) for p in sorted(folder.glob("*.safetensors"))}
     from huggingface_hub import HfApi
 
     metadata = HfApi().get_safetensors_metadata(repo_id, revision=revision)
-    return {name: sum(_count(tensor.shape) for tensor in info.tensors.values())
+    return {name: {key: _count(tensor.shape) for key, tensor in info.tensors.items()}
             for name, info in metadata.files_metadata.items()}
+
+
+def _parameters(folder: Path, repo_id: str | None, revision: str | None) -> dict[str, int]:
+    """Element count per safetensors file."""
+    return {name: sum(sizes.values()) for name, sizes in _tensor_sizes(folder, repo_id, revision).items()}
+
+
+def _expert_statistics(config: dict[str, Any], gene_tensors: dict[str, int]) -> list[str]:
+    """The per-expert statistics a gene stores (``importance.<name>``): fisher, frequency, commonality, ...
+    An XPERT gene of format 2 kept its commonality score under ``importance.fisher``: named for what it is."""
+    names = sorted(key.split(".", 1)[1] for key in gene_tensors if key.startswith("importance."))
+    if config.get("method") == "xpert" and (config.get("format_version") or 0) < 3:
+        names = sorted("commonality" if name == "fisher" else name for name in names)
+    return names
 
 
 def _count(shape: list[int]) -> int:
@@ -71,7 +85,9 @@ def _hub_files(repo_id: str, revision: str | None) -> dict[str, int | None]:
 def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> dict[str, Any]:
     """A JSON-able summary of a gene or a UNITE target (folder or Hub repo id).
 
-    Gene: method, provenance (source id, revision, license, model type), calibration, fusion and
+    Gene: method, provenance (source id, revision, license, model type), calibration, fusion (``None``
+    where the method fuses its own way; XPERT adds its ``selection``: strategy, k, commonality score),
+    the per-expert statistics stored (``expert_statistics``: fisher, frequency, commonality, ...),
     decomposition, ranks, relative errors, spectral energy kept at the stored ranks, the recipe, parameters per
     file and the files with their sizes. Target: architecture, the gene and its source, depth,
     FFN layers, ranks, core init, parameters and files.
@@ -82,18 +98,28 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
         config = json.loads((folder / GENE_CONFIG).read_text(encoding="utf-8"))
         files = {name: record.get("size") for name, record in config.get("files", {}).items()}
         files.setdefault(GENE_CONFIG, (folder / GENE_CONFIG).stat().st_size)
+        tensors = _tensor_sizes(folder, repo_id, revision)
+        fusion = config.get("fusion") or None
+        selection = None
+        if config.get("method") == "xpert":  # format 2 wrote the selection strategy as fusion "xpert-<strategy>"
+            fusion = None if fusion and fusion.startswith("xpert-") else fusion
+            method_config = config.get("method_config") or {}
+            selection = {"strategy": method_config.get("strategy"), "k": method_config.get("k"),
+                         "score": (method_config.get("analysis") or {}).get("score")}
         return {
             "kind": "gene", "path": str(path_or_repo_id), "method": config.get("method"),
             "format_version": config.get("format_version"), "library_version": config.get("library_version"),
             "source": {key: config.get(f"source_{key}") for key in ("id", "revision", "license", "model_type")},
             "calibration": {key: config.get(key) for key in ("calibration", "num_sequences", "seq_len", "seed",
                                                              "fisher_labels")},
-            "fusion": config.get("fusion"), "decomposition": config.get("decomposition"),
+            "fusion": fusion, "decomposition": config.get("decomposition"),
+            "expert_statistics": _expert_statistics(config, tensors.get("gene.safetensors", {})),
+            **({"selection": selection} if selection is not None else {}),
             "moe_layers": config.get("moe_layers"), "num_experts": config.get("num_experts"),
             "ranks": config.get("ranks"), "relative_error": config.get("relative_error"),
             "spectral_energy_at_rank": config.get("retained_energy"),
             "recipe": config.get("recipe") or None,  # what `unite-hf extract --config` runs again
-            "parameters": _parameters(folder, repo_id, revision), "files": files,
+            "parameters": {name: sum(sizes.values()) for name, sizes in tensors.items()}, "files": files,
         }
     if (folder / TARGET_CONFIG).is_file():
         config = json.loads((folder / TARGET_CONFIG).read_text(encoding="utf-8"))

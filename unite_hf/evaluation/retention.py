@@ -388,6 +388,8 @@ def _fused_routed(gene: UniteGene, moe: MoESource) -> dict[int, _DenseRoutedFFN]
     """Each MoE layer's fused FFN before decomposition, re-fused from the source with the gene's statistics."""
     from ..fusion import fuse_block, get_fusion
 
+    if not gene.config.fusion:
+        raise ValueError(f"a {gene.method} gene's fused FFNs come from no fusion of every expert (see its method_config)")
     strategy = get_fusion(gene.config.fusion)
     if strategy.requires == "fisher_diag":
         raise ValueError(f"fusion {gene.config.fusion!r} needs the diagonal Fisher, which genes do not store")

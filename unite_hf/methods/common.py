@@ -69,9 +69,12 @@ def source_provenance(model: nn.Module, source_id: str | None, source_revision: 
     }
 
 
-def make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, importance: ExpertImportance,
-               source_weights: dict[str, torch.Tensor], gene_class: type[UniteGene] = UniteGene,
-               gene_kwargs: dict[str, Any] | None = None, **method: Any) -> UniteGene:
+def make_gene(source, provenance: dict[str, Any], decompositions, fused_biases,
+              importance: ExpertImportance | torch.Tensor, source_weights: dict[str, torch.Tensor],
+              gene_class: type[UniteGene] = UniteGene, gene_kwargs: dict[str, Any] | None = None,
+              **method: Any) -> UniteGene:
+    """A Tucker-shaped gene of ``source``. ``importance``: the calibration's statistics (Fisher and routing
+    frequency), or the routing frequency alone (``(len(moe_layers), E)``) for a method that computes no Fisher."""
     first = source.blocks[0]
     meta_first = getattr(first, "meta_block", first)
     expert = meta_first.expert(0)
@@ -94,6 +97,10 @@ def make_gene(source, provenance: dict[str, Any], decompositions, fused_biases, 
         retained_energy={proj: dec.retained_energy() for proj, dec in decompositions.items()},
         **method,
     )
+    if isinstance(importance, torch.Tensor):  # routing frequency only: no Fisher
+        gene = gene_class(config, decompositions, None, importance.clone(), source_weights, fused_biases,
+                          **(gene_kwargs or {}))
+        return gene
     gene = gene_class(config, decompositions, importance.fisher.clone(), importance.frequency.clone(),
                       source_weights, fused_biases, **(gene_kwargs or {}))
     if importance.routed is not None and importance.routing_mass is not None:  # concat fusion re-fuses from these

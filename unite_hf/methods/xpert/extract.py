@@ -25,6 +25,7 @@ consolidation with the same ``k`` and ranks, so they match the parameter count a
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from typing import Any
@@ -36,7 +37,6 @@ from tqdm.auto import tqdm
 from .analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
 from ...decomposition import Decomposition, decompose, resolve_ranks
 from ...gene import GeneConfig, UniteGene, register_gene
-from ...importance import ExpertImportance
 from ...sources import get_source
 from ..common import check_finite_weights, check_on_device, make_gene, source_provenance
 from .config import XpertExtractionConfig
@@ -46,17 +46,24 @@ from .config import XpertExtractionConfig
 class XpertGene(UniteGene):
     """A UNITE-shaped gene of the common experts, plus the per-expert coefficients and the analysis.
 
-    Extra tensor keys in ``gene.safetensors``: ``ffn.{proj}.expert_factor`` (``U_E``, ``(L * k, r_L)``).
-    ``importance`` holds the commonality score, ``frequency`` the routing frequency averaged over
-    domains; ``config.method_config`` holds the selected experts, their weights and the analysis.
+    Extra tensor keys in ``gene.safetensors``: ``ffn.{proj}.expert_factor`` (``U_E``, ``(L * k, r_L)``) and
+    ``importance.commonality`` (:attr:`commonality`); ``importance.frequency`` is the routing frequency
+    averaged over domains. There is no Fisher (``importance.fisher``): XPERT computes none, and
+    ``config.fusion`` is empty (the fused FFN is the frequency-weighted mean of the selected experts, whose
+    choice, ``config.method_config["strategy"]``, the selected experts, their weights and the analysis
+    are in ``config.method_config``). Genes of format 2, which kept the commonality in
+    ``importance.fisher`` and ``"xpert-<strategy>"`` in ``fusion``, are read into this form.
     """
 
     card_template = "gene_xpert.md"
     default_scaling = "coupled"  # gene matrices are real experts side by side: keep neurons whole
+    format_version = 3  # the commonality's own key: older unite_hf versions would look for a Fisher
 
-    def __init__(self, *args: Any, expert_factors: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, expert_factors: dict[str, torch.Tensor] | None = None,
+                 commonality: torch.Tensor | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.expert_factors = expert_factors or {}
+        self._commonality = commonality
 
     @property
     def selected_experts(self) -> list[list[int]]:
@@ -64,15 +71,16 @@ class XpertGene(UniteGene):
 
     @property
     def commonality(self) -> torch.Tensor:
-        """The commonality score per expert, ``[len(moe_layers), num_experts]`` (stored where a UNITE gene
-        keeps its Fisher, ``importance.fisher``, so that the files stay one format)."""
-        return self._importance.float()
+        """The commonality score per expert, ``[len(moe_layers), num_experts]`` (``importance.commonality``)."""
+        return self._commonality.float()
 
-    def expert_importance(self):
-        """Refused: an XPERT gene holds a commonality score, not a Fisher, so re-fusing from it (as
-        ``importance=`` of a UNITE extraction) would weigh experts by the wrong statistic."""
-        raise ValueError(f"an XPERT gene ({self.name_or_path or 'this gene'}) holds a commonality score, not a Fisher: "
-                         "its importance cannot seed a UNITE extraction; use a UNITE gene of the source")
+    @property
+    def importance(self) -> torch.Tensor:
+        """Deprecated: an XPERT gene's ``importance`` was its commonality score (it has no Fisher); use
+        :attr:`commonality`."""
+        warnings.warn("XpertGene.importance is deprecated: it is the commonality score, not a Fisher (an XPERT gene "
+                      "has none); use gene.commonality", FutureWarning, stacklevel=2)
+        return self.commonality
 
     @property
     def mix_weights(self) -> torch.Tensor:
@@ -102,13 +110,24 @@ class XpertGene(UniteGene):
     def gene_state_dict(self) -> dict[str, torch.Tensor]:
         tensors = super().gene_state_dict()
         tensors.update({f"ffn.{proj}.expert_factor": factor for proj, factor in self.expert_factors.items()})
+        tensors["importance.commonality"] = self._commonality
         return tensors
+
+    @classmethod
+    def required_statistics(cls, config: GeneConfig) -> tuple[str, ...]:
+        # format 2 kept the commonality in importance.fisher
+        return ("importance.fisher" if config.format_version < 3 else "importance.commonality"), "importance.frequency"
 
     @classmethod
     def _from_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
                       source_tensors: dict[str, torch.Tensor]) -> "XpertGene":
+        if config.format_version < 3:  # format 2: read the commonality from where it was, and no Fisher
+            gene_tensors = dict(gene_tensors)
+            gene_tensors["importance.commonality"] = gene_tensors.pop("importance.fisher")
+            config = dataclasses.replace(config, fusion="" if config.fusion.startswith("xpert-") else config.fusion)
         gene = super()._from_tensors(config, gene_tensors, source_tensors)
         gene.expert_factors = {proj: gene_tensors[f"ffn.{proj}.expert_factor"] for proj in config.projections}
+        gene._commonality = gene_tensors["importance.commonality"]
         return gene
 
     def analysis(self) -> ExpertAnalysis:
@@ -237,15 +256,13 @@ def extract_from_config(
                 sum(w * block.expert(e).bias(proj).detach().float() for w, e in zip(mix[row].tolist(), experts))
                 for row, (block, experts) in enumerate(zip(source.blocks, selected))])
 
-    importance = ExpertImportance(moe_layers=source.moe_layers, fisher=analysis.commonality.double(),
-                                  frequency=mean_frequency.double(), num_sequences=analysis.num_sequences,
-                                  labels="none")
     source_weights = {name: t.detach().to("cpu").clone() for name, t in source.non_expert_state_dict().items()}
     gene = make_gene(
-        source, source_provenance(model, source_id, source_revision), decompositions, biases, importance,
-        source_weights, gene_class=XpertGene, gene_kwargs={"expert_factors": expert_factors},
+        source, source_provenance(model, source_id, source_revision), decompositions, biases, mean_frequency.double(),
+        source_weights, gene_class=XpertGene,
+        gene_kwargs={"expert_factors": expert_factors, "commonality": analysis.commonality.double().clone()},
         calibration=", ".join(analysis.domains), num_sequences=analysis.num_sequences, seq_len=analysis.seq_len,
-        seed=seed, fisher_labels="none", fusion=f"xpert-{strategy}", decomposition="tucker", n_iter_max=n_iter_max,
+        seed=seed, fisher_labels="none", fusion="", decomposition="tucker", n_iter_max=n_iter_max,
         method="xpert",
         method_config={"strategy": strategy, "k": k, "selected_experts": selected, "mix_weights": mix.tolist(),
                        "analysis": analysis.to_dict()},
