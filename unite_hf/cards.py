@@ -92,7 +92,8 @@ _FROM_CONFIG = object()  # render_target_card's base_model when the caller has n
 
 def render_target_card(model, repo_id: str | None = None, datasets: list[str] | None = None,
                        eval_results: list[dict] | None = None, license: str | None = None,
-                       tags: list[str] | None = None, base_model: str | None | object = _FROM_CONFIG) -> str:
+                       tags: list[str] | None = None, base_model: str | None | object = _FROM_CONFIG,
+                       training: str | None = None, language: list[str] | None = None) -> str:
     """The card of a UNITE target.
 
     Args:
@@ -107,6 +108,8 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
         tags: extra tags beside ``unite``, ``learngene`` and ``unite_hf``.
         base_model: the Hub id recorded when the target was grown (``config.card_info``); without
             it, the gene's Hub id, else the gene source's Hub id, else absent.
+        training: Markdown for a "Training" section (hyperparameters and results from ``Trainer``).
+        language: the card's languages (``Trainer.create_model_card(language=)``).
     """
     from huggingface_hub import EvalResult
 
@@ -128,6 +131,7 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
     all_tags = list(dict.fromkeys([*UNITE_MODEL_TAGS, *(getattr(model, "model_tags", None) or []), *(tags or [])]))
     card_data = {
         "library_name": "transformers",
+        "language": language or None,
         "license": license,
         "pipeline_tag": pipeline_tag,
         "tags": all_tags,
@@ -147,5 +151,44 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
         ffn_layers=config.ffn_layers, ranks=config.ranks, core_init=config.core_init,
         layer_selection=config.layer_selection, tie_bases=config.tie_bases, shared_experts=config.shared_experts,
         parameters=f"{sum(p.numel() for p in model.parameters()):,}", eval_rows=eval_rows, auto_class=auto_class,
-        library_version=__version__,
+        library_version=__version__, training=training,
     )
+
+
+def target_card(model, repo_id: str | None, tags: list[str] | None = None, *, license: str | None = None,
+                datasets: list[str] = (), eval_results: list[dict] = (), training: str | None = None,
+                language: list[str] | None = None) -> str:
+    """The card of a UNITE target from what ``config.card_info`` records (``set_card_info``, the gene's
+    license and ``base_model``), with ``tags``, ``datasets`` and ``eval_results`` added to the recorded
+    ones and ``license`` overriding the recorded license."""
+    info = dict(model.config.card_info or {})
+    return render_target_card(
+        model, repo_id=repo_id, datasets=[*(info.get("datasets") or []), *datasets] or None,
+        eval_results=[*(info.get("eval_results") or []), *eval_results], license=license or info.get("license"),
+        tags=[*(info.get("tags") or []), *(tags or [])], training=training, language=language,
+        **{key: info[key] for key in ("base_model",) if key in info})
+
+
+_TRAINER_RESULTS = re.compile(r"^It achieves the following results on the evaluation set:\n(?:- .*\n?)+", re.M)
+_TRAINER_PROCEDURE = "\n## Training procedure\n"
+
+
+def trainer_card_parts(text: str) -> dict[str, Any]:
+    """What ``transformers.Trainer.create_model_card`` wrote that a UNITE card keeps: the metadata
+    (``tags``, ``datasets``, ``license``, ``language``, the ``model-index`` as ``eval_results`` dicts) and, as
+    ``training``, the evaluation results line and everything under its "Training procedure" heading
+    (hyperparameters, results table, framework versions: ``###`` headings, under the card's "Training")."""
+    card = ModelCard(text)
+    data = card.data
+    results = [{key: value for key, value in vars(row).items() if value is not None}
+               for row in data.eval_results or []]
+    sections = []
+    evaluation = _TRAINER_RESULTS.search(card.text)
+    if evaluation:
+        sections.append(evaluation.group(0).strip())
+    if _TRAINER_PROCEDURE in card.text:
+        procedure = card.text.split(_TRAINER_PROCEDURE, 1)[1].strip()
+        sections.append(procedure)
+    language = [data.language] if isinstance(data.language, str) else data.language
+    return {"tags": list(data.tags or []), "datasets": list(data.datasets or []), "license": data.license,
+            "language": language, "eval_results": results, "training": "\n\n".join(sections) or None}

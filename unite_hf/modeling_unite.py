@@ -241,13 +241,8 @@ class UnitePreTrainedModel(PreTrainedModel):
             cards, io = importlib.import_module("unite_hf.cards"), importlib.import_module("unite_hf.io")
         except ImportError:
             return False
-        info = dict(self.config.card_info or {})
         model_id = repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-        card = cards.render_target_card(self, repo_id=model_id, datasets=info.get("datasets"),
-                                        eval_results=info.get("eval_results"), license=info.get("license"),
-                                        tags=[*(info.get("tags") or []), *(tags or [])],
-                                        **{key: info[key] for key in ("base_model",) if key in info})
-        io.atomic_write_text(card, os.path.join(save_directory, "README.md"))
+        io.atomic_write_text(cards.target_card(self, model_id, tags), os.path.join(save_directory, "README.md"))
         return True
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, *args, push_to_hub: bool = False,
@@ -409,7 +404,7 @@ class UniteModel(UnitePreTrainedModel):
             name = moe_slot(layers[i])
             block = getattr(layers[i], name)
             shared = {}
-            if config.shared_experts != "drop":
+            if config.shared_experts != "drop":  # the children recorded at extraction, else by structure
                 shared = dict(shared_expert_children(block))
             setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
         _prune_parallel_plans(self.backbone)

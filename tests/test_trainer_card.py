@@ -1,0 +1,136 @@
+"""Trainer pushes publish the UNITE model card (issue 12, bug 2), against the real local HTTP Hub: a tiny
+target trained by ``UniteTrainer`` with ``push_to_hub=True``, and the README.md that arrives on the server.
+A plain ``Trainer`` publishes its own generated card (unite_hf.training.hub says why no model or callback can
+change that); test_cards.py checks the gene and tags it still carries."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+import transformers
+from datasets import Dataset
+from huggingface_hub import ModelCard
+from hub_server import DUMMY_TOKEN, local_hub  # noqa: F401
+from tiny_models import VOCAB, tiny_moe
+
+from unite_hf import UniteForSequenceClassification, extract_universal_knowledge
+from unite_hf.cards import PAPER_URL
+from unite_hf.training import UniteTrainer
+
+
+def _target(gene_id: str) -> UniteForSequenceClassification:
+    """A target grown from a gene pushed to the local Hub as ``gene_id``."""
+    gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=torch.randint(0, VOCAB, (4, 12)),
+                                       rank=(3, 8, 8), show_progress=False)
+    gene.push_to_hub(gene_id)
+    return UniteForSequenceClassification.from_gene(gene_id, num_hidden_layers=1, num_labels=2, pad_token_id=0)
+
+
+def _data(seed: int) -> Dataset:
+    ids = torch.randint(1, VOCAB, (8, 6), generator=torch.Generator().manual_seed(seed))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": [i % 2 for i in range(8)]})
+
+
+def _args(tmp_path, repo_id: str, **kwargs) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(str(tmp_path / "run"), per_device_train_batch_size=4, report_to=[],
+                                          push_to_hub=True, hub_model_id=repo_id, use_cpu=True, disable_tqdm=True,
+                                          **kwargs)
+
+
+def _assert_unite_card(text: str, repo_id: str, gene_id: str) -> ModelCard:
+    """The card on the server is the UNITE template, filled in, with the UNITE metadata and no token."""
+    card = ModelCard(text)
+    assert card.text.lstrip().startswith(f"# {repo_id}\n"), card.text[:300]
+    assert f"A dense model grown with [UNITE]({PAPER_URL})" in card.text
+    assert f"from the gene\n`{gene_id}`, which was extracted from" in card.text
+    assert "| ranks (r_out, r_in) |" in card.text and "| UNITE FFN layers |" in card.text
+    assert f'AutoModelForSequenceClassification.from_pretrained("{repo_id}")' in card.text
+    assert card.data.base_model == gene_id
+    assert {"unite", "learngene", "unite_hf"} <= set(card.data.tags)
+    assert card.data.pipeline_tag == "text-classification"
+    assert card.data.library_name == "transformers"
+    assert DUMMY_TOKEN not in text and "hf_" not in text
+    return card
+
+
+def _assert_no_token_pushed(local_hub, repo_id: str) -> None:  # noqa: F811
+    """The fixture's HF_TOKEN authenticated every push; no file of any commit contains it."""
+    for commit in local_hub.history(repo_id):
+        leaked = [path for path, content in commit.files.items() if DUMMY_TOKEN.encode() in content]
+        assert not leaked, (commit.title, leaked)
+
+
+def test_trainer_push_to_hub_publishes_the_unite_card_with_the_training_section(local_hub, tmp_path):  # noqa: F811
+    """Regression: Trainer.create_model_card replaced the UNITE card with its generated one before the upload."""
+    model = _target("me/card-gene")
+    model.set_card_info(datasets=["sst2"], license="apache-2.0")
+    args = _args(tmp_path, "me/trained-unite", max_steps=2, eval_strategy="steps", eval_steps=1, logging_steps=1,
+                 save_strategy="no", learning_rate=3e-4)
+    trainer = UniteTrainer(model=model, args=args, train_dataset=_data(1), eval_dataset=_data(2))
+    trainer.train()
+    trainer.push_to_hub(tags=["my-run"])
+
+    text = local_hub.file("me/trained-unite", "README.md").decode()
+    card = _assert_unite_card(text, "me/trained-unite", "me/card-gene")
+    assert {"my-run", "generated_from_trainer"} <= set(card.data.tags)
+    assert card.data.license == "apache-2.0"
+    assert card.data.datasets == ["nyu-mll/glue"]
+    # Trainer's own section: its hyperparameters and the results logged while training
+    training = card.text.split("\n## Training\n", 1)[1].split("\n## Use\n", 1)[0]
+    assert "- learning_rate: 0.0003" in training and "- training_steps: 2" in training
+    assert "### Training results" in training and "Validation Loss" in training
+    assert f"- Transformers {transformers.__version__}" in training
+    assert "This model is a fine-tuned version of" not in card.text  # not Trainer's boilerplate
+    assert "More information needed" not in card.text
+
+    files = local_hub.files("me/trained-unite")
+    assert {"config.json", "model.safetensors", "modeling_unite.py"} <= set(files)
+    _assert_no_token_pushed(local_hub, "me/trained-unite")
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained("me/trained-unite")
+    assert loaded.config.gene == "me/card-gene"
+
+
+def test_checkpoint_pushes_carry_the_unite_card(local_hub, tmp_path):  # noqa: F811
+    """Regression: a hub_strategy checkpoint push uploaded output_dir without a card and without the
+    modeling code that config.json's auto_map names."""
+    model = _target("me/ckpt-gene")
+    args = _args(tmp_path, "me/ckpt-unite", max_steps=2, save_strategy="steps", save_steps=1, logging_steps=1,
+                 hub_strategy="every_save", hub_always_push=True)
+    trainer = UniteTrainer(model=model, args=args, train_dataset=_data(3))
+    trainer.train()
+    trainer.push_to_hub()  # waits for the checkpoint pushes still running, then pushes the final model
+
+    commits = {commit.title: commit for commit in local_hub.history("me/ckpt-unite")}
+    pushed = [title for title in commits if title.startswith("Training in progress")]
+    assert sorted(pushed) == ["Training in progress, step 1", "Training in progress, step 2"], list(commits)
+    for title in [*pushed, "End of training"]:
+        files = commits[title].files
+        _assert_unite_card(files["README.md"].decode(), "me/ckpt-unite", "me/ckpt-gene")
+        auto_map = json.loads(files["config.json"])["auto_map"]
+        assert {name.split(".")[0] + ".py" for name in auto_map.values()} <= set(files), (title, sorted(files))
+        assert {"model_structure.py", "model.safetensors"} <= set(files)
+    _assert_no_token_pushed(local_hub, "me/ckpt-unite")
+
+
+def test_create_model_card_without_the_hub_takes_trainer_arguments(tmp_path):
+    """create_model_card() called by hand (no push): the UNITE card in output_dir, titled by the folder,
+    with Trainer's license and tags arguments."""
+    gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=torch.randint(0, VOCAB, (4, 12)),
+                                       rank=(3, 8, 8), show_progress=False)
+    model = UniteForSequenceClassification.from_gene(gene, num_hidden_layers=1, num_labels=2, pad_token_id=0)
+    model.set_card_info(license="apache-2.0", tags=["recorded"])
+    args = transformers.TrainingArguments(str(tmp_path / "local-run"), max_steps=1, per_device_train_batch_size=4,
+                                          report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = UniteTrainer(model=model, args=args, train_dataset=_data(5))
+    trainer.train()
+    trainer.create_model_card(license="mit", tags="by-hand", dataset_tags=["sst2"], language="en")
+
+    card = ModelCard.load(tmp_path / "local-run" / "README.md")
+    assert card.text.lstrip().startswith("# local-run\n")
+    assert 'from_pretrained("local-run")' in card.text and "A dense model grown with [UNITE]" in card.text
+    assert card.data.license == "mit" and card.data.language == ["en"]
+    assert {"unite", "recorded", "by-hand", "generated_from_trainer"} <= set(card.data.tags)
+    assert card.data.datasets == ["nyu-mll/glue"]
+    assert card.data.base_model is None  # an unsaved gene from a config-built source: no Hub id to name
+    assert "- training_steps: 1" in card.text
