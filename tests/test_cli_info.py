@@ -57,6 +57,7 @@ def test_info_on_a_gene_and_a_target(saved, capsys):
     report = _info(capsys, str(root / "target"))
     assert report["kind"] == "target" and report["architectures"] == ["UniteForSequenceClassification"]
     assert report["gene"] == str(root / "gene") and report["ranks"]["up"] == [6, 6]
+    assert report["shared_expert_names"] == ["shared_expert", "shared_expert_gate"]  # Qwen2-MoE's, kept by the target
     assert report["total_parameters"] == sum(p.numel() for p in target.parameters())
     assert report["files"]["model.safetensors"] == os.path.getsize(root / "target" / "model.safetensors")
 

@@ -10,14 +10,23 @@ with :func:`unite_hf.sources.register_layout`. Nothing in unite_hf is edited for
 - the exact per-sequence Fisher equals a brute-force reference (one backward per sequence, gradients
   of the packed rows read off autograd), the diagonal Fisher and the routing frequency too;
 - a target grows from the gene, and at full rank computes what the source computes with each MoE block
-  replaced by its hand-fused dense FFN plus the shared expert.
+  replaced by its hand-fused dense FFN plus the shared expert; the shared expert is what the layout's
+  own ``find_shared_experts`` says (the block also holds a router input norm, which the structural rule
+  would take for a second shared expert), recorded in the gene and the target's config, so a saved
+  target loaded as remote code in a fresh interpreter without unite_hf computes the same.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import json
+import os
+import subprocess
+import sys
 import warnings
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +36,8 @@ from torch import nn
 from transformers.activations import ACT2FN
 from tiny_models import VOCAB
 
-from unite_hf import UniteForCausalLM, compute_expert_importance, extract_universal_knowledge, get_source
+from unite_hf import UniteConfig, UniteForCausalLM, compute_expert_importance, extract_universal_knowledge, get_source
+from unite_hf.model_structure import shared_expert_children
 from unite_hf.sources import LAYOUTS, DiskKeys, ExpertProbe, ExpertWeights, MoEBlock, register_layout
 from unite_hf.sources.base import CheckpointError
 
@@ -77,11 +87,13 @@ class AlwaysOnMLP(nn.Module):
 
 
 class PackedMoeBlock(nn.Module):
-    """Softmax top-k router ``gate``, packed ``experts``, and a shared ``always_on`` MLP."""
+    """Softmax top-k router ``gate`` on normed inputs (``router_norm``, a child with parameters that is no
+    expert), packed ``experts``, and a shared ``always_on`` MLP."""
 
     def __init__(self, config: transformers.PreTrainedConfig) -> None:
         super().__init__()
         self.top_k = config.num_experts_per_tok
+        self.router_norm = nn.LayerNorm(config.hidden_size)
         self.gate = nn.Linear(config.hidden_size, config.num_local_experts, bias=False)
         self.experts = PackedExperts(config.hidden_size, config.intermediate_size, config.num_local_experts)
         self.always_on = AlwaysOnMLP(config.hidden_size, config.intermediate_size)
@@ -89,7 +101,7 @@ class PackedMoeBlock(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         flat = hidden_states.reshape(-1, shape[-1])
-        weights, index = torch.softmax(self.gate(flat), dim=-1).topk(self.top_k, dim=-1)
+        weights, index = torch.softmax(self.gate(self.router_norm(flat)), dim=-1).topk(self.top_k, dim=-1)
         weights = weights / weights.sum(-1, keepdim=True)
         return (self.experts(flat, index, weights) + self.always_on(flat)).reshape(shape)
 
@@ -180,6 +192,13 @@ class PackedRowsBlock(MoEBlock):  # in a layout's own file: decorated with @regi
                                index: int) -> ExpertWeights:
         return self._views(read(keys.keys["packed"], index))  # one row off disk
 
+    @classmethod
+    def find_shared_experts(cls, block: nn.Module) -> list[tuple[str, nn.Module]]:
+        """This family's own rule: its shared experts are its AlwaysOnMLP children. The structural default
+        (every child with parameters besides the experts and the router) would also take the router's
+        input norm for a shared expert."""
+        return [(name, child) for name, child in block.named_children() if isinstance(child, AlwaysOnMLP)]
+
 
 # -- the family's registration with transformers (a real new family ships this in its modeling code) ------
 
@@ -213,6 +232,7 @@ def packed_model(seed: int = 0) -> PackedMoeForCausalLM:
         for layer in model.model.layers:
             layer.mlp.experts.packed.normal_(0, 0.2)
             layer.mlp.gate.weight.normal_(0, 0.5)  # a decisive router: non-trivial routing and Fisher
+            layer.mlp.router_norm.weight.normal_(1, 0.3)
     return model
 
 
@@ -255,13 +275,15 @@ def _extract(model_or_path, **kwargs):
 
 # -- 3. what works with it, unedited --------------------------------------------------------------------------
 
-def test_the_layout_reads_the_packed_experts_and_finds_the_shared_expert_by_structure():
+def test_the_layout_reads_the_packed_experts_and_finds_the_shared_expert_by_its_own_rule():
     model = packed_model()
     source = get_source(model)
     assert source.layout == "packed_rows" and source.moe_layers == [0, 1]
     for layer, block in enumerate(source.blocks):
         assert type(block) is PackedRowsBlock
-        assert [name for name, _ in block.shared_experts] == ["always_on"]
+        assert [name for name, _ in block.shared_experts] == ["always_on"]  # the layout's rule
+        # the structural rule, which the layout overrides, would take the router's norm too
+        assert [name for name, _ in shared_expert_children(block.block)] == ["router_norm", "always_on"]
         assert block.router_attr == "gate" and block.num_experts == EXPERTS
         for e in range(EXPERTS):
             views = block.expert(e)
@@ -341,9 +363,8 @@ def test_streaming_from_a_checkpoint_reads_the_layouts_on_disk_keys(extracted, t
                                        rtol=1e-4, atol=1e-5)
 
 
-def test_a_target_grows_and_computes_the_hand_fused_source(extracted):
-    model, gene = extracted
-    target = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()  # full rank: the gene's fused FFNs exactly
+def hand_fused_source_logits(model: nn.Module, gene) -> torch.Tensor:
+    """The source's logits with each MoE block replaced by its hand-fused dense FFN plus the shared expert."""
 
     def dense_ffn(block: PackedMoeBlock, fused: dict[str, torch.Tensor]):
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
@@ -357,9 +378,72 @@ def test_a_target_grows_and_computes_the_hand_fused_source(extracted):
         layer.mlp.forward = dense_ffn(layer.mlp, hand_fused(model, row, weights))
     try:
         with torch.no_grad():
-            expected = model(input_ids=CALIBRATION).logits
-            got = target(input_ids=CALIBRATION).logits
+            return model(input_ids=CALIBRATION).logits
     finally:
         for layer in model.model.layers:
             del layer.mlp.forward
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_target_grows_and_computes_the_hand_fused_source(extracted):
+    model, gene = extracted
+    target = UniteForCausalLM.from_gene(gene, core_init="tucker").eval()  # full rank: the gene's fused FFNs exactly
+    # the layout's shared experts, recorded at extraction, are the target's: not the router's norm
+    assert gene.config.shared_experts == ["always_on"] and target.config.shared_expert_names == ["always_on"]
+    assert [target.model.ffn(i).shared_mlps for i in (0, 1)] == [["always_on"], ["always_on"]]
+    with torch.no_grad():
+        got = target(input_ids=CALIBRATION).logits
+    torch.testing.assert_close(got, hand_fused_source_logits(model, gene), rtol=1e-4, atol=1e-4)
+
+
+# the toy family (section 1 of this file), for a fresh interpreter that has no unite_hf and no pytest
+_FAMILY = ("PackedExperts", "AlwaysOnMLP", "PackedMoeBlock", "PackedMoeConfig", "_pack", "PackedMoeModel",
+           "PackedMoeForCausalLM")
+_REMOTE_LOAD = """
+import json, sys, torch, transformers
+sys.modules["unite_hf"] = None  # unite_hf is not importable here: the target's own code must do
+import torch.nn.functional as F
+from torch import nn
+from transformers.activations import ACT2FN
+exec(open(sys.argv[1]).read())  # the toy family, as a new model family ships its modeling code
+transformers.AutoConfig.register(PackedMoeConfig.model_type, PackedMoeConfig)
+transformers.AutoModel.register(PackedMoeConfig, PackedMoeModel)
+target = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[2], trust_remote_code=True).eval()
+assert type(target).__module__.startswith("transformers_modules"), type(target).__module__
+ffns = [child for layer in target.model.backbone.layers for child in layer.children() if hasattr(child, "shared_mlps")]
+with torch.no_grad():
+    logits = target(input_ids=torch.tensor(json.loads(sys.argv[3]))).logits
+print(json.dumps({"shared": [ffn.shared_mlps for ffn in ffns], "logits": logits.tolist()}))
+"""
+
+
+def test_a_saved_target_loads_as_remote_code_with_the_recorded_shared_experts(extracted, tmp_path):
+    """The remote-code target (modeling_unite.py and model_structure.py beside config.json) keeps the shared
+    experts the config records, not what the structural rule would find, in an interpreter without unite_hf."""
+    model, gene = extracted
+    UniteForCausalLM.from_gene(gene, core_init="tucker").save_pretrained(tmp_path / "target")
+    assert json.loads((tmp_path / "target" / "config.json").read_text())["shared_expert_names"] == ["always_on"]
+    source = Path(__file__).read_text()
+    family = [ast.get_source_segment(source, node) for node in ast.parse(source).body
+              if getattr(node, "name", None) in _FAMILY]
+    assert len(family) == len(_FAMILY)
+    (tmp_path / "family.py").write_text("\n\n".join(family))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    result = subprocess.run([sys.executable, "-c", _REMOTE_LOAD, str(tmp_path / "family.py"), str(tmp_path / "target"),
+                             json.dumps(CALIBRATION.tolist())], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["shared"] == [["always_on"], ["always_on"]]
+    torch.testing.assert_close(torch.tensor(loaded["logits"]), hand_fused_source_logits(model, gene).float(),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_a_target_config_without_recorded_names_falls_back_to_the_structural_rule(extracted):
+    """Targets saved before the names were recorded (``shared_expert_names`` absent: None) find shared
+    experts by model_structure's rule, as they did: here that rule takes the router's norm too."""
+    _, gene = extracted
+    config = UniteForCausalLM.from_gene(gene).config.to_dict()
+    config.pop("shared_expert_names")
+    old = UniteForCausalLM(UniteConfig.from_dict(config))
+    assert old.config.shared_expert_names is None
+    assert [old.model.ffn(i).shared_mlps for i in (0, 1)] == [["router_norm", "always_on"]] * 2

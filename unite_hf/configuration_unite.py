@@ -37,6 +37,9 @@ class UniteConfig(PreTrainedConfig):
             a copy per layer (``False``, the paper's parameter counts, the default).
         shared_experts: ``"keep"`` the source's shared experts as a dense branch, ``"fuse"`` them onto
             the gene's bases (their own small cores, the scalar gate kept), or ``"drop"`` them.
+        shared_expert_names: the MoE block's children that are shared experts (or their gates), as the
+            source's layout found them at extraction (recorded in the gene); ``None`` (targets saved
+            before they were recorded): found by the structural rule of ``model_structure.py``.
         core_init, layer_selection: how the target was grown (provenance; see ``from_gene``).
         gene: the gene's own Hub repo id or folder (``None`` for a gene never saved); ``gene_source``:
             the id of the model the gene was extracted from.
@@ -59,6 +62,7 @@ class UniteConfig(PreTrainedConfig):
     expert_bias: bool = False
     tie_bases: bool = False
     shared_experts: str = "keep"
+    shared_expert_names: list[str] | None = None
     core_init: str = "random"
     layer_selection: str = "first"
     gene: str | None = None

@@ -135,6 +135,7 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
             "ffn_layers": config.get("ffn_layers"), "ranks": config.get("ranks"),
             "expert_intermediate_size": config.get("expert_intermediate_size"), "core_init": config.get("core_init"),
             "tie_bases": config.get("tie_bases"), "shared_experts": config.get("shared_experts"),
+            "shared_expert_names": config.get("shared_expert_names"),
             "card_info": config.get("card_info"), "parameters": parameters,
             "total_parameters": sum(parameters.values()),
             "files": _hub_files(repo_id, revision) if from_hub else _files(folder),

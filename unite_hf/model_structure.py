@@ -38,11 +38,22 @@ def router_attr(block: nn.Module) -> str | None:
     return next((name for name in ROUTER_ATTRS if isinstance(getattr(block, name, None), nn.Module)), None)
 
 
-def shared_expert_children(block: nn.Module) -> list[tuple[str, nn.Module]]:
+def shared_expert_children(block: nn.Module, names: list[str] | None = None) -> list[tuple[str, nn.Module]]:
     """A MoE block's shared experts, found by structure rather than by name: every child besides the
     experts and the router that holds parameters. That is a dense MLP run on every token (Qwen2-MoE's
     ``shared_expert``, DeepSeek's ``shared_experts``, HunYuan's ``shared_mlp``) or the scalar gate that
-    scales it (Qwen2-MoE's ``shared_expert_gate``, see :func:`is_shared_gate`)."""
+    scales it (Qwen2-MoE's ``shared_expert_gate``, see :func:`is_shared_gate`).
+
+    ``names``: the children recorded where the block was read (a gene records what its source's layout
+    found, ``MoEBlock.find_shared_experts``, and a target's config carries it as ``shared_expert_names``):
+    exactly those, in that order, whatever the rule would say. ``None`` (a target saved before names
+    were recorded): by the rule."""
+    if names is not None:
+        missing = [name for name in names if not isinstance(getattr(block, name, None), nn.Module)]
+        if missing:
+            raise ValueError(f"{type(block).__name__} has no shared-expert child {missing} (recorded: {list(names)}); "
+                             "the config does not describe this model's MoE blocks")
+        return [(name, getattr(block, name)) for name in names]
     skip = {"experts", router_attr(block)}
     return [(name, child) for name, child in block.named_children()
             if name not in skip and next(child.parameters(), None) is not None]

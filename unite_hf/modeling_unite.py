@@ -405,7 +405,7 @@ class UniteModel(UnitePreTrainedModel):
             block = getattr(layers[i], name)
             shared = {}
             if config.shared_experts != "drop":  # the children recorded at extraction, else by structure
-                shared = dict(shared_expert_children(block))
+                shared = dict(shared_expert_children(block, config.shared_expert_names))
             setattr(layers[i], name, UniteFFN(config, shared, self.unite_bases))
         _prune_parallel_plans(self.backbone)
         self.post_init()

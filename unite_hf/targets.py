@@ -19,7 +19,11 @@ Defaults follow the paper:
 - ``shared_experts="keep"``: the source's shared experts stay as a dense branch. ``"fuse"``
   re-expresses them on the gene's bases with cores ``S = U_out.T @ W_shared @ U_in`` (exact at full
   rank; needs shared experts as wide as the routed ones, e.g. DeepSeek, not Qwen2-MoE), ``"drop"``
-  removes them.
+  removes them. Which children of a MoE block are shared experts is what the source's layout said at
+  extraction (``gene.config.shared_experts``, :func:`shared_expert_names`); the target's config carries
+  it (``shared_expert_names``), so the target code, also as remote code, keeps exactly those. Anything
+  else in a MoE block besides its experts (a router's input norm, say) is routing, replaced by the
+  fused FFN like the router itself.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig
 from .configuration_unite import UniteConfig
 from .gene import UniteGene
 from .layer_map import map_layers
-from .model_structure import is_shared_gate, mlp_linear_names
+from .model_structure import is_shared_gate, mlp_linear_names, shared_expert_children
 from .sources import get_source
 
 
@@ -156,6 +160,7 @@ def build_target_config(
                          "bases shared on both sides (tucker or cp).")
     source = source or _meta_source(gene)  # the source's structure, for free: where experts live, their activation
     activation = _expert_activation(source.blocks[0], source_config)
+    shared_names = shared_expert_names(gene, source)
     if shared_experts == "fuse":
         for s_layer in (s for s in selected if s in gc.moe_layers):
             for proj, weight in shared_expert_weights(gene, s_layer, source).items():
@@ -175,6 +180,7 @@ def build_target_config(
         expert_bias=gc.has_bias,
         tie_bases=tie_bases,
         shared_experts=shared_experts,
+        shared_expert_names=shared_names,
         core_init=core_init,
         layer_selection=layer_selection,
         gene=gene_name,
@@ -205,18 +211,23 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
     layers_path = source.layers_path  # e.g. "model.layers"
     base_prefix = layers_path.rsplit(".", 1)[0] + "." if "." in layers_path else ""
     position = {s: i for i, s in enumerate(config.source_layers)}
-    shared_roles = {b.layer_idx: {n: "gate" if is_shared_gate(m) else "mlp" for n, m in b.shared_experts}
-                    for b in source.blocks}  # by structure: the names differ between families
+    names = config.shared_expert_names if config.shared_expert_names is not None else shared_expert_names(gene, source)
+    # the roles of the shared experts the gene recorded (the names differ between families and layouts)
+    shared_roles = {b.layer_idx: {n: "gate" if is_shared_gate(m) else "mlp" for n, m in shared_expert_children(b.block, names)}
+                    for b in source.blocks}
+    block_names = {b.layer_idx: b.name for b in source.blocks}
     state: dict[str, torch.Tensor] = {}
     for name, tensor in gene.source_state_dict.items():
         if name.startswith(layers_path + "."):
             layer, rest = name[len(layers_path) + 1:].split(".", 1)
             if int(layer) not in position:
                 continue
-            child = rest.split(".", 2)[1] if rest.count(".") >= 2 else ""
-            shared = shared_roles.get(int(layer), {})
-            if child in shared and config.shared_experts != "keep":
-                if config.shared_experts == "drop" or shared[child] != "gate":
+            block_name = block_names.get(int(layer))
+            if block_name is not None and name.startswith(block_name + "."):
+                role = shared_roles[int(layer)].get(name[len(block_name) + 1:].split(".", 1)[0])
+                if role is None:
+                    continue  # neither a shared expert nor its gate: routing, which the fused FFN replaces
+                if config.shared_experts == "drop" or (config.shared_experts == "fuse" and role != "gate"):
                     continue  # "fuse" keeps only the scalar gate; the MLP becomes cores below
             name = f"{layers_path[len(base_prefix):]}.{position[int(layer)]}.{rest}"
         elif base_prefix and name.startswith(base_prefix):
@@ -268,7 +279,8 @@ def shared_expert_weights(gene: UniteGene, source_layer: int, source=None) -> di
     its linears are found by structure on the source's (meta) block, as the layout reports them."""
     source = source or _meta_source(gene)
     block = source.block(source_layer)
-    mlps = [(n, m) for n, m in block.shared_experts if not is_shared_gate(m)]
+    mlps = [(n, m) for n, m in shared_expert_children(block.block, shared_expert_names(gene, source))
+            if not is_shared_gate(m)]
     if not mlps:
         return {}
     name, mlp = mlps[0]
@@ -282,6 +294,17 @@ def shared_expert_weights(gene: UniteGene, source_layer: int, source=None) -> di
                              f"(looked for {looked_for})")
         weights[proj] = gene.source_state_dict[key]
     return weights
+
+
+def shared_expert_names(gene: UniteGene, source=None) -> list[str]:
+    """The children of the source's MoE blocks that are shared experts or their gates: as the gene recorded
+    them at extraction (``gene.config.shared_experts``, what the source's layout found with
+    ``MoEBlock.find_shared_experts``). A gene that records none (none found, or a gene written when shared
+    experts were found by a list of names) gets what the layout finds on the source's structure now."""
+    if gene.config.shared_experts:
+        return list(gene.config.shared_experts)
+    source = source or _meta_source(gene)
+    return [name for name, _ in source.blocks[0].shared_experts]
 
 
 def __getattr__(name: str) -> object:
@@ -385,7 +408,8 @@ def _check_config_kwargs(config_kwargs: dict[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(UniteConfig)} | set(_EXTRA_CONFIG_KWARGS)
     # fields from_gene sets itself from the gene and its options
     owned = {"text_config", "ffn_layers", "source_layers", "projections", "ranks", "expert_intermediate_size",
-             "expert_activation", "expert_bias", "gene", "gene_source", "card_info", "tie_bases", "shared_experts", "core_init",
+             "expert_activation", "expert_bias", "gene", "gene_source", "card_info", "tie_bases", "shared_experts",
+             "shared_expert_names", "core_init",
              "layer_selection"}
     unknown = sorted(k for k in config_kwargs if k not in fields or k in owned)
     if unknown:
