@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> dict:
     from unite_hf.evaluation import measure_retention
 
     results = {"command": "python benchmarks/bench_retention.py " + " ".join(sys.argv[1:]), "runs": []}
+    run_started = time.perf_counter()
     for source_name in args.sources:
         started = time.perf_counter()
         model, tokenizer, label = load_source(source_name, args.tiny)
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> dict:
                 results["runs"].append(row)
                 print(f"[{source_name}] {variant} rank {rank}: swap gap {report.mean_swap_gap:.3f}, "
                       f"ffn fraction {report.ffn_parameter_fraction:.2f}, ppl {report.perplexity}", flush=True)
+                results["minutes"] = round((time.perf_counter() - run_started) / 60, 1)
                 Path(args.json[0]).write_text(json.dumps(results, indent=1, sort_keys=True))
         del model
     return results
@@ -152,13 +154,33 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the results go (with --report-only: several files are merged)")
     parser.add_argument("--tiny", action="store_true", help="tiny random sources (plumbing only)")
     parser.add_argument("--report-only", action="store_true", help="print the table from --json, run nothing")
+    parser.add_argument("--markdown", help="also write the table into this file (RETENTION.md), in place of the "
+                                           "one under its '## Retention table' heading")
     args = parser.parse_args(argv)
     if args.report_only:
         results = {"runs": [run for path in args.json for run in json.loads(Path(path).read_text())["runs"]]}
     else:
         results = run(args)
-    print(render(results))
+    table = render(results)
+    print(table)
+    if args.markdown:
+        replace_table(Path(args.markdown), table)
     return 0
+
+
+def replace_table(path: Path, table: str) -> None:
+    """Put ``table`` under the file's ``## Retention table`` heading, in place of the table there (the
+    prose around it, written from the numbers, stays: read it against the new table)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    at = next((i for i, line in enumerate(lines) if line.startswith("## Retention table")), None)
+    if at is None:
+        raise ValueError(f"{path} has no '## Retention table' heading to put the table under")
+    start = next(i for i in range(at + 1, len(lines)) if lines[i].startswith("|") or lines[i].startswith("## "))
+    end = start
+    while end < len(lines) and lines[end].startswith("|"):
+        end += 1
+    lines[start:end] = table.split("\n")
+    path.write_text("\n".join(lines), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,17 @@ def test_init_options_need_a_gene(tmp_path, gene_dir):
         build_model(tmp_path / "target", task, init="copy-only")
     with pytest.raises(ValueError, match="init must be one of"):
         build_model(gene_dir, task, init="zeros")
+
+
+def test_scoring_only_the_final_model_changes_no_outcome(gene_dir, tmp_path):
+    """eval_every_epoch=False (the downstream benchmark, on full eval files) skips the per-epoch passes:
+    the final accuracy and every example's outcome are those of a run scored after each epoch."""
+    from unite_hf.training.finetune import finetune
+
+    common = dict(task="sst2", layers=1, rank=6, epochs=2, max_train_examples=32, max_eval_examples=24, batch_size=8,
+                  max_length=32, seed=2, show_progress=False, data_dir=DATA)
+    curve = finetune(gene_dir, output_dir=tmp_path / "curve", **common)
+    final = finetune(gene_dir, output_dir=tmp_path / "final", eval_every_epoch=False, **common)
+    assert len(curve["accuracy_per_epoch"]) == 2 and curve["accuracy_per_epoch"][-1] == curve["accuracy"]
+    assert final["accuracy_per_epoch"] == [final["accuracy"]]
+    assert (final["accuracy"], final["correct"]) == (curve["accuracy"], curve["correct"])

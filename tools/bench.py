@@ -163,7 +163,9 @@ class Bench:
         if any(e in (*UNITE_EXPERIMENTS, "downstream") for e in experiments):
             calibration = load_calibration("wikitext2", self.tokenizer, num_sequences=p.fisher_sequences, seq_len=p.seq_len)
             started = time.perf_counter()
-            self.importance = compute_expert_importance(self.model, calibration, diagonal=True, batch_size=4)
+            # the elementwise diagonal Fisher feeds only the fisher_diag fusion ablation (genes do not store it)
+            diagonal = "fusion" in experiments and "fisher_diag" in p.fusions
+            self.importance = compute_expert_importance(self.model, calibration, diagonal=diagonal, batch_size=4)
             self.meta["fisher_seconds"] = round(time.perf_counter() - started, 1)
             variants = {("fisher", "tucker")}
             if any(e in UNITE_EXPERIMENTS for e in experiments):
@@ -282,7 +284,7 @@ class Bench:
     def run(self, experiment: str, *, task: str, init: str = "unite", gene: str = "fisher/tucker", seed: int,
             layers: int | None = None, rank: int | None = None, fraction: float = 1.0, base: Path | None = None,
             label: str | None = None, eval_split: str = "validation", eval_examples: int | None | str = "profile",
-            resume: bool = False, **from_gene_kwargs: Any) -> dict[str, Any]:
+            resume: bool = False, eval_every_epoch: bool = True, **from_gene_kwargs: Any) -> dict[str, Any]:
         """One fine-tuning run: grown from ``gene``, or from a saved Llama ``base`` (labelled ``label``).
         With ``resume``, a run already finished in ``work_dir`` under the same profile is read back."""
         from unite_hf.training.finetune import finetune
@@ -305,7 +307,8 @@ class Bench:
                           learning_rate=p.learning_rate, batch_size=p.batch_size, max_length=p.max_length,
                           max_train_examples=max(1, int(p.train_examples * fraction)) if fraction < 1 else p.train_examples,
                           max_eval_examples=p.eval_examples if eval_examples == "profile" else eval_examples,
-                          eval_split=eval_split, show_progress=False, **shape, **from_gene_kwargs)
+                          eval_split=eval_split, eval_every_epoch=eval_every_epoch, show_progress=False, **shape,
+                          **from_gene_kwargs)
         result.update(experiment=experiment, gene=gene if base is None else base.name, init=label or init)
         if resume:
             atomic_write_json({"fingerprint": fingerprint, "result": result}, finished)
@@ -342,7 +345,7 @@ class Bench:
                     for label, (gene, init, options) in DOWNSTREAM_INITS.items():
                         self.run("downstream", task=task, init=init, gene=gene, seed=seed, label=label,
                                  eval_split=EVAL_SPLITS.get(task, "validation"), eval_examples=p.downstream_eval_examples,
-                                 resume=True, **options)
+                                 resume=True, eval_every_epoch=False, **options)  # the report reads final scores only
         for seed in p.transfer_seeds or p.seeds:
             if "masa" in experiments:
                 self._run_masa(seed)
@@ -795,29 +798,60 @@ def _with_verdict_summary(lines: list[str]) -> list[str]:
             *lines[at:]]
 
 
-# experiments run by a script of the repository's benchmarks/ folder (a source checkout): name -> command
+# experiments run by scripts of the repository's benchmarks/ folder (a source checkout): name -> the commands,
+# run in order; each writes its JSON, the last renders the part's markdown (included in RESULTS.md)
+_RETENTION_JSONS = ["benchmarks/retention_moefied.json", "benchmarks/retention_native.json",
+                    "benchmarks/retention_upcycled.json"]
 SCRIPT_EXPERIMENTS = {
-    "retention": ["benchmarks/bench_retention.py", "--json", "benchmarks/retention.json"],
-    "lm_probe": ["benchmarks/bench_lm_probe.py", "--source", "native", "--rank", "256",
-                 "--json", "benchmarks/lm_probe_native.json"],
+    "retention": [  # the grid of RETENTION.md's table
+        ["benchmarks/bench_retention.py", "--sources", "moefied", "--variants", "paper", "hidden", "aligned+hidden",
+         "concat+hidden", "--json", _RETENTION_JSONS[0]],
+        ["benchmarks/bench_retention.py", "--sources", "native", "--json", _RETENTION_JSONS[1]],
+        ["benchmarks/bench_retention.py", "--sources", "upcycled", "--variants", "paper", "hidden", "--ranks", "256",
+         "576", "--fisher-sequences", "8", "--json", _RETENTION_JSONS[2]],
+        ["benchmarks/bench_retention.py", "--report-only", "--json", *_RETENTION_JSONS,
+         "--markdown", "benchmarks/RETENTION.md"],
+    ],
+    "lm_probe": [
+        ["benchmarks/bench_lm_probe.py", "--source", "native", "--rank", "256", "--json", "benchmarks/lm_probe_native.json"],
+        ["benchmarks/bench_lm_probe.py", "--report-only", "--json", "benchmarks/lm_probe_native.json"],
+    ],
+}
+# with --tiny (plumbing only): each script once on its tiny random source, written under the work folder
+TINY_SCRIPT_EXPERIMENTS = {
+    "retention": [["benchmarks/bench_retention.py", "--tiny", "--sources", "moefied", "--ranks", "8", "16",
+                   "--fisher-sequences", "2", "--seq-len", "16", "--num-windows", "2", "--retention-seq-len", "16",
+                   "--json", "{work_dir}/retention_tiny.json"]],
+    "lm_probe": [["benchmarks/bench_lm_probe.py", "--tiny", "--seeds", "0", "--steps", "2", "--eval-every", "1",
+                  "--rank", "8", "--train-windows", "8", "--held-out-windows", "2", "--seq-len", "16",
+                  "--fisher-sequences", "2", "--json", "{work_dir}/lm_probe_tiny.json",
+                  "--markdown", "{work_dir}/LM_PROBE_tiny.md", "--work-dir", "{work_dir}/lm_probe_tiny"]],
 }
 DEFAULT_EXPERIMENTS = (*UNITE_EXPERIMENTS, "downstream", "masa", "xpert")  # the scripts run when named
 EXPERIMENTS = (*DEFAULT_EXPERIMENTS, *SCRIPT_EXPERIMENTS)
 
 
-def _run_script_experiment(name: str, tiny: bool) -> None:
-    """Run one of :data:`SCRIPT_EXPERIMENTS` from the repository root (they need ``tools/`` and
-    ``benchmarks/``, which are not installed with the library)."""
+def _run_script_experiment(name: str, tiny: bool, work_dir: Path = Path("runs/bench")) -> None:
+    """Run the commands of one of :data:`SCRIPT_EXPERIMENTS` (:data:`TINY_SCRIPT_EXPERIMENTS` with
+    ``tiny``) from the repository root (they need ``tools/`` and ``benchmarks/``, which are not
+    installed with the library)."""
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    command = SCRIPT_EXPERIMENTS[name]
-    if not (root / command[0]).is_file():
-        raise ValueError(f"experiment {name!r} runs {command[0]} of a source checkout of unite_hf; "
-                         f"{root / command[0]} does not exist (installed from a wheel?)")
-    print(f"bench: {name}: {' '.join(command)}", flush=True)
-    subprocess.run([sys.executable, *command, *(["--tiny"] if tiny else [])], cwd=root, check=True)
+    commands = (TINY_SCRIPT_EXPERIMENTS if tiny else SCRIPT_EXPERIMENTS)[name]
+    for command in commands:
+        if not (root / command[0]).is_file():
+            raise ValueError(f"experiment {name!r} runs {command[0]} of a source checkout of unite_hf; "
+                             f"{root / command[0]} does not exist (installed from a wheel?)")
+    work = Path(work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    for command in commands:
+        command = [arg.format(work_dir=work) for arg in command]
+        print(f"bench: {name}: {' '.join(command)}", flush=True)
+        subprocess.run([sys.executable, *command], cwd=root, check=True)
+
+
 TRANSFER_RUNS = {"masa": ("masa", "masa_ablation"), "xpert": ("xpert", "xpert_control")}
 
 
@@ -863,7 +897,7 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
     else:
         for name in experiments:
             if name in SCRIPT_EXPERIMENTS:
-                _run_script_experiment(name, tiny)
+                _run_script_experiment(name, tiny, work_dir)
         in_process = [e for e in experiments if e not in SCRIPT_EXPERIMENTS]
         if in_process:
             bench.prepare(in_process)

@@ -201,6 +201,20 @@ def build_llama_causal_lm(gene, *, init: str = "masa", layers: int | None = None
     return causal_lm
 
 
+def _final_epoch_scored_once():
+    """A Trainer callback: no evaluation at the end of the last epoch; the final prediction pass that
+    :func:`finetune` runs next scores the same weights (an identical pass, run once instead of twice)."""
+    from transformers import TrainerCallback
+
+    class FinalEpochScoredOnce(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            if state.global_step >= state.max_steps:
+                control.should_evaluate = False
+            return control
+
+    return FinalEpochScoredOnce()
+
+
 def _tokenizer_for(model: Any, tokenizer: Any):
     from transformers import AutoTokenizer
 
@@ -245,6 +259,7 @@ def finetune(
     scaling: str | None = None,
     pretrain_tokens: int = 0,
     push_to_hub: str | None = None,
+    eval_every_epoch: bool = True,
     **from_gene_kwargs: Any,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` (a gene, a saved target or a Llama checkpoint) on ``task``; returns a
@@ -256,7 +271,12 @@ def finetune(
     the fine-tuned model (a UNITE target with its card, naming the task's dataset and accuracy) and
     the tokenizer; the summary then holds ``"hub": repo_id``. ``eval_split`` picks the scored split
     (``"test"`` for ARC and OpenBookQA, whose test files carry labels); the summary's ``correct`` lists
-    each scored example's outcome (1/0) in a fixed order, for paired intervals between runs."""
+    each scored example's outcome (1/0) in a fixed order, for paired intervals between runs.
+
+    The eval split is scored after each epoch (``accuracy_per_epoch``); the last epoch's score is the
+    final prediction pass, not a second pass over the same weights. ``eval_every_epoch=False`` scores
+    only the final model, once (``accuracy_per_epoch`` then holds that one score): the same final
+    accuracy and outcomes, without the passes over large eval files that only a curve reads."""
     from ..progress import progress_enabled
 
     show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
@@ -284,19 +304,22 @@ def finetune(
     dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
-        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size, eval_strategy="epoch",
+        per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
+        eval_strategy="epoch" if eval_every_epoch else "no",
         save_strategy="no", logging_strategy="epoch", report_to=[], seed=seed, data_seed=seed,
         disable_tqdm=not show_progress, warmup_steps=0.06, lr_scheduler_type="linear", weight_decay=0.01,
         use_cpu=not torch.cuda.is_available(),
     )
     trainer = Trainer(model=target, args=args, train_dataset=train_tok, eval_dataset=dev_tok,
                       processing_class=tokenizer, data_collator=TaskDataCollator(tokenizer),
-                      compute_metrics=compute_accuracy)
+                      compute_metrics=compute_accuracy, callbacks=[_final_epoch_scored_once()])
     trainer.train()
     per_epoch = [round(entry["eval_accuracy"], 6) for entry in trainer.state.log_history if "eval_accuracy" in entry]
-    # predict, not evaluate: the same metrics, plus each example's outcome for paired comparisons
+    # predict, not evaluate: the same metrics, plus each example's outcome for paired comparisons; it is
+    # also the last epoch's score (that epoch's own evaluation was skipped: same weights, same pass)
     prediction = trainer.predict(dev_tok, metric_key_prefix="eval")
     final = prediction.metrics
+    per_epoch.append(round(float(final["eval_accuracy"]), 6))
     correct = correct_per_example(prediction.predictions, prediction.label_ids)
     if hasattr(target, "set_card_info"):  # UNITE targets write their own card; plain Llama ones are plain
         hub = train.spec.hub[0] if train.spec.hub else None  # the card names datasets by Hub id
