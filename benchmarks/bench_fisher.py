@@ -6,7 +6,13 @@
                (retain_graph), reading each expert's parameter gradients after each (first batch only);
 - brute_seq:   one forward + backward per sequence at batch 1 (what tests/test_importance.py does);
 - ours_before: ours with the per-sequence kernels as they were before issue 15 (float64 token
-               Grams, index_put padding), frozen in this file, so before and after run side by side.
+               Grams, index_put padding) and the expert-by-expert probe, frozen in this file, so
+               before and after run side by side;
+- ours_per_expert: today's kernels behind the expert-by-expert probe (frozen here): one probed linear
+               map per routed expert and projection, a host sync each;
+- ours_grouped_mm, ours_padded: today's grouped probe with the grouped-GEMM or the zero-padded
+               float32-output kernel instead of the fused Triton one (importance.GROUPED_KERNEL; bf16
+               and fp16 on GPUs; elsewhere identical to ours).
 
 Each method runs in its own subprocess, so that its peak memory is its own: peak RSS (VmHWM) minus
 the RSS after the model is built on cpu, ``torch.cuda.max_memory_allocated`` minus the memory after
@@ -53,7 +59,8 @@ SHAPES: dict[str, dict] = {
     "small": dict(hidden=64, intermediate=96, experts=4, layers=2, vocab=256, seq_len=48, batch=4, batches=2,
                   dtype="float32"),
 }
-METHODS = ("ours", "ours_before", "plain", "brute_seq", "brute_batch")
+METHODS = ("ours", "ours_before", "ours_per_expert", "ours_grouped_mm", "ours_padded", "plain", "brute_seq",
+           "brute_batch")
 
 
 # -- the per-sequence kernels as they were before issue 15 (frozen; benchmark only) ----------------------
@@ -97,15 +104,73 @@ def _before_sink_call(self, expert, x, grad, seq_ids, has_bias) -> None:
 
 @contextlib.contextmanager
 def kernels_before() -> object:
-    """``compute_expert_importance`` with the pre-issue-15 kernels (no diagonal Fisher)."""
+    """``compute_expert_importance`` with the pre-issue-15 kernels and probe (no diagonal Fisher)."""
     from unite_hf import importance
 
     current = importance._GradientSink.__call__
     importance._GradientSink.__call__ = _before_sink_call
     try:
-        yield
+        with probe_per_expert():
+            yield
     finally:
         importance._GradientSink.__call__ = current
+
+
+def _per_expert_probed_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                               top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The fused-experts probe as it was before the grouped one (frozen; benchmark only): the eager
+    expert-by-expert loop, two probed linear maps per routed expert, a host sync per expert."""
+    from unite_hf.compat import apply_gate
+
+    probe = self._unite_probe
+    block = probe.block
+    probe.route(top_k_index, top_k_weights)
+    seq_ids = probe.token_sequences(hidden_states)
+    first_param = block.first_parameter
+    valid = top_k_index < block.num_experts
+    final = torch.zeros_like(hidden_states)
+    for expert in torch.unique(top_k_index[valid]).tolist():
+        token_idx, slot = torch.where(top_k_index == expert)
+        x = hidden_states[token_idx]
+        weights = block.expert(expert)
+        first_weight = first_param[expert].T if block.is_transposed else first_param[expert]
+        first_bias = block._first_bias[expert] if block.has_bias else None
+        h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
+        h = apply_gate(self, h) if block.has_gate else self.act_fn(h)
+        out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
+        final.index_add_(0, token_idx, (out * top_k_weights[token_idx, slot, None]).to(final.dtype))
+    return final
+
+
+@contextlib.contextmanager
+def probe_per_expert() -> object:
+    """``compute_expert_importance`` with the expert-by-expert probe of :func:`_per_expert_probed_forward`."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from unite_hf.sources.fused import PROBE_IMPLEMENTATION, probed_experts_forward
+
+    ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, _per_expert_probed_forward)
+    try:
+        yield
+    finally:
+        ALL_EXPERTS_FUNCTIONS.register(PROBE_IMPLEMENTATION, probed_experts_forward)
+
+
+@contextlib.contextmanager
+def grouped_kernel(name: str) -> object:
+    """``compute_expert_importance`` with the grouped probe's bf16 GPU kernel ``name`` (importance.GROUPED_KERNEL)."""
+    from unite_hf import importance
+
+    current, importance.GROUPED_KERNEL = importance.GROUPED_KERNEL, name
+    try:
+        yield
+    finally:
+        importance.GROUPED_KERNEL = current
+
+
+# method -> how it changes ``ours`` (None: ours as it is)
+VARIANTS = {"ours_before": kernels_before, "ours_per_expert": probe_per_expert,
+            "ours_padded": lambda: grouped_kernel("padded_bmm"), "ours_grouped_mm": lambda: grouped_kernel("grouped_mm")}
 
 
 @contextlib.contextmanager
@@ -240,10 +305,13 @@ def run_method(args) -> dict:
     model, ids = build(args)
     if args.method == "brute_seq" or args.method == "brute_batch":
         ids = ids[:args.batch]  # one batch: these references are slow
-    out: dict = {"method": args.method, "device": args.device, "dtype": args.dtype}
-    run = RUNNERS.get(args.method.removesuffix("_before"))
+    out: dict = {"method": args.method, "device": args.device, "dtype": args.dtype,
+                 # the experts forward of "plain" (transformers' default: grouped_mm where it can dispatch)
+                 "experts_implementation": getattr(model.config, "_experts_implementation", None)}
+    variant = VARIANTS.get(args.method, contextlib.nullcontext)
+    run = _run_ours if args.method in VARIANTS else RUNNERS.get(args.method)
     for _ in range(args.warmup):  # first-call costs: cuBLAS handles, allocator growth, kernel selection
-        with kernels_before() if args.method == "ours_before" else contextlib.nullcontext():
+        with variant():
             (run or _brute_batch_fisher)(model, ids[:args.batch], args)
         model.zero_grad(set_to_none=True)
     meter = Meter(device)
@@ -257,7 +325,7 @@ def run_method(args) -> dict:
         out["max_rel_diff_vs_ours"] = float(((ours - fisher).abs() / fisher.abs().clamp_min(1e-300)).max())
     else:
         stacks: dict[str, int] = {}
-        with kernels_before() if args.method == "ours_before" else count_gram_stacks(stacks):
+        with variant(), count_gram_stacks(stacks):
             run(model, ids, args)
         out["seconds"], out["peak_extra_mb"], out["cpu_seconds"] = meter.seconds(), meter.peak_extra_mb(), meter.cpu
         if stacks:  # token groups through the Gram form: in float32, and redone in float64
@@ -302,6 +370,10 @@ def compare(args, passthrough: list[str]) -> dict:
     ratio("ours_time_over_plain", "ours", "plain")
     ratio("ours_before_time_over_plain", "ours_before", "plain")
     ratio("ours_time_over_ours_before", "ours", "ours_before")
+    ratio("ours_per_expert_time_over_plain", "ours_per_expert", "plain")
+    ratio("ours_padded_time_over_plain", "ours_padded", "plain")
+    ratio("ours_grouped_mm_time_over_plain", "ours_grouped_mm", "plain")
+    ratio("ours_time_over_ours_per_expert", "ours", "ours_per_expert")
     ratio("brute_batch_time_over_ours", "brute_batch", "ours")
     ratio("brute_seq_time_over_ours", "brute_seq", "ours")
     if "brute_batch" in runs:
@@ -460,6 +532,55 @@ def kernels(args) -> dict:
     return {"kernels": rows, "relative_errors": errors}
 
 
+def grouped_kernels(args) -> dict:
+    """One call's worth of all experts' (expert, sequence) groups in bf16, as the grouped probe sees them:
+    time of the grouped GEMM, the zero-padded float32-output batch and the per-expert calls it replaced,
+    and each one's error against float64 on the same bf16 values (and, for the grouped GEMM, against
+    the bf16 rounding of each exact gradient: what autograd's own bf16 weight gradient holds)."""
+    from unite_hf import importance, triton_sq_norms
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    h, i, experts, batch = args.hidden, args.intermediate, args.experts, args.batch
+    rows = []
+    for proj, d_in, d_out in [("gate_up", h, 2 * i), ("down", i, h)]:
+        counts = [_routed_count(args.seq_len, 2 / experts, gen) for _ in range(experts * batch)]
+        n = sum(counts)
+        group = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+        x = torch.randn(n, d_in, generator=gen).to(device, torch.bfloat16)
+        g = (1e-3 * torch.randn(n, d_out, generator=gen)).to(device, torch.bfloat16)
+        seq = group % batch
+        expert_rows = [(e * batch, (e + 1) * batch) for e in range(experts)]
+        bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+
+        def per_expert():
+            return sum(importance._direct_sq_norms_low_precision(x[bounds[a]:bounds[b]], g[bounds[a]:bounds[b]],
+                                                                  seq[bounds[a]:bounds[b]]) for a, b in expert_rows)
+
+        variants = {
+            "grouped_mm": lambda: importance._grouped_direct_sq_norms(x, g, group, len(counts)).sum(),
+            "padded_bmm": lambda: importance._padded_direct_group_sq_norms(
+                x, g, torch.unique_consecutive(group, return_counts=True)[1].tolist()).sum(),
+            "per_expert_padded": per_expert,
+        }
+        if triton_sq_norms.available(x):
+            variants["triton"] = lambda: importance._grouped_direct_sq_norms(x, g, group, len(counts), kernel="triton").sum()
+        row = {"projection": proj, "d_in": d_in, "d_out": d_out, "groups": len(counts), "rows": n}
+        row.update(_time(variants, device, args.kernel_repeats))
+        exact = rounded = 0.0
+        for a, b in zip(bounds, bounds[1:]):
+            grad = g[a:b].double().T @ x[a:b].double()
+            exact += float(grad.square().sum())
+            rounded += float(grad.bfloat16().double().square().sum())
+        for name, fn in variants.items():
+            row[name]["rel_error_vs_exact"] = float(f"{abs(float(fn()) - exact) / exact:.2e}")
+        row["grouped_mm"]["rel_error_vs_bf16_gradients"] = float(f"{abs(float(variants['grouped_mm']()) - rounded) / rounded:.2e}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"grouped_kernels": rows}
+
+
 # -- command line ------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -484,6 +605,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="run every method in this process (faster start; peak memory then not per method)")
     parser.add_argument("--kernels", action="store_true", help="time and check the squared-norm kernels alone")
     parser.add_argument("--kernel-repeats", type=int, default=5)
+    parser.add_argument("--grouped-kernels", action="store_true",
+                        help="time and check the grouped probe's kernels on one call's groups (bf16)")
     args = parser.parse_args(argv)
     for key, value in SHAPES[args.shape].items():
         if getattr(args, key) is None:
@@ -502,6 +625,8 @@ def main(argv: list[str] | None = None) -> dict:
         result = run_method(args)
     elif args.kernels:
         result = kernels(args)
+    elif args.grouped_kernels:
+        result = grouped_kernels(args)
     else:
         passthrough = [a for a in argv if a not in args.methods and a != "--methods"]
         result = compare(args, passthrough)

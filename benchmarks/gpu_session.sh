@@ -7,7 +7,7 @@
 # goes to $OUT/log.txt), so a slow step loses only itself.
 set -u
 OUT=${OUT:-/tmp/gpu_out}; mkdir -p "$OUT"
-STEPS=${STEPS:-"fisher fisher_fp32 fisher_ref fisher_kernels tucker_deepseek tucker_mixtral"}
+STEPS=${STEPS:-"grouped_kernels fisher fisher_fp32 fisher_ref fisher_kernels tucker_deepseek tucker_mixtral"}
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site
@@ -25,7 +25,8 @@ step() {  # step NAME SECONDS ARGS...: one benchmark, its JSON lines to $OUT/NAM
   echo "== $name rc=$?" | tee -a "$OUT/log.txt"; tail -n 1 "$OUT/$name.jsonl" | cut -c1-2500
 }
 M="--device cuda --threads 8"
-step fisher 190 benchmarks/bench_fisher.py $M --shape mixtral-like --methods ours ours_before plain --repeats 3
+step grouped_kernels 60 benchmarks/bench_fisher.py $M --shape mixtral-like --grouped-kernels
+step fisher 240 benchmarks/bench_fisher.py $M --shape mixtral-like --methods ours ours_grouped_mm ours_per_expert plain --repeats 2
 # exactness at float32 (bf16 backward passes differ from one another by ~1e-2 in any order of summation)
 step fisher_fp32 90 benchmarks/bench_fisher.py $M --shape mixtral-like --dtype float32 --layers 2 --batches 1 --methods brute_batch ours
 step fisher_ref 100 benchmarks/bench_fisher.py $M --shape mixtral-like --methods brute_batch brute_seq ours

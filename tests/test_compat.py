@@ -56,6 +56,20 @@ def test_apply_renamings_maps_a_legacy_mixtral_key():
     assert renamed == "model.layers.0.mlp.gate.weight" and renamed in model.state_dict()
 
 
+def test_grouped_mm_multiplies_each_group_by_its_expert():
+    """``transformers.integrations.moe._grouped_mm`` (the grouped probe's forward and input gradient), against
+    a loop of float64 products; an empty group, and rows past the last group left to the caller."""
+    generator = torch.Generator().manual_seed(0)
+    counts = [5, 0, 3, 8]
+    bounds = [0, *torch.tensor(counts).cumsum(0).tolist()]
+    for d_in, d_out in [(16, 24), (10, 7)]:  # (10, 7): float32 rows not 16-byte aligned, the loop instead
+        x = torch.randn(sum(counts), d_in, generator=generator)
+        weight = torch.randn(len(counts), d_in, d_out, generator=generator)
+        got = compat.grouped_mm(x, weight, torch.tensor(counts).cumsum(0).to(torch.int32))
+        expected = torch.cat([x[a:b].double() @ weight[e].double() for e, (a, b) in enumerate(zip(bounds, bounds[1:]))])
+        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_missing_api_is_a_clear_error(monkeypatch):
     import transformers.core_model_loading as core
 

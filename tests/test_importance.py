@@ -1,5 +1,7 @@
 """The batched per-sequence Fisher equals a brute-force reference: one backward pass per sequence."""
 
+import os
+
 import pytest
 import torch
 from tiny_models import FAMILIES, VOCAB, tiny_gpt_oss, tiny_moe, tiny_module_list_moe, tiny_nemotron_h
@@ -58,6 +60,18 @@ def test_fisher_equals_brute_force(family):
 def test_fisher_with_biased_transposed_experts_equals_brute_force():
     model = tiny_gpt_oss()
     importance = compute_expert_importance(model, CALIBRATION, batch_size=3, show_progress=False)
+    reference, _ = brute_force_fisher(model, CALIBRATION)
+    torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_fisher_with_unaligned_expert_widths_equals_brute_force():
+    """Expert widths whose float32 rows are not 16-byte aligned (hidden 30, intermediate 13), which torch's
+    grouped GEMM refuses (transformers' default grouped_mm forward fails on this model too, hence the eager
+    experts for the reference): the grouped probe multiplies them in a loop instead."""
+    model = tiny_moe("mixtral", hidden_size=30, intermediate_size=13, num_attention_heads=3, num_key_value_heads=1,
+                     head_dim=10)
+    importance = compute_expert_importance(model, CALIBRATION, batch_size=3, show_progress=False)
+    model.set_experts_implementation("eager")
     reference, _ = brute_force_fisher(model, CALIBRATION)
     torch.testing.assert_close(importance.fisher, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
 
@@ -323,6 +337,95 @@ def test_low_precision_direct_form_is_exact_for_its_inputs(kind, monkeypatch):
     got = float(importance._direct_sq_norms_low_precision(x, g, seq_ids, bias=True))
     assert abs(got - reference) <= 1e-5 * reference
     assert not importance._tensor_core_direct(x, g)  # on a CPU the float32 kernels stay in charge
+
+
+@pytest.mark.parametrize("kind", ["offset", "outlier_channels", "orthogonal"])
+def test_grouped_direct_form_is_exact_per_group_for_its_inputs(kind, monkeypatch):
+    """The grouped path of bf16 models on Hopper GPUs: every group's gradient from one grouped GEMM over
+    the token axis, against a float64 brute force per group over the same bf16 values; empty groups (whose
+    output slices the kernel never writes), unequal lengths, and chunks (forced down to 2 groups)."""
+    from unite_hf import importance
+
+    generator = torch.Generator().manual_seed(2)
+    counts = [40, 0, 7, 25, 0, 1, 33]
+    x, g, group = _adversarial(kind, counts, 96, 128, generator)
+    x, g = x.bfloat16(), g.bfloat16()
+    reference = torch.tensor([_sq_norm_reference(x[group == n].double(), g[group == n].double(),
+                                                 group[group == n], bias=True) if c else 0.0
+                              for n, c in enumerate(counts)], dtype=torch.float64)
+    # what autograd's own bf16 weight gradient of each group would give: the exact product, rounded to bf16
+    autograd_bf16 = torch.tensor([float((g[group == n].double().T @ x[group == n].double()).bfloat16().double()
+                                        .square().sum() + g[group == n].double().sum(0).square().sum()) if c else 0.0
+                                  for n, c in enumerate(counts)], dtype=torch.float64)
+    for chunk_groups in (len(counts), 2):
+        monkeypatch.setattr(importance, "_GROUPED_DIRECT_BYTES", chunk_groups * 2 * 96 * 128)
+        got = importance._grouped_direct_sq_norms(x, g, group, len(counts), bias=True)
+        torch.testing.assert_close(got, autograd_bf16, rtol=1e-5, atol=0.0)
+        # against the exact value of the inputs: the bf16 rounding of each gradient entry (2^-9 relative)
+        # doubled by squaring, at most 2^-8 where one entry dominates (the one-token group of outliers);
+        # a 96 x 128 gradient of comparable entries averages it down to ~1e-5
+        torch.testing.assert_close(got, reference, rtol=2.0 ** -8, atol=0.0)
+    assert not importance._grouped_direct(x, g)  # on a CPU the float32 kernels stay in charge
+
+
+def _triton_runs() -> bool:
+    """The fused Triton kernel runs here: a CUDA device, or Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    from unite_hf import triton_sq_norms
+
+    return triton_sq_norms._triton_ok() and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+needs_triton = pytest.mark.skipif(not _triton_runs(), reason="Triton with a CUDA device or TRITON_INTERPRET=1")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_fused_triton_kernel_equals_float64_per_group(dtype):
+    """The fused kernel's per-group ``||G_n.T X_n||^2`` against float64 on the same rows: widths that are
+    not multiples of the tiles, empty groups, a one-row group. (bf16 is checked on GPUs by
+    ``bench_fisher.py --grouped-kernels``: Triton's CPU interpreter has no bf16.)"""
+    from unite_hf.triton_sq_norms import grouped_sq_norms
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator().manual_seed(3)
+    counts = torch.tensor([40, 0, 7, 70, 0, 1, 33])
+    bounds = [0, *counts.cumsum(0).tolist()]
+    for d_in, d_out in [(64, 192), (100, 72)]:
+        x = torch.randn(int(counts.sum()), d_in, generator=generator).to(dtype)
+        g = torch.randn(int(counts.sum()), d_out, generator=generator).to(dtype)
+        got = grouped_sq_norms(x.to(device), g.to(device), counts.to(device)).cpu().double()
+        reference = torch.tensor([float((g[a:b].double().T @ x[a:b].double()).square().sum())
+                                  for a, b in zip(bounds, bounds[1:])], dtype=torch.float64)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=0.0)
+
+
+interpreted_triton = pytest.mark.skipif(not (_triton_runs() and os.environ.get("TRITON_INTERPRET") == "1"),
+                                        reason="Triton's CPU interpreter (TRITON_INTERPRET=1): the tiny models run on the CPU")
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("triton", marks=interpreted_triton), "grouped_mm", "padded_bmm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_grouped_sink_equals_brute_force(family, kernel, monkeypatch):
+    """The whole pass with every (expert, sequence) group in one product per projection (the paths bf16
+    models take on GPUs, forced here on float32 CPU rows) against one backward per sequence: group
+    numbering, biases (gpt-oss), transposed weights (gpt-oss), unrouted experts."""
+    from unite_hf import importance, triton_sq_norms
+
+    monkeypatch.setattr(importance, "GROUPED_KERNEL", kernel)
+    monkeypatch.setattr(importance, "_grouped_direct", lambda x, grad: True)
+    monkeypatch.setattr(importance, "_tensor_core_direct", lambda x, grad: True)
+    monkeypatch.setattr(triton_sq_norms, "available", lambda x: kernel == "triton")
+    calls = []
+    name = {"triton": "_grouped_direct_sq_norms", "grouped_mm": "_grouped_direct_sq_norms",
+            "padded_bmm": "_padded_direct_group_sq_norms"}[kernel]
+    counted = getattr(importance, name)
+    monkeypatch.setattr(importance, name, lambda *a, **k: calls.append(1) or counted(*a, **k))
+    model = {"mixtral": lambda: tiny_moe("mixtral"), "gpt_oss": tiny_gpt_oss}[family]()
+    got = compute_expert_importance(model, CALIBRATION, batch_size=4, show_progress=False).fisher
+    source = get_source(model)
+    assert len(calls) == 2 * len(source.blocks) * 2  # one call per projection, block and batch (6 = 4 + 2)
+    reference, _ = brute_force_fisher(model, CALIBRATION)
+    torch.testing.assert_close(got, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
 
 
 def test_the_probes_table_is_a_deprecated_alias_of_the_layouts_own_probes():

@@ -75,3 +75,32 @@ def apply_renamings(key: str, renamings: list) -> str:
     except ImportError as err:
         raise _error("transformers.core_model_loading.apply_renamings", "is missing (checkpoint streaming)") from err
     return rename(key, renamings)
+
+
+def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``transformers.integrations.moe._grouped_mm``: ``x[rows of group e] @ weight[e]`` for ``weight``
+    ``(E, in, out)`` and ``offsets`` the groups' cumulative ends, through the same dispatch (torch's
+    grouped GEMM, or transformers' fallback) as the ``grouped_mm`` experts implementation, transformers'
+    default. Rows past ``offsets[-1]`` are left unwritten. Widths whose rows are not 16-byte aligned,
+    which torch's grouped GEMM refuses, take a loop of products (one host sync)."""
+    if not _grouped_mm_aligned(x, weight):
+        out = x.new_empty(x.shape[0], weight.shape[-1])
+        start = 0
+        for expert, end in enumerate(offsets.tolist()):
+            torch.mm(x[start:end], weight[expert].to(x.dtype), out=out[start:end])
+            start = end
+        return out
+    try:
+        from transformers.integrations.moe import _grouped_mm
+    except ImportError as err:
+        raise _error("transformers.integrations.moe._grouped_mm", "is missing (grouped experts GEMM)") from err
+    return _grouped_mm(x, weight, offs=offsets)
+
+
+def _grouped_mm_aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether every operand and the output of a grouped GEMM have the 16-byte aligned strides torch's kernel needs."""
+    def aligned(t: torch.Tensor) -> bool:
+        return t.data_ptr() % 16 == 0 and all(stride * t.element_size() % 16 == 0
+                                             for stride, size in zip(t.stride(), t.shape) if stride != 1 and size > 1)
+
+    return aligned(x) and aligned(weight) and weight.shape[-1] * x.element_size() % 16 == 0

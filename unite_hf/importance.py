@@ -21,7 +21,12 @@ Hook points: each expert layout owns its probe (:meth:`unite_hf.sources.MoEBlock
 every expert linear map through :meth:`_BlockProbe.linear`:
 
 - fused 3D experts: a registered ``ExpertsInterface`` implementation (``"unite_probe"``) runs the
-  experts through the probe (:mod:`unite_hf.sources.fused`);
+  experts as transformers' ``grouped_mm`` forward does, each projection of all experts one probed
+  grouped map (:meth:`_BlockProbe.grouped_linear`, :mod:`unite_hf.sources.fused`), so the sink sees
+  one call per (layer, projection) and batch. On a GPU, bf16/fp16 models then reduce every
+  (expert, sequence) gradient of the call at once, without a host sync (:data:`GROUPED_KERNEL`: a fused
+  Triton kernel, :mod:`unite_hf.triton_sq_norms`, by default): 1.26x a plain forward and backward on
+  an H200 (PERF.md section 5). CPUs and float32 models take the per-expert kernels below;
 - ``nn.ModuleList`` experts: each expert's ``nn.Linear`` forward is routed through the probe. These
   experts only see gathered token rows, which cannot be traced back to their sequence, so this
   layout runs one sequence per pass (``multi_sequence = False``; exact, slower).
@@ -65,7 +70,7 @@ from tqdm.auto import tqdm
 
 from .calibration import CalibrationSet
 from .sources import LAYOUTS, MoEBlock, MoESource, get_source
-from .sources.base import blocks_by_layout
+from .sources.base import RoutedRows, blocks_by_layout
 from .sources.fused import PROBE_IMPLEMENTATION  # noqa: F401 (public here since the probe was written)
 
 LABEL_MODES: tuple[str, ...] = ("empirical", "sampled")
@@ -102,9 +107,10 @@ class _GradientSink:
     def __init__(self, fisher: torch.Tensor, diag: Callable[[int], tuple[torch.Tensor, torch.Tensor | None]] | None):
         self.fisher = fisher  # (E,) float64 running sum over sequences
         self.diag = diag
-        self.calls = 0  # backward calls seen: zero after a Fisher pass means autograd never reached the experts  # expert -> (weight accumulator view (out, in), bias accumulator view or None)
+        self.calls = 0  # backward calls seen: zero after a Fisher pass means autograd never reached the experts
 
     def __call__(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
+        """One expert's rows ``x`` and output gradients ``grad``, ``seq_ids`` the sequence of each row."""
         self.calls += 1
         if self.diag is None and _tensor_core_direct(x, grad):
             self.fisher[expert] += _direct_sq_norms_low_precision(x, grad, seq_ids, bias=has_bias)
@@ -115,6 +121,36 @@ class _GradientSink:
                 self.fisher[expert] += _sum_per_sequence_sq_norms(x, grad, seq_ids, bias=has_bias)
             else:
                 self._diagonal(expert, x, grad, seq_ids, has_bias)
+
+    def grouped(self, x: torch.Tensor, grad: torch.Tensor, rows: RoutedRows, has_bias: bool) -> None:
+        """All experts' rows at once, sorted by expert (:class:`~unite_hf.sources.base.RoutedRows`).
+
+        bf16/fp16 on a GPU: every (expert, sequence) gradient of the call at once, by the kernel
+        :func:`_grouped_kernel` picks, with no host sync but for ``"padded_bmm"``. Otherwise (CPUs,
+        float32 models, the diagonal Fisher) each expert's rows go through :meth:`__call__`, the kernels
+        of a per-expert probe.
+        """
+        num_experts, per_expert = rows.expert_counts.numel(), rows.num_sequences
+        # group (expert, sequence); sentinel rows (sorted last) form one extra group, dropped at the end
+        group = torch.where(rows.valid, rows.expert * per_expert + rows.seq, num_experts * per_expert)
+        kernel = _grouped_kernel(x, grad) if self.diag is None else None
+        if kernel in ("triton", "grouped_mm"):
+            self.calls += 1
+            norms = _grouped_direct_sq_norms(x, grad, group, num_experts * per_expert + 1, bias=has_bias, kernel=kernel)
+            self.fisher += norms[:-1].view(num_experts, per_expert).sum(1)
+        elif kernel == "padded_bmm":
+            self.calls += 1
+            ids, counts = torch.unique_consecutive(group, return_counts=True)
+            norms = _padded_direct_group_sq_norms(x, grad, counts.tolist(), bias=has_bias)
+            self.fisher += torch.zeros(num_experts + 1, dtype=norms.dtype, device=norms.device
+                                       ).index_add_(0, ids // per_expert, norms)[:num_experts]
+        else:
+            start = 0
+            for expert, count in enumerate(rows.expert_counts.tolist()):
+                if count:
+                    self(expert, x[start:start + count], grad[start:start + count], rows.seq[start:start + count],
+                         has_bias)
+                    start += count
 
     def _diagonal(self, expert: int, x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor, has_bias: bool) -> None:
         weight_acc, bias_acc = self.diag(expert)
@@ -225,24 +261,117 @@ def _direct_sq_norms_low_precision(x: torch.Tensor, grad: torch.Tensor, seq_ids:
     reference, and the float32 kernels of :func:`_sum_per_sequence_sq_norms` are used instead.
     """
     x, grad, counts = _sequence_groups(x, grad, seq_ids)
+    return _padded_direct_group_sq_norms(x, grad, counts, bias).sum()
+
+
+def _padded_direct_group_sq_norms(x: torch.Tensor, grad: torch.Tensor, counts: list[int], bias: bool = False
+                                  ) -> torch.Tensor:
+    """Per group of consecutive rows (sizes ``counts``, all > 0): ``||G_n.T X_n||^2`` (plus the bias
+    term) as ``(groups,)`` float64, through zero-padded batched products (:func:`_direct_sq_norms_low_precision`)."""
     longest, d_in, d_out = max(counts), x.shape[1], grad.shape[1]
     device = x.device
     group, pos, _ = _group_positions(counts, device)
     x_pad, g_pad = x.new_zeros(len(counts), longest, d_in), grad.new_zeros(len(counts), longest, d_out)
     x_pad[group, pos], g_pad[group, pos] = x, grad
-    total = torch.zeros((), dtype=torch.float64, device=device)
+    sq_norms = torch.zeros(len(counts), dtype=torch.float64, device=device)
     if bias:
-        total += g_pad.float().sum(1).double().square().sum()
+        sq_norms += g_pad.float().sum(1).double().square().sum(1)
     per_chunk = max(1, _DIRECT_CHUNK_BYTES // (4 * d_in * d_out))
     for start in range(0, len(counts), per_chunk):
         xs, gs = x_pad[start:start + per_chunk], g_pad[start:start + per_chunk]
-        if _tensor_core_direct(xs, gs):
+        if xs.dtype in _LOW_PRECISION and xs.device.type == "cuda":  # callers checked _tensor_core_direct
             weight_grads = torch.bmm(gs.mT, xs, out_dtype=torch.float32)
         else:
             weight_grads = torch.bmm(gs.mT.float(), xs.float())
-        # float32 norms (accumulated without materialising the squares), squared and summed in float64
-        total += torch.linalg.vector_norm(weight_grads.flatten(1), dim=1).double().square().sum()
-    return total
+        # float32 norms (accumulated without materialising the squares), squared in float64
+        sq_norms[start:start + per_chunk] += torch.linalg.vector_norm(weight_grads.flatten(1), dim=1).double().square()
+    return sq_norms
+
+
+_GROUPED_DIRECT_BYTES = 3 << 30  # bf16 per-group gradients held at once by the grouped path
+# How a bf16/fp16 model's (expert, sequence) gradient norms are formed on a GPU, best first; each falls
+# back to the next where it cannot run (PERF.md section 5 times all three side by side):
+# - "triton": a fused Triton kernel that squares each gradient tile in float32 as it is formed and never
+#   writes it out (unite_hf.triton_sq_norms; Triton ships with CUDA builds of torch);
+# - "grouped_mm": one grouped GEMM splitting the token axis (bf16 on Hopper), gradients written out in
+#   bf16 (autograd's own rounding of them) and read back for the norms;
+# - "padded_bmm": one zero-padded batched product with float32 output, a host sync per call.
+GROUPED_KERNEL = "triton"
+_GROUPED_KERNELS = ("triton", "grouped_mm", "padded_bmm")
+
+
+def _grouped_kernel(x: torch.Tensor, grad: torch.Tensor) -> str | None:
+    """The grouped probe's kernel for these rows: :data:`GROUPED_KERNEL` or the first after it that runs;
+    None where none does (CPUs, float32 rows: the per-expert kernels)."""
+    from . import triton_sq_norms
+
+    if not _tensor_core_direct(x, grad):
+        return None
+    runs = {"triton": triton_sq_norms.available(x), "grouped_mm": _grouped_direct(x, grad), "padded_bmm": True}
+    return next(k for k in _GROUPED_KERNELS[_GROUPED_KERNELS.index(GROUPED_KERNEL):] if runs[k])
+
+
+def _k_grouped_mm() -> Callable[..., torch.Tensor] | None:
+    """torch's grouped GEMM (``torch.nn.functional.grouped_mm``, torch >= 2.10, else ``torch._grouped_mm``)."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_direct(x: torch.Tensor, grad: torch.Tensor) -> bool:
+    """Whether the rows take :func:`_grouped_direct_sq_norms`: bf16 on a CUDA GPU of compute capability 9+
+    (Hopper), where torch's grouped GEMM has its bf16 kernel that needs no host sync (elsewhere it is a
+    loop over the groups), and widths whose rows are 16-byte aligned, as that kernel requires."""
+    return (x.device.type == "cuda" and x.dtype == torch.bfloat16 and grad.dtype == torch.bfloat16
+            and _k_grouped_mm() is not None and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and x.shape[1] % 8 == 0 and grad.shape[1] % 8 == 0)
+
+
+def _grouped_direct_sq_norms(x: torch.Tensor, grad: torch.Tensor, group: torch.Tensor, num_groups: int,
+                             bias: bool = False, kernel: str = "grouped_mm") -> torch.Tensor:
+    """``||G_n.T @ X_n||_F^2`` (plus ``||sum_t g_t||^2`` with ``bias``) of each group ``n`` of
+    ``num_groups``, as ``(num_groups,)`` float64; rows sorted by ``group`` (an empty group gives 0).
+
+    Every group's gradient comes out of one grouped GEMM that splits the contraction (token) axis at
+    the group boundaries: the product autograd forms for the whole batch's weight gradient, cut per
+    sequence, with float32 accumulation and the bf16 rounding of autograd's own gradient (unbiased, so
+    the squared norms err by ~1e-6 relative, far inside the 1e-4 the tests ask). No host sync, one
+    kernel per call where the per-expert path took a padded batch per expert and a sync each
+    (issue 15, PERF.md section 5). The norms are reduced in float32 from the bf16 gradients. With
+    ``kernel="triton"`` the fused kernel of :mod:`unite_hf.triton_sq_norms` forms and squares each
+    gradient tile in float32 instead, never writing it out (no bf16 rounding either).
+    """
+    counts = torch.bincount(group, minlength=num_groups)
+    if kernel == "triton":
+        from .triton_sq_norms import grouped_sq_norms
+
+        sq_norms = grouped_sq_norms(x, grad, counts).double()
+    else:
+        sq_norms = _grouped_mm_sq_norms(x, grad, counts)
+    if bias:
+        sums = torch.zeros(num_groups, grad.shape[1], dtype=torch.float32, device=x.device).index_add_(0, group, grad.float())
+        sq_norms += sums.double().square().sum(1)
+    return sq_norms
+
+
+def _grouped_mm_sq_norms(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The ``"grouped_mm"`` kernel of :func:`_grouped_direct_sq_norms` (weights only), float64."""
+    num_groups = counts.numel()
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    d_in, d_out = x.shape[1], grad.shape[1]
+    per_chunk = max(1, _GROUPED_DIRECT_BYTES // (2 * d_in * d_out))
+    grouped_mm, grad_t = _k_grouped_mm(), grad.mT  # (out, rows): column-major, as the kernel accepts
+    if per_chunk >= num_groups:
+        weight_grads = grouped_mm(grad_t, x, offs=offsets)  # (groups, out, in)
+        norms = torch.linalg.vector_norm(weight_grads.flatten(1), dim=1, dtype=torch.float32)
+    else:  # bounded memory: the row ranges of each chunk of groups (one host sync)
+        bounds = [0, *offsets.tolist()]
+        norms = torch.empty(num_groups, dtype=torch.float32, device=x.device)
+        for first in range(0, num_groups, per_chunk):
+            last = min(first + per_chunk, num_groups)
+            lo, hi = bounds[first], bounds[last]
+            weight_grads = grouped_mm(grad_t[:, lo:hi], x[lo:hi], offs=offsets[first:last] - lo)
+            norms[first:last] = torch.linalg.vector_norm(weight_grads.flatten(1), dim=1, dtype=torch.float32)
+    # an empty group's slice of the output is not written by the kernel: never read it
+    return torch.where(counts > 0, norms.double().square(), 0.0)
 
 
 def _sequence_groups(x: torch.Tensor, grad: torch.Tensor, seq_ids: torch.Tensor
@@ -357,6 +486,40 @@ class _ProbedLinear(torch.autograd.Function):
         return grad_out @ weight.to(grad_out.dtype), None, None, None, None, None
 
 
+def _grouped_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: RoutedRows,
+                     transposed: bool) -> torch.Tensor:
+    """``x[r] @ W[e_r].T + b_r`` for rows sorted by expert; rows of other processes' experts are 0."""
+    from .compat import grouped_mm
+
+    out = grouped_mm(x, weight if transposed else weight.mT, rows.offsets)  # weight as (E, in, out)
+    if bias is not None:
+        out = out + bias
+    return out.masked_fill(~rows.valid[:, None], 0)  # rows past the last group are not written
+
+
+class _ProbedGroupedLinear(torch.autograd.Function):
+    """:func:`_grouped_forward` whose backward hands all experts' (x, grad_out) to a sink in one call
+    (:meth:`_GradientSink.grouped`) and gives the weights no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, transposed, sink):
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.transposed, ctx.sink, ctx.has_bias = rows, transposed, sink, bias is not None
+        return _grouped_forward(x, weight, bias, rows, transposed)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from .compat import grouped_mm
+
+        x, weight = ctx.saved_tensors
+        rows = ctx.rows
+        grad_out = grad_out.masked_fill(~rows.valid[:, None], 0)  # other processes' rows: not this sink's
+        ctx.sink.grouped(x, grad_out, rows, ctx.has_bias)
+        # d x_r = g_r @ W[e_r]: the weight as (E, out, in)
+        grad_x = grouped_mm(grad_out, (weight.mT if ctx.transposed else weight).to(grad_out.dtype), rows.offsets)
+        return grad_x.masked_fill(~rows.valid[:, None], 0), None, None, None, None, None
+
+
 class _BlockProbe:
     """The statistics of one MoE block during a calibration pass: the :class:`~unite_hf.sources.base.ExpertProbe`
     its layout's :meth:`~unite_hf.sources.MoEBlock.probe` sends every expert linear map through."""
@@ -373,6 +536,7 @@ class _BlockProbe:
         self.mass_counts: torch.Tensor | None = None
         self.mass_unreadable = False  # a router output no reader understood: no routing mass
         self.seq_ids: torch.Tensor | None = None  # token row -> sequence, set per batch
+        self.num_sequences = 0  # sequences in the batch, set per batch
         self.diag_weights: dict[str, torch.Tensor] = {}
         self.diag_biases: dict[str, torch.Tensor] = {}
         self.sinks: dict[str, _GradientSink] = {}
@@ -396,6 +560,12 @@ class _BlockProbe:
         if not torch.is_grad_enabled():  # inference-only pass: routing statistics
             return F.linear(x, weight, bias)
         return _ProbedLinear.apply(x, weight, bias, seq_ids, expert, self.sinks[name])
+
+    def grouped_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       rows: RoutedRows, transposed: bool) -> torch.Tensor:
+        if not torch.is_grad_enabled():  # inference-only pass: routing statistics
+            return _grouped_forward(x, weight, bias, rows, transposed)
+        return _ProbedGroupedLinear.apply(x, weight, bias, rows, transposed, self.sinks[name])
 
     def route(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         num_experts = self.block.num_experts
@@ -545,7 +715,7 @@ def compute_expert_importance(
             batch = input_ids[start:start + batch_size].to(device)
             seq_ids = torch.arange(batch.shape[0], device=device).repeat_interleave(seq_len)
             for probe in probes:
-                probe.seq_ids = seq_ids
+                probe.seq_ids, probe.num_sequences = seq_ids, batch.shape[0]
             logits = model(input_ids=batch, use_cache=False).logits
             if fisher:
                 _sequence_log_likelihood(logits, batch, labels, generator).backward()

@@ -71,6 +71,19 @@ class ExpertWeights:
         return getattr(self, f"{proj}_bias")
 
 
+@dataclass
+class RoutedRows:
+    """The routed (token, slot) rows of one MoE block's experts, sorted by expert (then by token, so by
+    sequence within an expert): what a grouped probe pass needs besides the rows themselves."""
+
+    expert: torch.Tensor  # (rows,) long: each row's expert (expert-parallel sentinels clamped to E - 1)
+    seq: torch.Tensor  # (rows,) long: each row's calibration sequence
+    expert_counts: torch.Tensor  # (E,) long: rows per expert (sentinels excluded)
+    offsets: torch.Tensor  # (E,) int32: cumulative counts, the group ends of a grouped GEMM
+    valid: torch.Tensor  # (rows,) bool: False for sentinel rows (another process's experts), which stay 0
+    num_sequences: int  # sequences in the batch
+
+
 class ExpertProbe(Protocol):
     """What a layout's :meth:`MoEBlock.probe` talks to during a Fisher or routing pass (implemented
     by :mod:`unite_hf.importance`; one probe per MoE block)."""
@@ -80,11 +93,18 @@ class ExpertProbe(Protocol):
     mass: torch.Tensor  # (E,) float64: routing weights those pairs were scaled by
     mass_counts: torch.Tensor | None  # counts as read from a router's output, checked against ``routed``
     mass_unreadable: bool  # the router's output could not be read: no routing mass for this pass
+    num_sequences: int  # calibration sequences in the current batch
 
     def linear(self, name: str, expert: int, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                seq_ids: torch.Tensor) -> torch.Tensor:
         """``F.linear(x, weight, bias)`` for probed linear ``name`` of ``expert``: every expert linear map
         must run through this, with ``seq_ids`` the calibration sequence of each row of ``x``."""
+
+    def grouped_linear(self, name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       rows: RoutedRows, transposed: bool) -> torch.Tensor:
+        """Probed linear ``name`` of every expert at once: row ``r`` of ``x`` (sorted as ``rows``) times
+        its expert's slice of the 3D ``weight`` (``(E, out, in)``, or ``(E, in, out)`` if ``transposed``),
+        plus ``bias`` (per row, or None). For layouts whose experts are 3D tensors; one grouped GEMM."""
 
     def route(self, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> None:
         """Count a router's choice ``(tokens, k)`` (indices >= E, expert-parallel sentinels, are skipped)."""

@@ -25,7 +25,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from .base import CheckpointError, DiskKeys, ExpertProbe, ExpertWeights, MoEBlock, UnsupportedSourceError, register_layout
+from .base import (CheckpointError, DiskKeys, ExpertProbe, ExpertWeights, MoEBlock, RoutedRows, UnsupportedSourceError,
+                   register_layout)
 
 _REQUIRED_FLAGS = ("is_transposed", "is_concatenated", "has_bias", "has_gate")
 # the experts implementation name the Fisher probe registers with transformers' experts dispatch
@@ -227,29 +228,37 @@ def _attached(experts: nn.Module, probe: ExpertProbe) -> Iterator[None]:
 
 def probed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                            top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The eager fused-experts forward, with every projection routed through the block's probe."""
+    """The ``grouped_mm`` experts forward (transformers' default), with both projections of all experts
+    routed through the block's probe as one grouped linear map each.
+
+    Rows are the (token, slot) pairs sorted by expert, stably, so within an expert they follow the
+    tokens and hence the sequences; that order is what the probe's per-(expert, sequence) gradients
+    need. One call per projection and no host sync, where an expert-by-expert loop made two calls and
+    a sync per expert (issue 15)."""
     from ..compat import apply_gate
 
     probe: ExpertProbe = self._unite_probe
     block: FusedExpertsBlock = probe.block  # type: ignore[assignment]
     probe.route(top_k_index, top_k_weights)
     seq_ids = probe.token_sequences(hidden_states)
-    experts = block.experts
-    first_param = block.first_parameter
-    valid = top_k_index < block.num_experts  # expert-parallel sentinels carry index num_experts
-    final = torch.zeros_like(hidden_states)
-    for expert in torch.unique(top_k_index[valid]).tolist():
-        token_idx, slot = torch.where(top_k_index == expert)
-        x = hidden_states[token_idx]
-        weights = block.expert(expert)
-        first_weight = first_param[expert].T if block.is_transposed else first_param[expert]
-        first_bias = block._first_bias[expert] if block.has_bias else None
-        h = probe.linear("first", expert, x, first_weight, first_bias, seq_ids[token_idx])
-        h = apply_gate(experts, h) if block.has_gate else experts.act_fn(h)
-        out = probe.linear("down", expert, h, weights.down, weights.down_bias, seq_ids[token_idx])
-        out = out * top_k_weights[token_idx, slot, None]
-        final.index_add_(0, token_idx, out.to(final.dtype))
-    return final
+    num_experts, top_k = block.num_experts, top_k_index.shape[-1]
+    expert, order = torch.sort(top_k_index.reshape(-1), stable=True)
+    token = order // top_k
+    valid = expert < num_experts  # expert-parallel sentinels (index num_experts) sort last
+    counts = torch.bincount(expert, minlength=num_experts + 1)[:num_experts]
+    expert = expert.clamp(max=num_experts - 1)
+    rows = RoutedRows(expert=expert, seq=seq_ids[token], expert_counts=counts,
+                      offsets=torch.cumsum(counts, 0, dtype=torch.int32), valid=valid,
+                      num_sequences=probe.num_sequences)
+    x = hidden_states[token].masked_fill(~valid[:, None], 0)
+    first_bias = down_bias = None
+    if block.has_bias:
+        first_bias, down_bias = block._first_bias[expert], self.down_proj_bias[expert]
+    h = probe.grouped_linear("first", x, block.first_parameter, first_bias, rows, block.is_transposed)
+    h = apply_gate(self, h) if block.has_gate else self.act_fn(h)
+    out = probe.grouped_linear("down", h, self.down_proj, down_bias, rows, block.is_transposed)
+    out = out * top_k_weights.reshape(-1)[order, None]
+    return torch.zeros_like(hidden_states).index_add_(0, token, out.to(hidden_states.dtype))
 
 
 def _register_probe_implementation() -> None:
