@@ -47,6 +47,18 @@ def test_fisher_kernel_benchmark_times_and_checks_every_form(bench_fisher):
     assert max(row["gram_float32"] for row in errors.values() if row["kind"] == "offset10000") > 1e-3
 
 
+def test_grouped_kernel_benchmark_times_and_checks_each_kernel(bench_fisher):
+    """The GPU kernels of the grouped probe, on a CPU at the small shape (Triton only where it runs)."""
+    result = bench_fisher.main(["--grouped-kernels", "--device", "cpu", "--shape", "small", "--threads", "1",
+                                "--kernel-repeats", "1"])
+    assert [row["projection"] for row in result["grouped_kernels"]] == ["gate_up", "down"]
+    for row in result["grouped_kernels"]:
+        assert row["groups"] == 16  # 4 experts x 4 sequences
+        for kernel in ("grouped_mm", "padded_bmm", "per_expert_padded"):
+            assert row[kernel]["median_ms"] > 0 and row[kernel]["rel_error_vs_exact"] < 1e-4
+        assert row["grouped_mm"]["rel_error_vs_bf16_gradients"] < 1e-4
+
+
 def test_fisher_benchmark_command_line_runs_one_method_per_process():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "bench_fisher.py"), "--method", "ours", "--device", "cpu",
                            "--shape", "small", "--threads", "1"], capture_output=True, text=True, check=True)
