@@ -45,7 +45,8 @@ def _kernel(autotune: bool = True):
 
     @triton.jit
     def grouped_sq_norms_kernel(x_ptr, g_ptr, bounds_ptr, norms_ptr, d_in, d_out,
-                                BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr, BLOCK_ROWS: tl.constexpr):
+                                FLOAT32_ROWS: tl.constexpr, BLOCK_OUT: tl.constexpr, BLOCK_IN: tl.constexpr,
+                                BLOCK_ROWS: tl.constexpr):
         tile, group = tl.program_id(0), tl.program_id(1)
         tiles_in = tl.cdiv(d_in, BLOCK_IN)
         out_idx = (tile // tiles_in) * BLOCK_OUT + tl.arange(0, BLOCK_OUT)
@@ -60,7 +61,10 @@ def _kernel(autotune: bool = True):
                         mask=in_rows[:, None] & (out_idx[None, :] < d_out), other=0.0)
             x = tl.load(x_ptr + rows[:, None] * d_in + in_idx[None, :],
                         mask=in_rows[:, None] & (in_idx[None, :] < d_in), other=0.0)
-            acc = tl.dot(tl.trans(g), x, acc)  # (BLOCK_OUT, BLOCK_IN) += g.T @ x, float32 accumulation
+            if FLOAT32_ROWS:  # (BLOCK_OUT, BLOCK_IN) += g.T @ x, float32 accumulation; float32 rows not rounded to TF32
+                acc = tl.dot(tl.trans(g), x, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(g), x, acc)
         tl.atomic_add(norms_ptr + group, tl.sum(acc * acc))
 
     if not autotune:
@@ -74,7 +78,7 @@ def _kernel(autotune: bool = True):
 def grouped_sq_norms(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """``||G_n.T @ X_n||_F^2`` per group of consecutive rows (``counts`` rows each, a device tensor; empty
     groups allowed) as ``(groups,)`` float32. ``x``: ``(rows, in)``, ``grad``: ``(rows, out)``, bf16 or
-    fp16 on a CUDA device. No host sync."""
+    fp16 (what the Fisher passes) or float32 (IEEE products, no TF32), on a CUDA device. No host sync."""
     import triton
 
     x, grad = x.contiguous(), grad.contiguous()
@@ -82,14 +86,15 @@ def grouped_sq_norms(x: torch.Tensor, grad: torch.Tensor, counts: torch.Tensor) 
     bounds[1:] = torch.cumsum(counts, 0)
     norms = torch.zeros(counts.numel(), dtype=torch.float32, device=x.device)
     d_in, d_out = x.shape[1], grad.shape[1]
+    float32_rows = x.dtype == torch.float32
     if os.environ.get("TRITON_INTERPRET") == "1":  # Triton's CPU interpreter: fixed small tiles
         blocks = {"BLOCK_OUT": 32, "BLOCK_IN": 32, "BLOCK_ROWS": 16}
         grid = (triton.cdiv(d_out, 32) * triton.cdiv(d_in, 32), counts.numel())
-        _kernel(autotune=False)[grid](x, grad, bounds, norms, d_in, d_out, **blocks)
+        _kernel(autotune=False)[grid](x, grad, bounds, norms, d_in, d_out, float32_rows, **blocks)
         return norms
 
     def grid(meta):
         return (triton.cdiv(d_out, meta["BLOCK_OUT"]) * triton.cdiv(d_in, meta["BLOCK_IN"]), counts.numel())
 
-    _kernel()[grid](x, grad, bounds, norms, d_in, d_out)
+    _kernel()[grid](x, grad, bounds, norms, d_in, d_out, float32_rows)
     return norms
