@@ -36,6 +36,21 @@ def _one_torch_thread():
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _session_lock_dir(tmp_path_factory):
+    """Folder-write locks (unite_hf.io.lock_dir) in a folder of this session, inherited by the processes
+    tests start, rather than one file per temporary folder in the user's cache."""
+    from unite_hf.io import LOCK_DIR_ENV
+
+    previous = os.environ.get(LOCK_DIR_ENV)
+    os.environ[LOCK_DIR_ENV] = str(tmp_path_factory.mktemp("unite-locks"))
+    yield
+    if previous is None:
+        os.environ.pop(LOCK_DIR_ENV, None)
+    else:
+        os.environ[LOCK_DIR_ENV] = previous
+
+
 # -- the command line -----------------------------------------------------------------------------
 
 def _test_data_dir() -> Path | None:

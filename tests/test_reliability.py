@@ -25,7 +25,9 @@ from tiny_models import VOCAB, tiny_config, tiny_moe
 
 from unite_hf import CorruptedFileError, GeneConfig, GeneFormatError, UniteForCausalLM, UniteGene, extract_universal_knowledge
 from unite_hf.gene import check_gene_destination
-from unite_hf.io import TARGET_CHECKSUMS_NAME, ArtifactWriteError, file_record, write_folder_atomically
+from unite_hf.io import (
+    LOCK_DIR_ENV, TARGET_CHECKSUMS_NAME, ArtifactWriteError, file_record, lock_dir, lock_path, write_folder_atomically,
+)
 
 CALIBRATION = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(1))
 
@@ -233,7 +235,36 @@ def test_write_folder_atomically_leaves_the_old_folder_on_any_exception(tmp_path
     with pytest.raises(RuntimeError):
         write_folder_atomically(tmp_path / "out", bad)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["a"] and (tmp_path / "out" / "a").read_text() == "old"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_saving_leaves_no_lock_file_in_or_beside_the_folder(gene, target, tmp_path, monkeypatch):
+    """Regression: every save left its filelock ``.{name}.lock`` beside the folder, where an upload of the
+    parent folder picked it up (Trainer pushes output_dir, which holds checkpoint-N folders). The lock
+    lives in the user's lock folder, one per folder path, whatever name the path is given by."""
+    locks = tmp_path / "locks"
+    monkeypatch.setenv(LOCK_DIR_ENV, str(locks))
+    model, _ = target
+    parent = tmp_path / "out"
+    gene.save_pretrained(parent / "gene")
+    model.save_pretrained(parent / "target")
+    model.save_pretrained(parent / "target")  # over an existing target: hard-links, swap
+    assert sorted(p.name for p in parent.iterdir()) == ["gene", "target"]
+    assert not [p for p in parent.rglob("*") if p.name.endswith(".lock")]
+    assert sorted(p.name.rsplit("-", 1)[0] for p in locks.iterdir()) == ["gene", "target"]
+    (tmp_path / "link").symlink_to(parent)  # one folder, two names: one lock
+    assert lock_path(tmp_path / "link" / "gene") == lock_path(parent / "gene") == lock_path(parent / "x" / ".." / "gene")
+    assert lock_path(parent / "gene") != lock_path(parent / "target")
+    (parent / ".gene.lock").touch()  # left by unite_hf before the lock folder: removed by the next save
+    gene.save_pretrained(parent / "gene")
+    assert sorted(p.name for p in parent.iterdir()) == ["gene", "target"]
+
+    monkeypatch.delenv(LOCK_DIR_ENV)  # the default: the user's cache (the password database's home, not $HOME)
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))
+    import pwd
+
+    assert lock_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "unite_hf" / "locks"
+    assert lock_dir().is_dir() and not (tmp_path / "elsewhere").exists()
 
 
 # -- targets --------------------------------------------------------------------------------------------
@@ -401,7 +432,7 @@ def test_the_two_rename_swap_where_renameat2_is_missing(gene, saved_with_tokeniz
     gene.save_pretrained(saved_with_tokenizer)
     assert sorted(p.name for p in saved_with_tokenizer.iterdir()) == [
         "README.md", "gene.safetensors", "gene_config.json", "source_weights.safetensors"]
-    assert sorted(p.name for p in saved_with_tokenizer.parent.iterdir()) == [".gene.lock", "gene"]
+    assert sorted(p.name for p in saved_with_tokenizer.parent.iterdir()) == ["gene"]
 
 
 def _folder_digests(path: Path) -> dict[str, str]:
@@ -432,7 +463,7 @@ def test_plain_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
     with pytest.raises(ArtifactWriteError, match="previous content is unchanged"):
         save_model_folder(folder, new, Broken())
     assert _folder_digests(folder) == before
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [".model.lock"]  # no staging left
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no staging, no lock left
 
     save_model_folder(folder, new, tokenizer)
     after = _folder_digests(folder)

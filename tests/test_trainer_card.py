@@ -134,3 +134,24 @@ def test_create_model_card_without_the_hub_takes_trainer_arguments(tmp_path):
     assert card.data.datasets == ["nyu-mll/glue"]
     assert card.data.base_model is None  # an unsaved gene from a config-built source: no Hub id to name
     assert "- training_steps: 1" in card.text
+
+
+def test_trainer_pushes_carry_no_lock_file(local_hub, tmp_path):  # noqa: F811
+    """Regression: each checkpoint save left its filelock ``.checkpoint-N.lock`` in output_dir (and the final
+    save ``.run.lock`` beside it), and Trainer's pushes upload output_dir with only ``_*`` and
+    ``checkpoint-*`` ignored: the lock files landed on the Hub. Locks now live in the user's lock folder."""
+    model = _target("me/lock-gene")
+    args = _args(tmp_path, "me/lock-unite", max_steps=2, save_strategy="steps", save_steps=1, logging_steps=1,
+                 hub_strategy="every_save", hub_always_push=True)
+    trainer = UniteTrainer(model=model, args=args, train_dataset=_data(7))
+    trainer.train()
+    trainer.push_to_hub()
+
+    history = local_hub.history("me/lock-unite")
+    assert len(history) >= 3  # the repo's creation, two checkpoint pushes, the final push
+    for commit in history:
+        locks = [path for path in commit.files if path.endswith(".lock")]
+        assert not locks, (commit.title, locks)
+    run = tmp_path / "run"  # output_dir, and the folder that holds it (the hub cache's own locks are elsewhere)
+    on_disk = [p.name for p in [*run.rglob("*"), *tmp_path.iterdir()] if p.name.endswith(".lock")]
+    assert not on_disk, on_disk

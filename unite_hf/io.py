@@ -5,8 +5,9 @@
   elsewhere two renames, with the old folder kept as ``.{name}.old-{pid}-{token}`` until the new one is
   in place and restored by the next write if a crash falls between them). At every instant the path
   holds the complete old content or the complete new one, never a mix, and files of the old content
-  that the new one does not have are gone. Writers of one path are serialized by a ``filelock`` on
-  ``.{name}.lock`` beside it.
+  that the new one does not have are gone. Writers of one path are serialized by a ``filelock`` kept in
+  the user's lock folder (:func:`lock_path`), not beside the folder: a lock file next to a saved folder
+  would travel with the parent folder (Trainer uploads ``output_dir``, which holds its checkpoints).
 - **Single files** go to a temporary ``.{name}.{pid}.{token}.tmp`` beside them and are renamed into place.
 - **Leftovers are cleaned.** Temporary names carry the writer's pid; the next write of the same path
   removes those whose process is gone, never a live writer's.
@@ -370,6 +371,80 @@ def check_writable_folder(path: str | os.PathLike, owned: Callable[[str], bool] 
         _check_replaceable(path, owned)
 
 
+#: where the locks of folder writes live (one empty file per folder ever written); unset: the user's cache
+LOCK_DIR_ENV = "UNITE_HF_LOCK_DIR"
+
+
+def _user_home() -> Path:
+    """The home folder of the process's user from the password database, not ``$HOME``: processes of one
+    user that run with another ``$HOME`` (a test harness, ``sudo -E``) still share one lock folder."""
+    try:
+        import pwd
+
+        return Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except (ImportError, KeyError, AttributeError):  # Windows, or a uid without an entry (containers)
+        return Path.home()
+
+
+def _private_dir(path: Path) -> Path | None:
+    """``path`` created (mode 0o700 where new) and usable as a lock folder, else None: it must be a folder
+    of ours, not a link, that takes new files."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(path)
+        if not os.path.isdir(path) or os.path.islink(path):
+            return None
+        if hasattr(os, "getuid") and info.st_uid != os.getuid():  # someone else's folder (a shared /tmp)
+            return None
+        return path if os.access(path, os.W_OK | os.X_OK) else None
+    except OSError:
+        return None
+
+
+def lock_dir() -> Path:
+    """The folder of the locks that serialize writers of one folder path: ``$UNITE_HF_LOCK_DIR``, else
+    ``~/.cache/unite_hf/locks`` (the home of the user in the password database), else, where that
+    cannot be created (a read-only home), ``{tempdir}/unite_hf-locks-{uid}``. Every process that writes
+    one path must see the same folder, so locks are per user and per host (as before: per host)."""
+    configured = os.environ.get(LOCK_DIR_ENV)
+    if configured:
+        return Path(configured).expanduser()
+    found = _private_dir(_user_home() / ".cache" / "unite_hf" / "locks")
+    if found is not None:
+        return found
+    import tempfile
+
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    fallback = _private_dir(Path(tempfile.gettempdir()) / f"unite_hf-locks-{user}")
+    if fallback is None:
+        raise ArtifactWriteError(errno.EACCES, f"no folder for write locks: set {LOCK_DIR_ENV} to a writable folder")
+    return fallback
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """The lock file of writes of the folder ``path``: in :func:`lock_dir`, named by the SHA-256 of the
+    folder's absolute path with its parent's links resolved (so every name of one folder maps to one
+    lock), plus the folder's name for whoever lists the lock folder. Nothing is written beside ``path``."""
+    path = Path(os.path.abspath(path))
+    real = os.path.join(os.path.realpath(path.parent), path.name)
+    digest = hashlib.sha256(os.fsencode(real)).hexdigest()[:32]
+    readable = re.sub(r"[^A-Za-z0-9._-]", "_", path.name)[:48]
+    folder = lock_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder / f"{readable}-{digest}.lock"
+
+
+def _remove_legacy_lock(path: Path) -> None:
+    """Remove the empty ``.{name}.lock`` that unite_hf versions before the lock folder left beside a
+    folder they saved (a Hub upload of the parent folder would carry it)."""
+    legacy = path.parent / f".{path.name}.lock"
+    try:
+        if legacy.is_file() and not legacy.is_symlink() and legacy.stat().st_size == 0:
+            legacy.unlink()
+    except OSError:
+        pass
+
+
 def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T], *,
                             owned: Callable[[str], bool] | None = None, keep_foreign: bool = False) -> T:
     """Replace the folder ``path`` by what ``write(staging_folder)`` puts in a fresh staging folder.
@@ -391,9 +466,10 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
     parent = path.parent
     with _write_error(path):
         parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(parent / f".{path.name}.lock"))
+        lock = FileLock(str(lock_path(path)))
         lock.acquire()
     try:
+        _remove_legacy_lock(path)
         clean_stale(path)
         if path.exists():
             _check_replaceable(path, None if keep_foreign else owned)
