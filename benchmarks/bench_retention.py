@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> dict:
                                  show_progress=False)
         importance = compute_expert_importance(model, calib, batch_size=4, seed=0, show_progress=False)
         print(f"[{source_name}] {label}: loaded and calibrated in {time.perf_counter() - started:.0f} s", flush=True)
+        baseline: dict = {}  # the source's own passes (log-probs, no-experts KLs), shared by every cell
         for variant in args.variants:
             fusion, decomposition, options = VARIANTS[variant]
             if fusion == "concat":
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> dict:
                 retention_started = time.perf_counter()
                 report = measure_retention(gene, model, tokenizer=tokenizer, num_windows=args.num_windows,
                                            seq_len=args.retention_seq_len, rank=rank, show_progress=False,
-                                           measure_fused=fused_ppl is None)
+                                           measure_fused=fused_ppl is None, baseline=baseline)
                 fused_ppl = report.perplexity["fused"] = report.perplexity["fused"] or fused_ppl  # rank-independent
                 row = {**report.to_dict(), "source": source_name, "source_label": label, "variant": variant,
                        "fusion": fusion, "decomposition": decomposition, "rank": rank,

@@ -65,3 +65,25 @@ def test_smoke_bench_writes_a_report(tmp_path):
     # every number in the generalization table comes from the runs
     unite = [r["accuracy"] for r in results["runs"] if r["experiment"] == "generalization" and r["init"] == "unite"]
     assert f"{100 * unite[0]:.1f} ± 0.0" in text
+
+
+def test_native_profile_runs_downstream_only(tmp_path):
+    """--profile full-native grows the downstream targets from the native source; the other experiments
+    are the moefied source's, refused before anything is loaded."""
+    from tools.bench import PROFILES, Bench
+
+    assert PROFILES["full-native"].source == "native" and PROFILES["full"].source == "moefied"
+    bench = Bench(tmp_path / "out", PROFILES["full-native"], tmp_path / "work", tiny=False)
+    with pytest.raises(ValueError, match=r"\['fusion'\] run on the moefied source only"):
+        bench.prepare(["fusion", "downstream"])
+
+
+@pytest.mark.slow  # both scripts on their tiny sources: about a minute on 2 cores
+@pytest.mark.skipif(find_local_data_dir() is None, reason="../shared/data not found")
+def test_script_experiments_run_their_tiny_commands_under_the_work_folder(tmp_path):
+    run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, experiments=("retention", "lm_probe"),
+              command="unite-hf bench --profile smoke --tiny --experiments retention lm_probe")
+    assert json.loads((tmp_path / "work" / "retention_tiny.json").read_text())["runs"]
+    assert "kept+inherited" in json.loads((tmp_path / "work" / "lm_probe_tiny.json").read_text())["summary"]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["meta"]["commands"][-1]["experiments"] == ["retention", "lm_probe"]

@@ -130,6 +130,26 @@ def test_kl_gap_and_perplexity_match_a_hand_computation():
     assert report.ffn_parameter_fraction == pytest.approx(per_layer / (4 * 3 * hidden * inter))
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_a_shared_baseline_gives_the_numbers_of_separate_calls(family):
+    """baseline= (a sweep over genes and ranks on one source) reuses the source's own passes and, without
+    shared experts, the no-experts KLs; every number is that of a call on its own. A shared expert is part
+    of the zeroed layer, so with one the no-experts KLs are measured per call."""
+    source = loud_mixtral(identical=False) if family == "mixtral" else tiny_moe(family)
+    genes = [extract_universal_knowledge(source, calibration=CALIBRATION, show_progress=False, **options)
+             for options in ({}, {"decomposition": "tucker_hidden"})]
+    baseline, kwargs = {}, dict(text=HELD_OUT, num_windows=6, seq_len=16, show_progress=False)
+    for gene in genes:
+        for rank in (4, None):
+            shared = measure_retention(gene, source, rank=rank, baseline=baseline, **kwargs).to_dict()
+            alone = measure_retention(gene, source, rank=rank, **kwargs).to_dict()
+            assert shared == alone
+    assert bool(baseline.get("kl_zero")) == (family == "mixtral")
+    with pytest.raises(ValueError, match="one dict per source"):
+        measure_retention(genes[0], source, text=HELD_OUT[:4], num_windows=4, seq_len=16, baseline=baseline,
+                          show_progress=False)
+
+
 @pytest.mark.parametrize("make", [lambda: tiny_moe("qwen2_moe"), lambda: tiny_moe("deepseek_v3"),
                                   lambda: tiny_moe("granitemoe")], ids=["shared_expert", "dense_first_layer", "granite"])
 def test_runs_on_other_layouts_fusions_and_decompositions(make, tmp_path):

@@ -37,7 +37,7 @@ import os
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ class BenchProfile:
     downstream_seeds: list[int] | None = None  # default: seeds
     downstream_eval_examples: int | None = None  # None: the whole file
     kept_width_fraction: float = 0.5  # concat fusion keeps this share of all E x I expert neurons
+    # the source the in-process experiments grow targets from: "moefied" (SmolLM2, every experiment) or
+    # "native" (the Mixtral trained from scratch by tools.sources, GPT-2 tokenizer: downstream only)
+    source: str = "moefied"
 
 
 PROFILES: dict[str, BenchProfile] = {
@@ -122,6 +125,21 @@ PROFILES: dict[str, BenchProfile] = {
                           pretrain_tokens=64, analysis_sequences=2, downstream_tasks=["sst2", "arc_easy"],
                           downstream_eval_examples=24),
 }
+# downstream on the native source (experts from different random inits, where the kept gene keeps swap gap
+# 0.36 of each layer): the test that could show retention turning into accuracy; same sizes as "full"
+PROFILES["full-native"] = replace(PROFILES["full"], source="native")
+
+
+SOURCES = ("moefied", "native")
+
+
+def _native_source():
+    """(model, tokenizer, name) of the native source, built once into the cache by ``tools.sources``."""
+    from tools.sources import build_native, load_source
+
+    built = build_native()
+    model, tokenizer, report = load_source(built.source_report.path)
+    return model.float().eval(), tokenizer, f"native Mixtral trained from scratch ({report.path})"
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -147,15 +165,25 @@ class Bench:
         from tools.demo import _real_source, _tiny_source, real_dense_source, tiny_dense_source
         from unite_hf.importance import compute_expert_importance
         from unite_hf.methods.unite import extract_universal_knowledge
+        from unite_hf.sources import get_source
 
         data = find_local_data_dir()
-        dense, tokenizer = tiny_dense_source(data) if self.tiny else real_dense_source()
-        if "masa" in experiments:
-            self._masa_genes("dense", dense, tokenizer)
-        source = _tiny_source(data) if self.tiny else _real_source(data, dense, tokenizer)
-        self.model, self.tokenizer, self.source_name = source
-        del dense
         p = self.profile
+        if p.source not in SOURCES:
+            raise ValueError(f"profile source must be one of {SOURCES}, got {p.source!r}")
+        if p.source == "native" and not self.tiny:
+            unsupported = [e for e in experiments if e != "downstream"]
+            if unsupported:
+                raise ValueError(f"experiments {unsupported} run on the moefied source only; a profile with "
+                                 "source='native' runs 'downstream' (use --profile full for the others)")
+            self.model, self.tokenizer, self.source_name = _native_source()
+        else:
+            dense, tokenizer = tiny_dense_source(data) if self.tiny else real_dense_source()
+            if "masa" in experiments:
+                self._masa_genes("dense", dense, tokenizer)
+            source = _tiny_source(data) if self.tiny else _real_source(data, dense, tokenizer)
+            self.model, self.tokenizer, self.source_name = source
+            del dense
         if "masa" in experiments:
             self._masa_genes("moe", self.model, self.tokenizer)
         if "xpert" in experiments:
@@ -170,8 +198,9 @@ class Bench:
             variants = {("fisher", "tucker")}
             if any(e in UNITE_EXPERIMENTS for e in experiments):
                 variants |= {(f, "tucker") for f in p.fusions} | {("fisher", d) for d in p.decompositions}
+            layers = len(get_source(self.model).blocks)  # the layer-mode rank is at most the MoE layers
             for fusion, decomposition in sorted(variants):
-                rank = p.gene_rank if decomposition == "tucker" else p.gene_rank[1]
+                rank = (min(p.gene_rank[0], layers), *p.gene_rank[1:]) if decomposition == "tucker" else p.gene_rank[1]
                 gene = extract_universal_knowledge(self.model, importance=self.importance, fusion=fusion,
                                                    decomposition=decomposition, rank=rank, source_id=self.source_name)
                 self._save_gene(gene, f"{fusion}/{decomposition}")

@@ -17,7 +17,7 @@ TASK_NAMES = ["arc_challenge", "arc_easy", "boolq", "hellaswag", "openbookqa", "
               "winogrande"]  # unite_hf.training.tasks.TASKS
 FORMAT_NAMES = ["classification", "multiple_choice"]  # unite_hf.training.finetune.FORMATS
 INIT_NAMES = ["unite", "random", "copy-only", "masa"]  # unite_hf.training.finetune.INITS
-PROFILE_NAMES = ["full", "quick", "smoke"]  # unite_hf.bench.PROFILES
+PROFILE_NAMES = ["full", "full-native", "quick", "smoke"]  # unite_hf.bench.PROFILES
 MOEFY_GROUPINGS = ["balanced_kmeans", "coactivation", "contiguous"]  # tools.moefy.GROUPINGS
 MOEFY_ROUTERS = ["fit", "centroid", "uniform"]  # tools.moefy.ROUTERS
 BUILTIN_DOMAIN_NAMES = ["arc", "arc_challenge", "arc_easy", "boolq", "openbookqa", "piqa", "rte",

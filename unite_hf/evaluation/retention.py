@@ -184,9 +184,12 @@ def _kl_per_window(model: nn.Module, windows: torch.Tensor, reference: list[torc
     return torch.cat(out)
 
 
-def _perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+def _perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int,
+                log_probs: Iterator[torch.Tensor] | None = None) -> float:
+    """Perplexity of ``model`` on ``windows`` (from already computed per-batch ``log_probs`` if given)."""
     nll, count = 0.0, 0
-    for start, logp in zip(range(0, len(windows), batch_size), _log_probs(model, windows, batch_size)):
+    batches = _log_probs(model, windows, batch_size) if log_probs is None else log_probs
+    for start, logp in zip(range(0, len(windows), batch_size), batches):
         targets = windows[start:start + batch_size, 1:].to(logp.device)
         nll -= float(logp[:, :-1].gather(-1, targets.unsqueeze(-1)).double().sum())
         count += targets.numel()
@@ -260,6 +263,7 @@ def measure_retention(
     batch_size: int = 4,
     data_dir: str | os.PathLike | None = None,
     measure_fused: bool = True,
+    baseline: dict | None = None,
     show_progress: bool = True,
 ) -> RetentionReport:
     """Measure how much of ``source``'s function ``gene`` keeps (see the module docstring).
@@ -275,6 +279,11 @@ def measure_retention(
         batch_size: windows per forward pass.
         measure_fused: re-fuse the source to measure the uncompressed row (it does not depend on the
             rank: a caller sweeping ranks measures it once).
+        baseline: a dict shared by calls on one loaded source (a sweep over genes and ranks): what
+            depends only on the source, the windows and the layers (its log-probs and perplexity, and
+            the no-experts KLs when the target has no shared experts) is computed on the first call,
+            kept in it and reused, so that the numbers are those of separate calls. Start one dict
+            per source.
     """
     from ..progress import progress_enabled
 
@@ -323,17 +332,32 @@ def measure_retention(
     def rebuilt(layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda x: ffns[layer](x)
 
+    # what depends only on the source, the windows and the layers: computed once per baseline dict
+    cached = baseline if baseline is not None else {}
+    key = (id(model), tuple(windows.shape), hash(windows.cpu().numpy().tobytes()), batch_size)
+    if cached.get("key") not in (None, key):
+        raise ValueError("baseline= holds another source's or other windows' reference; start one dict per source")
+    cached["key"] = key
+    no_shared = {layer: ffns[layer].shared_cores is None and not ffns[layer].shared_mlps for layer in layers}
     with torch.no_grad():
-        reference = list(_log_probs(model, windows, batch_size))
-        source_ppl = _perplexity(model, windows, batch_size)
+        if "reference" not in cached:
+            cached["reference"] = list(_log_probs(model, windows, batch_size))
+            cached["source_ppl"] = _perplexity(model, windows, batch_size, log_probs=iter(cached["reference"]))
+        reference, source_ppl = cached["reference"], cached["source_ppl"]
         bar.update()
         results = []
+        zero_kls = cached.setdefault("kl_zero", {})
         for layer in layers:
             with _replaced(model, {blocks[layer].name: rebuilt(layer)}):
                 kl_swap = _kl_per_window(model, windows, reference, batch_size)
             bar.update()
-            with _replaced(model, {blocks[layer].name: shared_only(layer)}):
-                kl_zero = _kl_per_window(model, windows, reference, batch_size)
+            if no_shared[layer] and layer in zero_kls:  # nothing of the gene in the zeroed layer
+                kl_zero = zero_kls[layer]
+            else:
+                with _replaced(model, {blocks[layer].name: shared_only(layer)}):
+                    kl_zero = _kl_per_window(model, windows, reference, batch_size)
+                if no_shared[layer]:
+                    zero_kls[layer] = kl_zero
             bar.update()
             gap, gap_se = _ratio_with_se(kl_swap, kl_zero)
             results.append(LayerRetention(layer, gap, gap_se, float(kl_swap.mean()), _se(kl_swap), float(kl_zero.mean()),
