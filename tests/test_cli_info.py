@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from huggingface_hub import ModelCard
-from hub_server import local_hub  # noqa: F401
+from hub_server import DUMMY_TOKEN, local_hub  # noqa: F401
 from safetensors.torch import load_file
 from tiny_models import VOCAB, tiny_moe
 
@@ -179,6 +179,12 @@ def test_finetune_push_to_hub_publishes_model_card_and_tokenizer(local_hub, tmp_
     assert card.data.base_model == "me/ft-gene" and card.data.datasets == ["nyu-mll/glue"]
     assert card.data.eval_results[0].metric_value == pytest.approx(summary["accuracy"])
     assert card.data.eval_results[0].dataset_config == "sst2"
+    # the token (the environment's HF_TOKEN here) authenticates the pushes and is written nowhere: finetune
+    # never puts it into TrainingArguments, whose pickle (training_args.bin) would carry it
+    for commit in local_hub.history("me/ft-sst2"):
+        assert not [path for path, content in commit.files.items() if DUMMY_TOKEN.encode() in content], commit.title
+    written = [p for p in (tmp_path / "run").rglob("*") if p.is_file()]
+    assert written and not [p for p in written if DUMMY_TOKEN.encode() in p.read_bytes()]
 
 
 def test_one_tucker_bar_per_projection_counts_passes(capsys):

@@ -155,3 +155,54 @@ def test_trainer_pushes_carry_no_lock_file(local_hub, tmp_path):  # noqa: F811
     run = tmp_path / "run"  # output_dir, and the folder that holds it (the hub cache's own locks are elsewhere)
     on_disk = [p.name for p in [*run.rglob("*"), *tmp_path.iterdir()] if p.name.endswith(".lock")]
     assert not on_disk, on_disk
+
+
+def _files_holding(root, secret: bytes) -> list[str]:
+    """Every file under ``root`` whose raw bytes contain ``secret`` (training_args.bin is a pickle, which
+    stores strings verbatim: searched as bytes, never unpickled)."""
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and secret in p.read_bytes())
+
+
+def test_the_hub_token_of_the_training_arguments_is_never_written(local_hub, tmp_path, monkeypatch):  # noqa: F811
+    """Regression: Trainer pickles its arguments, hub_token included, into training_args.bin in every save
+    and before every checkpoint push, and uploads it: the token was published with every push. UniteTrainer
+    writes the arguments without the token, keeps it in memory for the uploads, and still resumes."""
+    token = "hf_trainerargumentstoken0000000000000"
+    model = _target("me/token-gene")
+    monkeypatch.delenv("HF_TOKEN")  # from here on the server only accepts pushes that carry args.hub_token
+    args = _args(tmp_path, "me/token-unite", max_steps=2, save_strategy="steps", save_steps=1, logging_steps=1,
+                 hub_strategy="checkpoint", hub_always_push=True, hub_token=token)
+    trainer = UniteTrainer(model=model, args=args, train_dataset=_data(8))
+    trainer.train()
+    trainer.push_to_hub()
+    assert trainer.args.hub_token == token  # in memory: what authenticated the pushes
+
+    run = tmp_path / "run"
+    saved = sorted(p.relative_to(run).as_posix() for p in run.rglob("training_args.bin"))
+    assert saved == ["checkpoint-1/training_args.bin", "checkpoint-2/training_args.bin", "training_args.bin"]
+    pushed = [(commit.title, path) for commit in local_hub.history("me/token-unite") for path in commit.files
+              if path.endswith("training_args.bin")]
+    assert {path for _, path in pushed} == {"training_args.bin", "last-checkpoint/training_args.bin"}, pushed
+    for commit in local_hub.history("me/token-unite"):
+        leaked = [path for path, content in commit.files.items() if token.encode() in content]
+        assert not leaked, (commit.title, leaked)
+    assert _files_holding(run, token.encode()) == []
+    # the file unpickles as transformers' own class, without unite_hf
+    raw = (run / "training_args.bin").read_bytes()
+    assert b"transformers.training_args" in raw and b"TrainingArguments" in raw and b"unite_hf" not in raw
+
+    # Trainer's resume reads trainer_state.json, the optimizer and RNG states, not training_args.bin
+    resumed = UniteTrainer(model=model, args=_args(tmp_path, "me/token-unite", max_steps=3, save_strategy="steps",
+                                                   save_steps=1, logging_steps=1, hub_token=token),
+                           train_dataset=_data(8))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 3
+    assert _files_holding(run, token.encode()) == []
+    for commit in local_hub.history("me/token-unite"):
+        assert not [path for path, content in commit.files.items() if token.encode() in content], commit.title
+
+    # what a plain Trainer does with the same arguments (transformers' behaviour, README "Safety")
+    plain = transformers.Trainer(model=model, args=transformers.TrainingArguments(
+        str(tmp_path / "plain"), report_to=[], use_cpu=True, hub_token=token))
+    plain.save_model()
+    assert _files_holding(tmp_path / "plain", token.encode()) == ["training_args.bin"]

@@ -15,6 +15,12 @@ the extension point Trainer subclasses use for their own cards (TRL's trainers d
 - it also registers a callback whose ``on_push_begin`` writes that card, and the target's modeling
   code (which checkpoint pushes leave out, so that ``trust_remote_code`` could not load them), before
   every checkpoint push;
+- the trainer's arguments pickle without their tokens: Trainer writes ``training_args.bin`` with
+  ``torch.save(self.args)`` in every save and before every checkpoint push, and uploads it, so a
+  ``hub_token`` given to ``TrainingArguments`` would be published in every push. The mixin gives
+  ``self.args`` a subclass of its own class whose pickle is the original class with ``hub_token`` (every
+  ``*_token`` field, as ``TrainingArguments.to_dict`` redacts them) set to ``None``; in memory the token
+  stays, and Trainer passes it to each upload. ``copy.copy`` / ``copy.deepcopy`` keep it;
 - :class:`UniteTrainer` is ``Trainer`` with the mixin; put the mixin first in your own subclass of
   ``Trainer`` (or of a trainer built on it) to combine them.
 
@@ -33,6 +39,8 @@ Models that are not UNITE targets (a peft model wrapping one included) keep Trai
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import os
 import tempfile
 
@@ -44,6 +52,48 @@ from transformers.modelcard import TrainingSummary
 from .. import cards
 from ..io import atomic_write_text
 from ..modeling_unite import UnitePreTrainedModel
+
+
+def _token_fields(state: dict) -> dict:
+    """``state`` with every string ``*_token`` field (``hub_token``) set to None."""
+    return {key: None if key.endswith("_token") and isinstance(value, str) else value for key, value in state.items()}
+
+
+def _reduce_without_tokens(self, protocol):
+    """Pickle as the arguments' own class (so ``training_args.bin`` loads without unite_hf), tokens None."""
+    return copyreg._reconstructor, (type(self)._unite_pickled_as, object, None), _token_fields(self.__dict__)
+
+
+def _copy_with_tokens(self):
+    clone = object.__new__(type(self))
+    clone.__dict__.update(self.__dict__)
+    return clone
+
+
+def _deepcopy_with_tokens(self, memo):
+    clone = object.__new__(type(self))
+    memo[id(self)] = clone
+    clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+    return clone
+
+
+_TOKENLESS_CLASSES: dict[type, type] = {}
+
+
+def pickle_without_tokens(args) -> None:
+    """Make ``args`` (a ``TrainingArguments``) pickle without its tokens, in place: its class becomes a
+    subclass of the same name whose ``__reduce_ex__`` writes the original class with every ``*_token``
+    field None. Attribute access, ``dataclasses.replace`` and copies are unchanged (copies keep the token)."""
+    cls = type(args)
+    if "_unite_pickled_as" in vars(cls):
+        return
+    if cls not in _TOKENLESS_CLASSES:
+        _TOKENLESS_CLASSES[cls] = type(cls.__name__, (cls,), {
+            "__qualname__": cls.__qualname__, "__module__": __name__, "_unite_pickled_as": cls,
+            "__reduce_ex__": _reduce_without_tokens, "__copy__": _copy_with_tokens,
+            "__deepcopy__": _deepcopy_with_tokens,
+            "__doc__": f"{cls.__qualname__} that pickles without its tokens (unite_hf.training.hub)."})
+    args.__class__ = _TOKENLESS_CLASSES[cls]
 
 
 class _CardBeforeCheckpointPush(TrainerCallback):
@@ -79,6 +129,7 @@ class UniteCardMixin:
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        pickle_without_tokens(self.args)  # training_args.bin is uploaded with every push
         self.add_callback(_CardBeforeCheckpointPush(self))
 
     def create_model_card(self, **kwargs) -> None:
