@@ -5,6 +5,7 @@ change that); test_cards.py checks the gene and tags it still carries."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import torch
@@ -206,3 +207,33 @@ def test_the_hub_token_of_the_training_arguments_is_never_written(local_hub, tmp
         str(tmp_path / "plain"), report_to=[], use_cpu=True, hub_token=token))
     plain.save_model()
     assert _files_holding(tmp_path / "plain", token.encode()) == ["training_args.bin"]
+
+
+def test_checkpoint_pushes_after_a_final_push_publish_matching_checksums(local_hub, tmp_path):  # noqa: F811
+    """Regression: a final push fills output_dir with the target and its unite_checksums.json; training on in
+    that output_dir, each checkpoint push copied the new weights and config in beside the old checksum file
+    and uploaded both, so the Hub's latest revision failed verification on download (from_pretrained raised
+    CorruptedFileError). Every pushed revision now downloads, verifies and loads, with the weights pushed."""
+    from unite_hf.io import TARGET_CHECKSUMS_NAME
+
+    model = _target("me/sums-gene")
+    first = UniteTrainer(model=model, args=_args(tmp_path, "me/sums-unite", max_steps=1, save_strategy="no"),
+                         train_dataset=_data(9))
+    first.train()
+    first.push_to_hub()  # output_dir: the step-1 target with its checksums
+    args = _args(tmp_path, "me/sums-unite", max_steps=2, save_strategy="steps", save_steps=1, logging_steps=1,
+                 hub_strategy="every_save", hub_always_push=True, learning_rate=1e-2)
+    second = UniteTrainer(model=model, args=args, train_dataset=_data(10))
+    second.train()  # two checkpoint pushes, no final one: main is the step-2 checkpoint
+
+    run = tmp_path / "run"
+    pushed = local_hub.files("me/sums-unite")
+    assert pushed["model.safetensors"] == (run / "checkpoint-2" / "model.safetensors").read_bytes()
+    sums = json.loads(pushed[TARGET_CHECKSUMS_NAME])["files"]
+    for name in ("model.safetensors", "config.json"):
+        assert sums[name]["sha256"] == hashlib.sha256(pushed[name]).hexdigest(), name
+    loaded = transformers.AutoModelForSequenceClassification.from_pretrained("me/sums-unite")
+    torch.testing.assert_close(loaded.state_dict(), second.model.state_dict(), rtol=0, atol=0)
+    for commit in local_hub.history("me/sums-unite"):  # every revision that carries weights verifies
+        if "model.safetensors" in commit.files:
+            transformers.AutoModelForSequenceClassification.from_pretrained("me/sums-unite", revision=commit.oid)

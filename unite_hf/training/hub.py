@@ -14,7 +14,10 @@ the extension point Trainer subclasses use for their own cards (TRL's trainers d
   "Training" section;
 - it also registers a callback whose ``on_push_begin`` writes that card, and the target's modeling
   code (which checkpoint pushes leave out, so that ``trust_remote_code`` could not load them), before
-  every checkpoint push;
+  every checkpoint push, with a ``unite_checksums.json`` for the files the push uploads (the one in
+  ``output_dir`` was the last final push's, which no longer matched the weights copied in, so that
+  downloads failed verification); it first waits for the previous push, which ``hub_always_push`` would
+  otherwise leave uploading ``output_dir`` while the next push overwrites its files;
 - the trainer's arguments pickle without their tokens: Trainer writes ``training_args.bin`` with
   ``torch.save(self.args)`` in every save and before every checkpoint push, and uploads it, so a
   ``hub_token`` given to ``TrainingArguments`` would be published in every push. The mixin gives
@@ -41,16 +44,21 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import json
 import os
 import tempfile
+from pathlib import Path
 
 from huggingface_hub import ModelCard
 from transformers import Trainer, TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 from transformers.modelcard import TrainingSummary
+from transformers.utils import (
+    CONFIG_NAME, GENERATION_CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME,
+)
 
 from .. import cards
-from ..io import atomic_write_text
+from ..io import TARGET_CHECKSUMS_NAME, atomic_write_bytes, atomic_write_text, file_record, json_bytes
 from ..modeling_unite import UnitePreTrainedModel
 
 
@@ -96,10 +104,47 @@ def pickle_without_tokens(args) -> None:
     args.__class__ = _TOKENLESS_CLASSES[cls]
 
 
+def _trainer_copied_files(checkpoint: Path) -> set[str]:
+    """The files a checkpoint push copies from ``checkpoint`` into ``output_dir`` (``Trainer._push_from_checkpoint``):
+    config, generation config, weights, and the shards their indexes name."""
+    names = {CONFIG_NAME, GENERATION_CONFIG_NAME, WEIGHTS_NAME, SAFE_WEIGHTS_NAME}
+    for index in (WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_INDEX_NAME):
+        if (checkpoint / index).is_file():
+            names.add(index)
+            names.update(json.loads((checkpoint / index).read_text(encoding="utf-8"))["weight_map"].values())
+    return {name for name in names if (checkpoint / name).is_file()}
+
+
+def _record_pushed_checksums(output_dir: Path, checkpoint: Path | None) -> None:
+    """Write ``output_dir``'s :data:`~unite_hf.io.TARGET_CHECKSUMS_NAME` for what the checkpoint push will
+    upload: the checkpoint's records of the files Trainer copies from it next, the records of other files
+    it recorded that ``output_dir`` already holds byte for byte (the modeling code written here), and the
+    card. Without it the push carried whatever checksum file ``output_dir`` held: after a final push, the
+    old weights' checksums beside the new weights, which every download then refused. No checkpoint
+    known (a hyperparameter-search run folder): a record of nothing, replacing a stale one on the Hub."""
+    records: dict[str, dict] = {}
+    manifest = checkpoint / TARGET_CHECKSUMS_NAME if checkpoint is not None else None
+    if manifest is not None and manifest.is_file():
+        copied = _trainer_copied_files(checkpoint)
+        for name, record in json.loads(manifest.read_text(encoding="utf-8"))["files"].items():
+            if name == "README.md":
+                continue  # the card in output_dir is the trainer's, recorded below
+            if name in copied or ((output_dir / name).is_file() and file_record(output_dir / name) == record):
+                records[name] = record
+    elif not (output_dir / TARGET_CHECKSUMS_NAME).exists():
+        return  # nothing stale to replace, nothing to vouch for
+    if (output_dir / "README.md").is_file():
+        records["README.md"] = file_record(output_dir / "README.md")
+    atomic_write_bytes(json_bytes({"format_version": 1, "files": records}), output_dir / TARGET_CHECKSUMS_NAME)
+
+
 class _CardBeforeCheckpointPush(TrainerCallback):
-    """Writes the trainer's card and the target's modeling code to ``output_dir`` before each push: a
-    checkpoint push uploads that folder with only the weights and config copied in (before the final
-    push, ``save_model`` and ``create_model_card`` write both again)."""
+    """Before each push: waits for the previous push (``hub_always_push`` starts one while another still
+    uploads ``output_dir``, whose files the next push overwrites: a commit then mixed two steps' files, or
+    the second push found nothing changed), then writes the trainer's card, the target's modeling code and,
+    for a checkpoint push, the checksum record of the files it uploads to ``output_dir``: a checkpoint push
+    uploads that folder with only the weights and config copied in (before the final push, ``save_model``
+    and ``create_model_card`` write all of them again)."""
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
@@ -108,13 +153,20 @@ class _CardBeforeCheckpointPush(TrainerCallback):
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         if not state.is_world_process_zero or not isinstance(model, UnitePreTrainedModel):
             return
+        finish = getattr(self.trainer, "_finish_current_push", None)
+        if finish is not None:
+            finish()
         os.makedirs(args.output_dir, exist_ok=True)
         if model.is_remote_code():  # as save_pretrained does: trust_remote_code loads each pushed version
-            # staged, then renamed in: the previous push may still be uploading the folder ("_*" it skips)
+            # staged, then renamed in ("_*": Trainer's uploads skip the staging folder)
             with tempfile.TemporaryDirectory(prefix="_unite_code", dir=args.output_dir) as staging:
                 for path in custom_object_save(model, staging, config=model.config):
                     os.replace(path, os.path.join(args.output_dir, os.path.basename(path)))
         self.trainer.create_model_card()
+        checkpoint = getattr(self.trainer, "_unite_pushing_checkpoint", None)
+        if checkpoint is not None:  # a checkpoint push (the final push saves the target, checksums included)
+            checkpoint = Path(checkpoint)
+            _record_pushed_checksums(Path(args.output_dir), checkpoint if checkpoint.is_dir() else None)
 
 
 class UniteCardMixin:
@@ -130,7 +182,16 @@ class UniteCardMixin:
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         pickle_without_tokens(self.args)  # training_args.bin is uploaded with every push
+        self._unite_pushing_checkpoint = None
         self.add_callback(_CardBeforeCheckpointPush(self))
+
+    def _push_from_checkpoint(self, checkpoint_folder, *args, **kwargs):
+        # Trainer's checkpoint push; the callback's on_push_begin, which it fires, reads the folder
+        self._unite_pushing_checkpoint = checkpoint_folder
+        try:
+            return super()._push_from_checkpoint(checkpoint_folder, *args, **kwargs)
+        finally:
+            self._unite_pushing_checkpoint = None
 
     def create_model_card(self, **kwargs) -> None:
         model = self.accelerator.unwrap_model(self.model)
