@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 
 import pytest
 import torch
@@ -302,6 +303,45 @@ def test_gene_round_trip_card_and_method_dispatch(tmp_path):
     (tmp_path / "gene" / "gene.safetensors").write_bytes(raw[:-8])
     with pytest.raises(Exception, match="truncated"):
         load_gene(tmp_path / "gene")
+
+
+def test_masa_genes_record_no_fisher_fusion_or_decomposition(tmp_path, capsys):
+    """Regression (issue 14): MASA genes wrote GeneConfig's UNITE defaults, fusion "fisher", decomposition
+    "tucker", fisher_labels "empirical" (and 25 HOOI iterations), none of which MASA does, and
+    ``unite-hf info`` reported them. Genes saved so still load, read and report as MASA, and save anew."""
+    import dataclasses
+
+    from unite_hf.cli import main
+    from unite_hf.methods.masa.config import NOT_MASA
+
+    def info(path) -> dict:
+        assert main(["info", str(path)]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    unite_fields = {"fisher_labels": "empirical", "fusion": "fisher", "decomposition": "tucker", "n_iter_max": 25}
+    assert NOT_MASA == {"fisher_labels": "none", "fusion": "", "decomposition": "", "n_iter_max": 0}
+    gene = _extract(tiny_dense(), source_id="tiny-llama")
+    assert {key: getattr(gene.config, key) for key in NOT_MASA} == NOT_MASA
+    gene.save_pretrained(tmp_path / "gene")
+    written = json.loads((tmp_path / "gene" / "gene_config.json").read_text())
+    assert {key: written[key] for key in NOT_MASA} == NOT_MASA
+    report = info(tmp_path / "gene")
+    assert report["method"] == "masa" and report["fusion"] is None and report["decomposition"] is None
+    assert report["calibration"]["fisher_labels"] == "none" and report["expert_statistics"] == []
+
+    old = dataclasses.replace(gene.config, **unite_fields)  # what the previous version wrote
+    shutil.copytree(tmp_path / "gene", tmp_path / "old")  # the config is not among its own file records
+    (tmp_path / "old" / "gene_config.json").write_text(json.dumps({**written, **unite_fields}))
+    assert json.loads((tmp_path / "old" / "gene_config.json").read_text())["fusion"] == old.fusion == "fisher"
+    loaded = load_gene(tmp_path / "old")
+    assert isinstance(loaded, MasaGene) and {key: getattr(loaded.config, key) for key in NOT_MASA} == NOT_MASA
+    for key, matrix in gene.matrices.items():
+        torch.testing.assert_close(loaded.matrices[key], matrix, rtol=0, atol=0)
+    assert {key: info(tmp_path / "old")[key] for key in ("fusion", "decomposition", "calibration")} == {
+        key: report[key] for key in ("fusion", "decomposition", "calibration")}
+    loaded.save_pretrained(tmp_path / "resaved")
+    resaved = json.loads((tmp_path / "resaved" / "gene_config.json").read_text())
+    assert {key: resaved[key] for key in NOT_MASA} == NOT_MASA
 
 
 def test_masa_init_fills_only_the_ffns_of_a_plain_llama_of_another_shape(tmp_path):

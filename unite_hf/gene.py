@@ -100,9 +100,10 @@ class GeneConfig:
     num_sequences: int = 0
     seq_len: int = 0
     seed: int = 0
-    fisher_labels: str = "empirical"
+    fisher_labels: str = "empirical"  # "none" where no Fisher was computed (XPERT, MASA)
     # the UNITE fusion (unite_hf.fusion.FUSIONS) that made each layer's fused FFN; empty where a method
-    # builds it its own way (XPERT: the routing-frequency-weighted mean of the selected experts)
+    # builds it its own way (XPERT: the routing-frequency-weighted mean of the selected experts) or fuses
+    # no experts (MASA, whose genes also record no decomposition: unite_hf.methods.masa.config.NOT_MASA)
     fusion: str = "fisher"
     decomposition: str = "tucker"
     n_iter_max: int = 25

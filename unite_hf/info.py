@@ -99,6 +99,10 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
         files = {name: record.get("size") for name, record in config.get("files", {}).items()}
         files.setdefault(GENE_CONFIG, (folder / GENE_CONFIG).stat().st_size)
         tensors = _tensor_sizes(folder, repo_id, revision)
+        if config.get("method") == "masa":  # MASA genes saved before said UNITE's fisher / tucker / empirical
+            from .methods.masa.config import NOT_MASA  # torch-free
+
+            config = {**config, **NOT_MASA}
         fusion = config.get("fusion") or None
         selection = None
         if config.get("method") == "xpert":  # format 2 wrote the selection strategy as fusion "xpert-<strategy>"
@@ -112,7 +116,7 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
             "source": {key: config.get(f"source_{key}") for key in ("id", "revision", "license", "model_type")},
             "calibration": {key: config.get(key) for key in ("calibration", "num_sequences", "seq_len", "seed",
                                                              "fisher_labels")},
-            "fusion": fusion, "decomposition": config.get("decomposition"),
+            "fusion": fusion, "decomposition": config.get("decomposition") or None,
             "expert_statistics": _expert_statistics(config, tensors.get("gene.safetensors", {})),
             **({"selection": selection} if selection is not None else {}),
             "moe_layers": config.get("moe_layers"), "num_experts": config.get("num_experts"),

@@ -11,6 +11,11 @@ DEFAULT_CORPORA: tuple[str, ...] = ("wikitext2", "simplebooks")
 """The default alignment text (a local stand-in for the paper's RedPajama)."""
 SELECTION_NAMES = ["auto", "dense", "frequent", "shared"]
 """``"auto"`` and ``unite_hf.methods.masa.UNIT_SELECTIONS``."""
+NOT_MASA: dict[str, Any] = {"fisher_labels": "none", "fusion": "", "decomposition": "", "n_iter_max": 0}
+"""What a MASA gene's ``gene_config.json`` holds in the fields of UNITE's pipeline, which MASA has no part
+of: no Fisher (so no label mode), no fusion of experts, no decomposition (so no HOOI iterations). Genes
+saved before held GeneConfig's UNITE defaults there (``empirical``, ``fisher``, ``tucker``, 25): they load,
+and ``unite-hf info`` reports them, with these values."""
 
 
 def _parse_rank(value: str) -> int:

@@ -53,7 +53,7 @@ from ...sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_deco
 from ...model_structure import mlp_activation, mlp_linear_names
 from ...seeding import seeded_by_argument
 from ..common import check_finite_weights, check_on_device, check_seq_len, source_provenance
-from .config import DEFAULT_CORPORA, MasaExtractionConfig
+from .config import DEFAULT_CORPORA, NOT_MASA, MasaExtractionConfig
 
 SINGULAR_VALUE_FLOOR = 1e-8
 
@@ -239,7 +239,8 @@ class MasaGene(Gene):
     Tensor keys in ``gene.safetensors``: ``masa.{layer}.{unit}.{proj}`` (the matrix ``M``) and
     ``spectrum.{layer}.{unit}.{proj}`` (the top-``r`` singular values of the source weight ``W``).
     ``config.method_config`` holds the rank, the units and their mixing weights, the alignment
-    settings and budget, and the final losses.
+    settings and budget, and the final losses. ``fisher_labels``, ``fusion``, ``decomposition`` and
+    ``n_iter_max`` hold :data:`NOT_MASA` (genes saved before said UNITE's defaults: read as these).
     """
 
     card_template = "gene_masa.md"
@@ -292,7 +293,7 @@ class MasaGene(Gene):
         rank = config.method_config["rank"]
         if any(m.shape != (rank, rank) for m in matrices.values()):
             raise ValueError(f"every gene matrix must be {rank} x {rank}")
-        return cls(config, matrices, spectra)
+        return cls(dataclasses.replace(config, **NOT_MASA), matrices, spectra)  # older genes: UNITE's defaults
 
     def card_variables(self, config: GeneConfig) -> dict[str, Any]:
         mc = config.method_config
@@ -470,6 +471,7 @@ def extract_masa_gene(
         num_sequences=calib.num_sequences,
         seq_len=calib.seq_len,
         seed=seed,
+        **NOT_MASA,
         method_config={
             "rank": rank, "selection": selection, "num_experts": num_experts if selection == "frequent" else None,
             "units": units_config, "spectral_weight": spectral_weight, "tokens": calib.input_ids.numel(),
