@@ -419,7 +419,7 @@ class Bench:
         p = self.profile
         reproduce = [f"- `{c['command']}` ({c['experiments']}): " + (f"{c['minutes']} minutes on this machine"
                      if c["minutes"] is not None else f"interrupted; its finished runs were collected from the work folder")
-                     for c in self.meta.get("commands", [])]
+                     + _command_details(c) for c in self.meta.get("commands", [])]
         lines = [
             "# Benchmark results", "",
             f"Source: **{self.source_name}**. Gene: exact Fisher on WikiText-2 ({p.fisher_sequences} x {p.seq_len} "
@@ -810,6 +810,20 @@ VERDICT_WORDS = ("**confirmed", "**not confirmed", "**contradicted", "**inconclu
                  "**not reached", "**separated", "**NOT separated")
 
 
+def _command_details(command: dict[str, Any]) -> str:
+    """Minutes per part, the machine's 1-minute load average at the start and the end (2 cores: above
+    about 1, other jobs shared them) and any note, for a command of the reproduce list."""
+    details = []
+    if len(command.get("parts") or {}) > 1:
+        details.append(", ".join(f"{name} {minutes} min" for name, minutes in command["parts"].items()))
+    if command.get("load_average"):
+        start, end = command["load_average"]
+        details.append(f"load average {start} at the start, {end} at the end")
+    if command.get("note"):
+        details.append(command["note"])
+    return f" ({'; '.join(details)})" if details else ""
+
+
 def _with_verdict_summary(lines: list[str]) -> list[str]:
     """The report with a "Claims and verdicts" list after its reproduce block: every line of the body
     that states a verdict in bold, under the heading of its section, so each claim is read in one place."""
@@ -924,20 +938,26 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
                 {"command": f"unite-hf bench --profile {profile} --work-dir {work_dir} --experiments {' '.join(collected)}",
                  "experiments": collected, "minutes": None})
     else:
+        load_at_start, parts = round(os.getloadavg()[0], 1), {}
         for name in experiments:
             if name in SCRIPT_EXPERIMENTS:
+                part_started = time.perf_counter()
                 _run_script_experiment(name, tiny, work_dir)
+                parts[name] = round((time.perf_counter() - part_started) / 60, 1)
         in_process = [e for e in experiments if e not in SCRIPT_EXPERIMENTS]
         if in_process:
+            part_started = time.perf_counter()
             bench.prepare(in_process)
             bench.run_all(in_process)
+            parts[" ".join(in_process)] = round((time.perf_counter() - part_started) / 60, 1)
         elif stored.is_file() and same:  # only scripts ran: re-render with the stored runs
             bench.runs, bench.meta, bench.source_name = previous["runs"], previous.get("meta", {}), previous["source"]
         else:
             bench.source_name = "(no in-process experiment run)"
         seconds = time.perf_counter() - started
         bench.meta.setdefault("commands", []).append({"command": command, "experiments": list(experiments),
-                                                      "minutes": round(seconds / 60)})
+                                                      "minutes": round(seconds / 60), "parts": parts,
+                                                      "load_average": [load_at_start, round(os.getloadavg()[0], 1)]})
     bench.plots()
     atomic_write_json({"profile": asdict(PROFILES[profile]), "tiny": tiny, "source": bench.source_name, "meta": bench.meta,
                        "runs": bench.runs}, stored)
