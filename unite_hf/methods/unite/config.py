@@ -13,6 +13,8 @@ FUSION_NAMES = ["concat", "fisher", "fisher_aligned", "fisher_diag", "frequency"
 """The built-in fusions (``unite_hf.fusion.FUSIONS``; registered ones are checked when extraction starts)."""
 DECOMPOSITION_NAMES = ["cp", "svd", "tucker", "tucker_hidden"]
 """The built-in decompositions (``unite_hf.decomposition.DECOMPOSITIONS``)."""
+REFIT_NAMES = ["distill", "none", "ridge"]
+"""The built-in output-matched refits (``unite_hf.refit.REFITS``)."""
 LABEL_MODE_NAMES = ["empirical", "sampled"]
 """``unite_hf.importance.LABEL_MODES``."""
 VARIABLE_WIDTH_FUSIONS = ("concat",)
@@ -60,10 +62,26 @@ class UniteExtractionConfig(MethodConfig):
     n_iter_max: int = option(25, help="HOOI/ALS iterations")
     activation_aware: bool = option(False, help="weight each projection by its calibration inputs' second moment "
                                     "before decomposing (one more inference pass)")
+    refit: str = option("none", choices=REFIT_NAMES,
+                        help="fit each layer's cores to the source's routed output on the calibration text after "
+                             "decomposing: none (the paper), ridge (closed-form down core), distill (ridge, then Adam "
+                             "on every core)")
+    refit_ridge: float = option(1e-4, help="ridge strength of the refit, relative to the mean eigenvalues of the "
+                                "statistics (0: plain least squares)")
+    refit_sequential: bool = option(False, help="refit layer l on the inputs it sees once the earlier MoE layers are "
+                                    "refitted (what a full-depth target sees; a partial pass per layer)")
+    refit_steps: int = option(300, help="Adam steps per layer of the distill refit")
+    refit_lr: float = option(1e-3, help="Adam learning rate of the distill refit")
+    refit_max_tokens: int = option(16384, help="calibration tokens kept per layer for the distill refit")
 
     def __post_init__(self) -> None:
-        for name in ("num_sequences", "seq_len", "batch_size", "n_iter_max"):
+        for name in ("num_sequences", "seq_len", "batch_size", "n_iter_max", "refit_max_tokens"):
             self._check_int(name)
+        self._check_int("refit_steps", minimum=0)
+        self._check_number("refit_ridge")
+        self._check_number("refit_lr", strictly=True)
+        self._check_bool("refit_sequential")
+        self._check_str("refit")  # registered refits are checked when extraction starts, as fusions
         self._check_int("seed", minimum=0)
         self._check_int("fused_width", optional=True)
         self._check_bool("train_mode", "activation_aware")

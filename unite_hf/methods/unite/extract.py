@@ -30,6 +30,7 @@ from ...decomposition import (
 from ...fusion import check_width, fuse_block, get_fusion
 from ...gene import UniteGene
 from ...importance import LABEL_MODES, ExpertImportance, compute_expert_importance
+from ...refit import RefitOptions, get_refit, refit_decompositions
 from ...sources import MoESource, get_source
 from ...sources.checkpoint import MoECheckpoint, is_checkpoint_path
 from .config import UniteExtractionConfig
@@ -44,6 +45,10 @@ _make_gene = make_gene
 _CALIBRATION_SETTINGS = ("calibration", "num_sequences", "seq_len", "text_column", "dataset_config", "split",
                          "batch_size", "fisher_labels", "train_mode")
 """Settings that only the calibration pass reads (the Fisher, or the activation-aware moments)."""
+
+
+_REFIT_SETTINGS = ("refit_ridge", "refit_sequential", "refit_steps", "refit_lr", "refit_max_tokens")
+"""Settings that only a refit reads (the last three only the iterative ones)."""
 
 
 _RANK_CLIPPED = r"default rank \d+ exceeds"
@@ -93,6 +98,12 @@ def extract_universal_knowledge(
     spill_dir: str | os.PathLike | None = None,
     fused_width: int | None = None,
     activation_aware: bool = False,
+    refit: str = "none",
+    refit_ridge: float = 1e-4,
+    refit_sequential: bool = False,
+    refit_steps: int = 300,
+    refit_lr: float = 1e-3,
+    refit_max_tokens: int = 16384,
 ) -> UniteGene:
     """Extract a UNITE gene from a MoE causal LM.
 
@@ -132,6 +143,12 @@ def extract_universal_knowledge(
             before decomposing and un-weight afterwards (SVD-LLM / ASVD; see
             :mod:`unite_hf.decomposition`). Costs one more inference pass over the calibration
             windows (also when ``importance`` is given).
+        refit: after decomposing, fit each MoE layer's cores to the source's routed output on the
+            calibration windows (:mod:`unite_hf.refit`): ``"none"`` (the paper), ``"ridge"`` (the
+            closed-form ``down`` core given the rebuilt gate/up) or ``"distill"`` (ridge, then Adam on
+            every core). Needs the calibration windows (also when ``importance`` is given).
+        refit_ridge, refit_sequential, refit_steps, refit_lr, refit_max_tokens: how the refit runs
+            (:class:`~unite_hf.methods.unite.UniteExtractionConfig` says what each does).
 
     The settings (everything but the model, tokenizer, importance, provenance and runtime switches) make
     a :class:`~unite_hf.methods.unite.UniteExtractionConfig`, validated before anything runs and saved
@@ -141,7 +158,8 @@ def extract_universal_knowledge(
         calibration=calibration, num_sequences=num_sequences, seq_len=seq_len, seed=seed, text_column=text_column,
         dataset_config=dataset_config, split=split, batch_size=batch_size, fisher_labels=fisher_labels,
         train_mode=train_mode, fusion=fusion, fused_width=fused_width, decomposition=decomposition, rank=rank,
-        n_iter_max=n_iter_max, activation_aware=activation_aware)
+        n_iter_max=n_iter_max, activation_aware=activation_aware, refit=refit, refit_ridge=refit_ridge,
+        refit_sequential=refit_sequential, refit_steps=refit_steps, refit_lr=refit_lr, refit_max_tokens=refit_max_tokens)
     return extract_from_config(config, model, tokenizer, importance=importance, source_id=source_id,
                                source_revision=source_revision, show_progress=show_progress,
                                trust_remote_code=trust_remote_code, spill_dir=spill_dir)
@@ -170,10 +188,11 @@ def extract_from_config(
     calibration, rank, fusion, decomposition, fused_width = c.calibration, c.rank, c.fusion, c.decomposition, c.fused_width
     num_sequences, seq_len, seed, batch_size, n_iter_max = c.num_sequences, c.seq_len, c.seed, c.batch_size, c.n_iter_max
     fisher_labels, activation_aware = c.fisher_labels, c.activation_aware
+    refitting = get_refit(c.refit) is not None  # an unknown refit fails here, before anything runs
     if is_checkpoint_path(model):
-        if fused_width is not None or activation_aware:
-            raise ValueError("fused_width and activation_aware are not supported when streaming from a checkpoint "
-                             "path; load the model")
+        if fused_width is not None or activation_aware or refitting:
+            raise ValueError("fused_width, activation_aware and refit are not supported when streaming from a "
+                             "checkpoint path; load the model")
         config.warn_unread(_CALIBRATION_SETTINGS, "the experts stream from a checkpoint with no calibration pass")
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
@@ -194,10 +213,15 @@ def extract_from_config(
     check_on_device(model)
     check_finite_weights(model)
 
-    if importance is not None and not activation_aware:
+    needs_windows = activation_aware or refitting  # passes over the calibration windows besides the Fisher
+    if not refitting:
+        config.warn_unread(_REFIT_SETTINGS, "refit is 'none'")
+    elif c.refit == "ridge":
+        config.warn_unread(_REFIT_SETTINGS[2:], "only the distill refit reads them")
+    if importance is not None and not needs_windows:
         config.warn_unread(_CALIBRATION_SETTINGS, "the importance is precomputed")
     calib = None
-    if importance is None or activation_aware:
+    if importance is None or needs_windows:
         calib = load_calibration(calibration, tokenizer, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                                  text_column=c.text_column, dataset_config=c.dataset_config, split=c.split,
                                  show_progress=show_progress)
@@ -223,9 +247,9 @@ def extract_from_config(
     projections = source.blocks[0].projection_names()
     weights = _input_weights(model, source, calib, fused, decomposition, batch_size, show_progress) \
         if activation_aware else {}
-    decompositions, fused_biases = {}, {}
+    decompositions, fused_biases, stacks = {}, {}, {}
     for proj in projections:  # each decomposition shows its own bar, named after the projection
-        stacked = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
+        stacked = stacks[proj] = torch.stack([layer[proj][0] for layer in fused])  # (L, out, in)
         with warnings.catch_warnings():
             # the rank was already resolved (and any clipping warned, per projection) above; nothing else is hidden
             warnings.filterwarnings("ignore", message=_RANK_CLIPPED, category=UserWarning)
@@ -234,14 +258,20 @@ def extract_from_config(
                                              input_weight=weights.get(proj))
         if fused[0][proj][1] is not None:
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
+    method_config: dict[str, Any] = {"activation_aware": True} if activation_aware else {}
+    if refitting:
+        decompositions, errors = refit_decompositions(
+            model, source, decompositions, fused_biases, calib.input_ids, c.refit, RefitOptions.from_config(c),
+            batch_size=batch_size, fused=stacks, show_progress=show_progress)
+        method_config.update(refit=c.refit, refit_sequential=c.refit_sequential, refit_calibration_error=errors)
+    del stacks
 
     source_weights = {name: tensor.detach().to("cpu").clone() for name, tensor in source.non_expert_state_dict().items()}
     provenance = source_provenance(model, source_id, source_revision)
     gene = make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
                      calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max,
-                     recipe=config.to_dict(),
-                      **({"method_config": {"activation_aware": True}} if activation_aware else {}))
+                     recipe=config.to_dict(), **({"method_config": method_config} if method_config else {}))
     gene.tokenizer = tokenizer  # travels with the gene, so targets grown from it can be fine-tuned right away
     return gene
 
