@@ -256,6 +256,11 @@ class UnitePreTrainedModel(PreTrainedModel):
         adapter's base model)."""
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "commit_description", "create_pr",
                                                  "private", "revision", "tags") if key in kwargs}
+        # Weights under their in-memory names, as Trainer's resume_from_checkpoint and load_best_model_at_end
+        # read them back (a plain load_state_dict): transformers would otherwise revert the family's key
+        # mapping, and Mixtral's (.mlp. <- .block_sparse_moe.) moves the UNITE FFN to a name load_state_dict
+        # skips. Targets saved under those names still load: from_pretrained applies the mapping.
+        kwargs.setdefault("save_original_format", False)
         if not is_main_process:
             return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
         repo_id, timestamps, token = None, {}, kwargs.get("token")
@@ -308,6 +313,7 @@ class UnitePreTrainedModel(PreTrainedModel):
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         with tempfile.TemporaryDirectory() as work_dir:
+            kwargs.setdefault("save_original_format", False)  # in-memory names, as save_pretrained
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
             if _unite_io():
