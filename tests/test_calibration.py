@@ -163,15 +163,64 @@ def test_text_file_exact(tok, tmp_path):
 
 
 def test_text_file_pathlike_and_no_blank_lines(tok, tmp_path):
+    """A file without any blank line is one document per line (LAMBADA's layout), eos between lines."""
     lines = [f"line number {i} of a file without blank lines" for i in range(3000)]
     f = tmp_path / "noblank.txt"
-    f.write_text("\n".join(lines) + "\n")
+    f.write_text("\n".join(lines) + "\n\n\n")  # trailing blank lines separate nothing
+    assert calib._read_text_file(f) == lines
     cs = load_calibration(f, tok, num_sequences=8, seq_len=64, seed=1, show_progress=False)
     assert cs.input_ids.shape == (8, 64)
-    # one document (no eos), split internally at line breaks: matches a whole-text tokenization
-    stream = torch.tensor(tok.encode("\n".join(lines), add_special_tokens=False))
-    assert EOS not in cs.input_ids
+    stream = torch.tensor(reference_stream(lines, tok, EOS))
+    assert all(EOS in row for row in cs.input_ids.tolist())  # 64 tokens always span a line end
     assert_rows_are_slices(cs.input_ids, stream)
+
+
+def test_one_passage_per_line_file_by_hand(tok, tmp_path):
+    """Two lines, no blank line: two documents, so the stream is tok(line 1) + [eos] + tok(line 2)."""
+    f = tmp_path / "two.txt"
+    f.write_bytes(b"  The cat sat.\r\nA dog ran far away.\r\n")
+    stream = (tok.encode("The cat sat.", add_special_tokens=False) + [EOS]
+              + tok.encode("A dog ran far away.", add_special_tokens=False))
+    assert len(stream) == 4 + 1 + 6  # "The| cat| sat|." and "A| dog| ran| far| away|." (GPT-2)
+    cs = load_calibration(f, tok, num_sequences=1, seq_len=len(stream) - 1, show_progress=False)
+    assert cs.input_ids.tolist() == [stream[:-1]]
+
+
+def test_one_corpus_gives_the_same_windows_however_it_is_passed(tok, tmp_path):
+    """Real passages (the first 400 of WikiText-2's file, ~30k tokens) as a list, as a file with one per line
+    (LAMBADA's layout) and as a blank-line-separated file: the same documents, stream and windows. Before,
+    the one-per-line file was one document with no eos between its passages."""
+    passages = [d.strip() for d in wikitext_docs() if d.strip()][:400]
+    assert all("\n" not in p for p in passages)
+    per_line, blank_sep = tmp_path / "per_line.txt", tmp_path / "blank_sep.txt"
+    per_line.write_text("\n".join(passages) + "\n", encoding="utf-8")
+    blank_sep.write_text("\n\n".join(passages) + "\n", encoding="utf-8")
+    kwargs = dict(num_sequences=32, seq_len=128, seed=5, show_progress=False)
+    from_list = load_calibration(passages, tok, **kwargs)
+    stream = torch.tensor(reference_stream(passages, tok, EOS))
+    assert int((stream == EOS).sum()) == 399
+    assert_rows_are_slices(from_list.input_ids, stream)
+    for path in (per_line, blank_sep):
+        assert calib._read_text_file(path) == passages
+        assert torch.equal(load_calibration(path, tok, **kwargs).input_ids, from_list.input_ids), path.name
+
+
+def test_wikitext2_windows_unchanged_by_the_line_rule(tok):
+    """WikiText-2's file separates paragraphs with blank lines: its documents are still the blank-line blocks
+    (2891), and its windows are bit for bit those of the blank-line-only reader (pinned before the change)."""
+    import hashlib
+
+    assert len(calib._read_text_file(WIKITEXT)) == 2891
+    cs = load_calibration("wikitext2", tok, num_sequences=64, seq_len=128, seed=0, show_progress=False,
+                          data_dir=DATA_DIR)
+    assert cs.input_ids[0, :8].tolist() == [1267, 837, 290, 262, 16798, 38468, 15932, 3337]
+    assert int(cs.input_ids.sum()) == 46868056
+    assert hashlib.sha256(cs.input_ids.numpy().tobytes()).hexdigest() == (
+        "1ea080407593219019e122a6a15d9b5b2a342213ada856f8af93487cbacc169a")
+    # the tokenized WikiText-2 file has blocks of several lines: still one document per block
+    tokenized = DATA_DIR / "wikitext2" / "wikitext2_v1_tokenized_test.txt"
+    blocks = [b.strip() for b in re.split(r"\n\s*?\n", tokenized.read_text(encoding="utf-8")) if b.strip()]
+    assert calib._read_text_file(tokenized) == blocks and len(blocks) == 1320
 
 
 def test_list_of_strings_exact(tok):

@@ -10,8 +10,9 @@ Accepted inputs for :func:`load_calibration`:
 * an alias from :data:`CORPUS_ALIASES` (``"wikitext2"``, ``"simplebooks"``), read from the local data
   folder when one is given (``data_dir=`` or ``$UNITE_HF_DATA_DIR``, see :func:`find_local_data_dir`;
   never a folder relative to the working directory), else from the Hugging Face Hub;
-* a path to a local text file (split into documents at blank lines) or a ``.json``/``.jsonl``/
-  ``.csv``/``.parquet`` file (read with :func:`datasets.load_dataset`);
+* a path to a local text file (split into documents by :func:`split_text_documents`: at blank
+  lines, or one document per line when the file has no blank line) or a ``.json``/``.jsonl``/
+  ``.csv``/``.parquet`` file (read with :func:`datasets.load_dataset`, one document per row);
 * any other string: a Hub dataset id, loaded with ``datasets.load_dataset(id, config, split=split)``;
 * a list of strings, a :class:`datasets.Dataset`, an integer tensor ``[N, T]`` of token ids, or a
   :class:`CalibrationSet` (returned unchanged).
@@ -45,6 +46,7 @@ __all__ = [
     "find_local_data_dir",
     "load_calibration",
     "no_data_dir_message",
+    "split_text_documents",
 ]
 
 DEFAULT_CALIBRATION = "wikitext2"
@@ -234,11 +236,35 @@ def _clean_documents(texts: Any) -> list[str]:
     return docs
 
 
+def split_text_documents(text: str) -> list[str]:
+    """The documents of a plain-text corpus: the one rule every text file (and corpus alias) is read with.
+
+    - If the text has a blank line (a line of whitespace only) *between* two non-blank lines, the
+      documents are the blank-line-separated blocks; a block's single line breaks stay inside it.
+      WikiText-2's file (one article paragraph or heading per block), SimpleBooks' and the tokenized
+      WikiText-2 files are read this way, into the same documents as before this rule existed.
+    - Otherwise (no blank line at all, e.g. LAMBADA's one passage per line) every non-blank line is a
+      document.
+
+    Why: a corpus gives the same windows however it is passed. The list ``docs`` and a file holding
+    ``"\n".join(docs)`` (one per line) or ``"\n\n".join(docs)`` (blank-line separated) give the same
+    documents, hence the same eos-separated stream; before, a file of one passage per line became a
+    single document with no eos between its passages. Leading/trailing blank lines do not count.
+    Documents are stripped; empty ones are dropped.
+    """
+    text = text.strip()
+    if not text:
+        return []
+    if _BLANK_LINE.search(text):
+        return _clean_documents(_BLANK_LINE.split(text))
+    return _clean_documents(text.splitlines())
+
+
 def _read_text_file(path: Path) -> list[str]:
-    """Read a plain-text file and split it into documents at blank lines."""
+    """Read a plain-text file (universal newlines) and split it with :func:`split_text_documents`."""
     with open(path, encoding="utf-8", errors="replace") as f:  # universal newlines: CRLF -> LF
         text = f.read()
-    return _clean_documents(_BLANK_LINE.split(text))
+    return split_text_documents(text)
 
 
 def _dataset_texts(dataset: Any, text_column: str | None, what: str) -> tuple[list[str], str]:
@@ -439,8 +465,10 @@ def load_calibration(
               ``split`` is then ignored), else the Hub dataset (``dataset_config`` overrides the
               alias's config);
             * a path (``str`` or ``os.PathLike``) to a local file: plain text is split into documents
-              at blank lines; ``.json``/``.jsonl``/``.csv``/``.parquet`` go through
-              ``datasets.load_dataset`` and ``text_column``;
+              at blank lines, or one per line when the file has no blank line
+              (:func:`split_text_documents`; the same rule reads the aliases' local copies);
+              ``.json``/``.jsonl``/``.csv``/``.parquet`` go through ``datasets.load_dataset`` and
+              ``text_column`` (one document per row);
             * any other string: a Hub dataset id, loaded with
               ``datasets.load_dataset(id, dataset_config, split=split)``;
             * a list/tuple of strings (one document each);
