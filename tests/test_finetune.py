@@ -91,3 +91,26 @@ def test_scoring_only_the_final_model_changes_no_outcome(gene_dir, tmp_path):
     assert len(curve["accuracy_per_epoch"]) == 2 and curve["accuracy_per_epoch"][-1] == curve["accuracy"]
     assert final["accuracy_per_epoch"] == [final["accuracy"]]
     assert (final["accuracy"], final["correct"]) == (curve["accuracy"], curve["correct"])
+
+
+def test_finetune_takes_a_task_spec_and_writes_its_result(gene_dir, tmp_path):
+    """finetune accepts what load_task accepts: a TaskSpec, here one not in the registry (SST-2's files under
+    another name). It used to train, save the model, then fail writing result.json (TaskSpec is not JSON)."""
+    import dataclasses
+
+    from unite_hf.training.finetune import finetune
+    from unite_hf.training.tasks import TASKS
+
+    spec = dataclasses.replace(TASKS["sst2"], name="sst2_custom", pretty_name="SST-2 (custom spec)")
+    assert "sst2_custom" not in TASKS
+    summary = finetune(gene_dir, spec, layers=1, rank=6, epochs=1, max_train_examples=16, max_eval_examples=8,
+                       batch_size=8, max_length=32, seed=0, show_progress=False, data_dir=DATA,
+                       output_dir=tmp_path / "run")
+    written = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert written == summary and written["task"] == "sst2_custom"
+    assert (written["train_examples"], written["eval_examples"]) == (16, 8)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "SST-2 (custom spec)" in card and "nyu-mll/glue" in card  # the card names the spec's dataset
+    with pytest.raises(ValueError, match="unknown task 'sst3'"):  # a bad name fails before any model is built
+        finetune(gene_dir, "sst3", output_dir=tmp_path / "bad", data_dir=DATA)
+    assert not (tmp_path / "bad").exists()

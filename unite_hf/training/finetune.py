@@ -24,12 +24,15 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ..seeding import seeded, seeded_by_argument
+
+if TYPE_CHECKING:  # pragma: no cover - the tasks package imports datasets: kept out of this module's import
+    from .tasks.schema import TaskSpec
 
 INITS: tuple[str, ...] = ("unite", "random", "copy-only", "masa")
 LLAMA_INITS: tuple[str, ...] = ("masa", "random")
@@ -235,7 +238,7 @@ def _tokenizer_for(model: Any, tokenizer: Any):
 
 def finetune(
     model: Any,
-    task: str,
+    task: str | TaskSpec,
     *,
     tokenizer: Any = None,
     data_dir: str | os.PathLike | None = None,
@@ -269,7 +272,10 @@ def finetune(
     from gene matrices (see the module docstring); ``pretrain_tokens`` of local text (simplebooks and
     wikitext2, mixed) are trained as a causal LM before the task. ``push_to_hub`` (a repo id) uploads
     the fine-tuned model (a UNITE target with its card, naming the task's dataset and accuracy) and
-    the tokenizer; the summary then holds ``"hub": repo_id``. ``eval_split`` picks the scored split
+    the tokenizer; the summary then holds ``"hub": repo_id``. ``task`` is what
+    :func:`~unite_hf.training.tasks.load_task` takes, a registry name or a :class:`TaskSpec` (registered
+    or not); the summary, ``result.json``, the card and the Hub commit name it by ``spec.name``, and an
+    unknown name fails before anything is loaded or built. ``eval_split`` picks the scored split
     (``"test"`` for ARC and OpenBookQA, whose test files carry labels); the summary's ``correct`` lists
     each scored example's outcome (1/0) in a fixed order, for paired intervals between runs.
 
@@ -282,26 +288,30 @@ def finetune(
     show_progress = progress_enabled(show_progress)  # off with HF_HUB_DISABLE_PROGRESS_BARS / TQDM_DISABLE
     from transformers import Trainer, TrainingArguments, set_seed
 
-    from .tasks import TaskDataCollator, load_task, tokenize_task
+    from .tasks import TaskDataCollator, get_task_spec, load_task, tokenize_task
     from ..io import save_model_folder
     from .trainer_utils import compute_accuracy, correct_per_example
 
     started = time.perf_counter()
+    spec = get_task_spec(task)  # a name or a TaskSpec, as load_task takes; unknown names fail here
+    task = spec.name  # what the summary, result.json, the card and the Hub commit record (JSON-able)
     set_seed(seed)
-    train = load_task(task, "train", data_dir, seed=seed, train_fraction=train_fraction)
-    dev = load_task(task, eval_split, data_dir, seed=seed)
+    train = load_task(spec, "train", data_dir, seed=seed, train_fraction=train_fraction)
+    dev = load_task(spec, eval_split, data_dir, seed=seed)
     if max_train_examples is not None and len(train.dataset) > max_train_examples:
         train.dataset = train.dataset.shuffle(seed=seed).select(range(max_train_examples))
     if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
         dev.dataset = dev.dataset.shuffle(seed=0).select(range(max_eval_examples))  # same eval rows for every seed
     tokenizer = _tokenizer_for(model, tokenizer)
+    # Tokenised before the model is built: a max_length that cannot hold the choices fails before any
+    # pretraining; what was cut to fit is added to train.notes / dev.notes, hence to the summary's notes
+    train_tok = tokenize_task(train, tokenizer, format=fmt, max_length=max_length)
+    dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
     pretrain = ({"tokens": pretrain_tokens, "output_dir": Path(output_dir) / "pretrain", "show_progress": show_progress,
                  "data_dir": data_dir} if pretrain_tokens else None)
     target = build_model(model, train, fmt=fmt, init=init, layers=layers, rank=rank, seed=seed,
                          pad_token_id=tokenizer.pad_token_id, width=width, intermediate_size=intermediate_size,
                          scaling=scaling, tokenizer=tokenizer, pretrain=pretrain, **from_gene_kwargs)
-    train_tok = tokenize_task(train, tokenizer, format=fmt, max_length=max_length)
-    dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
     args = TrainingArguments(
         output_dir=str(output_dir), num_train_epochs=epochs, learning_rate=learning_rate,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
