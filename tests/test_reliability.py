@@ -20,7 +20,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 from hub_server import local_hub  # noqa: F401
-from test_fault_injection import tiny_tokenizer
+from test_fault_injection import folder_hashes, tiny_tokenizer
 from tiny_models import VOCAB, tiny_config, tiny_moe
 
 from unite_hf import CorruptedFileError, GeneConfig, GeneFormatError, UniteForCausalLM, UniteGene, extract_universal_knowledge
@@ -471,3 +471,212 @@ def test_plain_model_folders_are_replaced_whole_or_not_at_all(tmp_path):
     reloaded = transformers.LlamaForCausalLM.from_pretrained(folder)
     for name, tensor in new.state_dict().items():
         torch.testing.assert_close(reloaded.state_dict()[name], tensor)
+
+
+# -- what a save or a push may replace (issue 21) -----------------------------------------------------
+
+USER_FILES = {"adapter_model.safetensors": b"the user's adapter", "embeddings.safetensors": b"the user's embeddings",
+              "modeling_mine.py": b"# the user's model\n", "configuration_mine.py": b"# the user's config\n",
+              "notes.txt": b"the user's notes\n"}
+
+
+def _user_folder(path: Path, readme: str | None = "# the user's readme\n") -> Path:
+    path.mkdir()
+    for name, data in USER_FILES.items():
+        (path / name).write_bytes(data)
+    if readme is not None:
+        (path / "README.md").write_text(readme)
+    return path
+
+
+def _tiny_llama(seed: int = 0):
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(config)
+
+
+def test_a_target_save_keeps_the_users_files_in_its_destination(gene, tmp_path):
+    """Regression: every ``*.safetensors``, ``modeling_*.py``, ``configuration_*.py`` and README.md counted as the
+    target's own, so a target saved into the user's folder left only notes.txt. A save replaces what the previous
+    save recorded, what it writes itself (its card is README.md) and weights under transformers' checkpoint names."""
+    folder = _user_folder(tmp_path / "mine")
+    UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4).save_pretrained(folder)
+    assert {name: (folder / name).read_bytes() for name in USER_FILES} == USER_FILES
+    assert "unite" in (folder / "README.md").read_text()  # the card: a name the save writes
+    assert UniteForCausalLM.from_pretrained(folder).config.num_hidden_layers == 1
+
+    # what the previous save recorded is its own, replaced even where the next save does not write it
+    record = json.loads((folder / TARGET_CHECKSUMS_NAME).read_text())
+    (folder / "written_by_an_earlier_save.json").write_text("{}")
+    record["files"]["written_by_an_earlier_save.json"] = file_record(folder / "written_by_an_earlier_save.json")
+    (folder / TARGET_CHECKSUMS_NAME).write_text(json.dumps(record))
+    UniteForCausalLM.from_gene(gene, num_hidden_layers=2, rank=4).save_pretrained(folder)
+    assert not (folder / "written_by_an_earlier_save.json").exists()
+    assert {name: (folder / name).read_bytes() for name in USER_FILES} == USER_FILES
+    assert UniteForCausalLM.from_pretrained(folder).config.num_hidden_layers == 2
+
+
+def test_a_plain_model_save_keeps_the_users_files_in_its_destination(tmp_path):
+    """save_model_folder (finetune, moefy, the bench) had the same rule: the user's README stays too, since a
+    plain transformers save writes none; a stale shard under transformers' names does not."""
+    from unite_hf.io import save_model_folder
+
+    folder = _user_folder(tmp_path / "mine")
+    (folder / "model-00002-of-00002.safetensors").write_bytes(b"a stale shard")
+    model = _tiny_llama()
+    save_model_folder(folder, model, tiny_tokenizer())
+    assert {name: (folder / name).read_bytes() for name in USER_FILES} == USER_FILES
+    assert (folder / "README.md").read_text() == "# the user's readme\n"
+    assert not (folder / "model-00002-of-00002.safetensors").exists()
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(folder)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[name], tensor)
+
+
+def test_a_target_save_into_a_gene_or_an_adapter_is_refused_before_writing(gene, saved, tmp_path):
+    """Regression: saving a target into a gene folder deleted gene.safetensors and source_weights.safetensors.
+    A folder holding another artifact is refused, whole, before the model is written."""
+    from unite_hf.io import save_model_folder
+
+    adapter = _user_folder(tmp_path / "adapter", readme=None)
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    before = {path: folder_hashes(path) for path in (saved, adapter)}
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    with pytest.raises(ArtifactWriteError, match="gene_config.json"):
+        model.save_pretrained(saved)
+    with pytest.raises(ArtifactWriteError, match="adapter_config.json"):
+        model.save_pretrained(adapter)
+    with pytest.raises(ArtifactWriteError, match="gene_config.json"):
+        save_model_folder(saved, _tiny_llama())
+    assert {path: folder_hashes(path) for path in (saved, adapter)} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "gene"]  # no staging folder left
+    assert UniteGene.from_pretrained(saved).config.files == gene.config.files
+
+
+def test_a_folder_with_only_gene_like_names_is_not_a_gene_to_replace(gene, tmp_path):
+    """Regression: ``unite-hf extract --out`` (and a gene save) replaced a folder holding only a tokenizer and a
+    README, since those names can be a gene's. Only a folder with a valid gene_config.json is a gene."""
+    folder = tmp_path / "tokenizer"
+    tiny_tokenizer().save_pretrained(folder)
+    (folder / "README.md").write_text("# the user's tokenizer\n")
+    assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in folder.iterdir()}
+    before = folder_hashes(folder)
+    with pytest.raises(ArtifactWriteError, match="not part of this artifact.*README.md"):
+        check_gene_destination(folder)
+    with pytest.raises(ArtifactWriteError, match="README.md"):
+        gene.save_pretrained(folder)
+    result = _cli("extract", "--source", str(tmp_path / "no-such-model"), "--out", str(folder), cwd=tmp_path)
+    assert result.returncode == 2 and "README.md" in result.stderr and "Traceback" not in result.stderr
+    assert folder_hashes(folder) == before
+    (folder / "gene_config.json").write_text("not json")  # an unreadable config does not make it a gene
+    with pytest.raises(ArtifactWriteError, match="README.md"):
+        check_gene_destination(folder)
+
+
+def _ids_and_logits(model) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.arange(12).reshape(2, 6) % VOCAB
+    with torch.no_grad():
+        return ids, model(input_ids=ids).logits
+
+
+def test_repushing_a_gene_without_its_tokenizer_leaves_a_loadable_repo(gene, local_hub):  # noqa: F811
+    """Regression: a push deleted nothing, so a gene pushed with a tokenizer, then without, left the old tokenizer
+    on the repo: every load failed ("holds files that gene_config.json does not record") and pushing again did
+    not help. A push deletes, in its one commit, every file of the repo the gene lacks (.gitattributes stays)."""
+    from unite_hf import load_gene
+
+    gene.tokenizer = tiny_tokenizer()
+    try:
+        gene.push_to_hub("me/gene")
+    finally:
+        gene.tokenizer = None
+    assert "tokenizer.json" in local_hub.files("me/gene")
+    attributes = local_hub.file("me/gene", ".gitattributes") + b"*.gguf filter=lfs diff=lfs merge=lfs -text\n"
+    local_hub.commit("me/gene", {".gitattributes": attributes, "notes.txt": "added on the Hub"})
+    commits = len(local_hub.history("me/gene"))
+    gene.push_to_hub("me/gene")
+    assert len(local_hub.history("me/gene")) == commits + 1  # the deletes and the uploads: one commit
+    files = local_hub.files("me/gene")
+    assert sorted(files) == [".gitattributes", "README.md", "gene.safetensors", "gene_config.json",
+                             "source_weights.safetensors"]
+    assert files[".gitattributes"] == attributes
+    loaded = load_gene("me/gene")
+    assert loaded.tokenizer is None and loaded.config.files == gene.config.files
+
+
+def test_a_push_into_a_repo_of_another_artifact_is_refused_before_saving(gene, local_hub, tmp_path):  # noqa: F811
+    """The Hub side of the folder rule: a gene is not pushed over a model repo, nor a target over a gene or an
+    adapter repo (the push would delete it); the repo keeps its head, and nothing is saved first."""
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    model.push_to_hub("me/a-target")
+    gene.push_to_hub("me/a-gene")
+    local_hub.create_repo("me/an-adapter")
+    local_hub.commit("me/an-adapter", {"adapter_config.json": "{}", "adapter_model.safetensors": b"x"})
+    heads = {repo: local_hub.head(repo) for repo in ("me/a-target", "me/a-gene", "me/an-adapter")}
+    with pytest.raises(ArtifactWriteError, match="config.json"):
+        gene.push_to_hub("me/a-target")
+    with pytest.raises(ArtifactWriteError, match="gene_config.json"):
+        model.push_to_hub("me/a-gene")
+    with pytest.raises(ArtifactWriteError, match="adapter_config.json"):
+        model.push_to_hub("me/an-adapter")
+    with pytest.raises(ArtifactWriteError, match="gene_config.json"):
+        model.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/a-gene")
+    assert not (tmp_path / "local").exists()
+    assert {repo: local_hub.head(repo) for repo in heads} == heads
+
+
+def test_repushing_a_target_sharded_replaces_the_unsharded_weights(gene, local_hub, tmp_path):  # noqa: F811
+    """Regression: a target pushed unsharded, then sharded, kept the old model.safetensors on the repo, and
+    from_pretrained(repo) loaded the old weights without an error. A target push deletes what the previous push
+    recorded and weights under transformers' checkpoint names; other files of the repo (a tokenizer, notes) stay."""
+    first = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    first.push_to_hub("me/target")
+    local_hub.commit("me/target", {"tokenizer.json": "{}", "notes.txt": "mine"})
+    second = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    with torch.no_grad():
+        for parameter in second.parameters():
+            parameter.add_(0.25)
+    ids, expected = _ids_and_logits(second)
+    commits = len(local_hub.history("me/target"))
+    second.push_to_hub("me/target", max_shard_size="20KB")
+    assert len(local_hub.history("me/target")) == commits + 1
+    files = local_hub.files("me/target")
+    assert "model.safetensors.index.json" in files and "model.safetensors" not in files
+    assert files["tokenizer.json"] == b"{}" and files["notes.txt"] == b"mine"
+    loaded = UniteForCausalLM.from_pretrained("me/target")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+    # and back, through save_pretrained(push_to_hub=True): the shards and their index go
+    first.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/target")
+    files = local_hub.files("me/target")
+    assert "model.safetensors" in files and not [name for name in files if name.startswith("model-")]
+    assert "model.safetensors.index.json" not in files and files["notes.txt"] == b"mine"
+    _, expected = _ids_and_logits(first)
+    loaded = UniteForCausalLM.from_pretrained("me/target")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, expected, rtol=0, atol=0)
+
+
+def test_a_mixed_gene_names_the_fix_that_works(gene, saved, local_hub):  # noqa: F811
+    """The load error's advice is true: a folder's leftover tokenizer goes with the next save (a file of the
+    user's must be moved out first, since a save refuses it); a repo's goes with the next push (before, a push
+    deleted nothing, so the advice "save the gene again" could not repair a Hub gene)."""
+    (saved / "tokenizer.json").write_text("{}")
+    with pytest.raises(GeneFormatError, match="Save the gene again: a save replaces them"):
+        UniteGene.from_pretrained(saved)
+    (saved / "thesis.tex").write_text("years of work")
+    with pytest.raises(GeneFormatError, match=r"\['thesis.tex'\] are not a gene's files: move them out"):
+        UniteGene.from_pretrained(saved)
+    (saved / "thesis.tex").unlink()
+    gene.save_pretrained(saved)
+    assert UniteGene.from_pretrained(saved).tokenizer is None
+
+    gene.push_to_hub("me/mixed")
+    local_hub.commit("me/mixed", {"tokenizer.json": "{}"})  # what a push of an older unite_hf left behind
+    with pytest.raises(GeneFormatError, match="Hub repo me/mixed.*Push the gene again"):
+        UniteGene.from_pretrained("me/mixed")
+    gene.push_to_hub("me/mixed")
+    assert "tokenizer.json" not in local_hub.files("me/mixed")
+    assert UniteGene.from_pretrained("me/mixed").tokenizer is None

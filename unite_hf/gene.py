@@ -372,7 +372,7 @@ class Gene:
         if download is not None and any(not (directory / name).is_file() for name in config.files):
             directory = _download(**download, patterns=[CONFIG_NAME, *config.files])  # files beyond the defaults
         gene_class.validate_config(config)
-        _verify_gene_files(directory, config, verify_checksums)
+        _verify_gene_files(directory, config, verify_checksums, download["repo_id"] if download else None)
         gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
         source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
         gene_class.validate_tensors(config, gene_tensors, source_tensors)
@@ -424,18 +424,28 @@ class Gene:
         commit_message: str | None = None,
         create_pr: bool = False,
     ):
-        """Save to a temporary folder and upload it as one commit; returns the commit info."""
+        """Save to a temporary folder and make the repo hold exactly that gene, in one commit; returns the
+        commit info.
+
+        The commit uploads every file of the gene and deletes every other file of the repo (at
+        ``revision``, default the main branch), ``.gitattributes`` excepted: an older gene's tokenizer,
+        a file added on the Hub, anything the new gene lacks, since a gene load refuses files its config
+        does not record. A repo holding a model or a peft adapter (``config.json``,
+        ``adapter_config.json``) is refused with :class:`~unite_hf.io.ArtifactWriteError` before the
+        gene is saved; so is the commit, by the Hub, if another commit lands on the revision meanwhile."""
         from huggingface_hub import HfApi
+
+        from .io import hub_commit_artifact, hub_push_base
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        base = hub_push_base(api, repo_id, revision=revision, refuse=("config.json", "adapter_config.json"))
         self._card_repo_id = repo_id
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 folder = self.save_pretrained(Path(tmp) / "gene")  # a subfolder: its lock file goes with tmp
-                info = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
-                                         commit_message=commit_message or f"Upload {self.method.upper()} gene",
-                                         create_pr=create_pr)
+                info = hub_commit_artifact(api, base, folder, revision=revision, create_pr=create_pr,
+                                           commit_message=commit_message or f"Upload {self.method.upper()} gene")
         finally:
             self._card_repo_id = None
         self.name_or_path = repo_id
@@ -678,30 +688,39 @@ _LEGACY_TEMP = re.compile(r"^\..+\.tmp$")
 
 def _gene_owner(directory: Path):
     """``owned(name)``: whether an entry of an existing folder is part of a gene (replaced by a save)
-    or foreign (the save is refused): gene and tokenizer files, whatever its config records, and
-    leftovers of older versions' per-file writes."""
-    recorded: set[str] = set()
+    or foreign (the save is refused). Only a folder with a valid ``gene_config.json`` (a JSON object with
+    an integer ``format_version`` and a ``files`` record) is a gene: there the gene and tokenizer files
+    and whatever its config records are the gene's. Elsewhere names alone prove nothing (a tokenizer
+    and a README are not a gene): nothing is, but leftovers of older versions' per-file writes."""
+    recorded: set[str] | None = None
     try:
-        recorded = {name.split("/")[0] for name in json.loads((directory / CONFIG_NAME).read_text())["files"]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass  # no readable config: only the fixed names count as the gene's
+        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+        if isinstance(config, dict) and type(config.get("format_version")) is int and isinstance(config.get("files"), dict):
+            recorded = {str(name).split("/")[0] for name in config["files"]}
+    except (OSError, ValueError):
+        pass  # no readable config: not a gene
 
     def owned(name: str) -> bool:
-        return name in GENE_FILES or name in TOKENIZER_FILES or name in recorded or bool(_LEGACY_TEMP.match(name))
+        if _LEGACY_TEMP.match(name):
+            return True
+        return recorded is not None and (name in GENE_FILES or name in TOKENIZER_FILES or name in recorded)
 
     return owned
 
 
 def check_gene_destination(path: str | os.PathLike) -> None:
     """Raise :class:`~unite_hf.io.ArtifactWriteError` (an ``OSError``) now if a gene could not be saved
-    at ``path`` later: an existing file, a read-only location, a folder holding foreign files."""
+    at ``path`` later: an existing file, a read-only location, a folder that is not a gene (no valid
+    ``gene_config.json``) and is not empty, a gene folder holding foreign files."""
     check_writable_folder(path, owned=_gene_owner(Path(path)))
 
 
-def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bool) -> None:
+def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bool,
+                       repo_id: str | None = None) -> None:
     """Every recorded file matches its record, and (for genes that record every file, i.e. those that
     record their card) no unrecorded file sits beside them: a leftover of another gene would otherwise
-    load as part of this one. The weights are checked as they are read; the card is not checked."""
+    load as part of this one. The weights are checked as they are read; the card is not checked.
+    ``repo_id``: the folder is a download of that Hub repo (the error's advice is then a push)."""
     for name, record in config.files.items():
         if name not in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME):
             verify_file(directory / name, record, verify_checksums)
@@ -711,9 +730,19 @@ def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bo
                         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
                         and path.relative_to(directory).as_posix() not in config.files
                         and path.name != CONFIG_NAME)
-    if unrecorded:
-        raise GeneFormatError(f"{directory} holds files that {CONFIG_NAME} does not record: {unrecorded}; they "
-                              "belong to another save (a mixed gene). Save the gene again.")
+    if not unrecorded:
+        return
+    if repo_id is not None:
+        raise GeneFormatError(f"the Hub repo {repo_id} holds files that {CONFIG_NAME} does not record: {unrecorded}; "
+                              "they belong to another push (a mixed gene). Push the gene again: a push deletes every "
+                              "file of the repo that the gene lacks.")
+    owned = _gene_owner(directory)
+    foreign = sorted({name.split("/")[0] for name in unrecorded if not owned(name.split("/")[0])})
+    advice = ("Save the gene again: a save replaces them." if not foreign else
+              f"{foreign} are not a gene's files: move them out of the folder, then save the gene again (a save "
+              "refuses a folder holding files that are not the gene's).")
+    raise GeneFormatError(f"{directory} holds files that {CONFIG_NAME} does not record: {unrecorded}; they belong to "
+                          f"another save (a mixed gene) or to someone else. {advice}")
 
 
 def _shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:

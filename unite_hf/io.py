@@ -33,7 +33,7 @@ import shutil
 import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from safetensors import SafetensorError
@@ -350,6 +350,22 @@ def _check_replaceable(path: Path, owned: Callable[[str], bool] | None) -> None:
             f"({', '.join(foreign[:5])}{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
 
 
+#: names that mark a folder or a Hub repo as an artifact of some kind: a save or push of another kind
+#: refuses it (a target never replaces a gene or an adapter, a gene never replaces a model)
+ARTIFACT_MARKERS = {"gene_config.json": "a unite_hf gene", "adapter_config.json": "a peft adapter",
+                    "config.json": "a transformers model"}
+#: the marks a target save or push refuses (a target's own folder holds config.json)
+TARGET_REFUSES = ("gene_config.json", "adapter_config.json")
+
+
+def _check_no_other_artifact(where: str, names: Iterable[str], refuse: Iterable[str], choose: str) -> None:
+    found = sorted(set(names) & set(refuse))
+    if found:
+        raise ArtifactWriteError(
+            errno.EEXIST, f"refusing to replace {where}: it holds {ARTIFACT_MARKERS.get(found[0], 'another artifact')} "
+            f"({found[0]}), not this kind of artifact; choose an empty or new {choose}")
+
+
 def check_writable_folder(path: str | os.PathLike, owned: Callable[[str], bool] | None = None) -> None:
     """Cheap checks before an expensive job that ends by writing the folder ``path``: it is not an
     existing file, the nearest existing folder above it takes a new file (probed by creating and
@@ -446,13 +462,16 @@ def _remove_legacy_lock(path: Path) -> None:
 
 
 def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T], *,
-                            owned: Callable[[str], bool] | None = None, keep_foreign: bool = False) -> T:
+                            owned: Callable[[str], bool] | None = None, keep_foreign: bool = False,
+                            refuse: tuple[str, ...] = ()) -> T:
     """Replace the folder ``path`` by what ``write(staging_folder)`` puts in a fresh staging folder.
 
     ``owned(name)`` says which top-level entries of an existing folder belong to the artifact. With
     ``keep_foreign=False`` an existing folder holding any other entry is refused (so a mistyped path
     never replaces someone's folder); with ``keep_foreign=True`` other entries (a tokenizer, Trainer
-    checkpoints) are hard-linked into the new folder before the swap. Entries the artifact owns but the
+    checkpoints) are hard-linked into the new folder before the swap. An existing folder holding one of
+    the names ``refuse`` (the marks of another artifact, :data:`ARTIFACT_MARKERS`) is refused before
+    ``write`` runs, whatever ``keep_foreign`` says. Entries the artifact owns but the
     new write did not produce are gone after the swap. Raises :class:`ArtifactWriteError` (an
     ``OSError``) when the folder cannot be written; the old folder is then untouched.
     """
@@ -472,6 +491,7 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
         _remove_legacy_lock(path)
         clean_stale(path)
         if path.exists():
+            _check_no_other_artifact(str(path), (entry.name for entry in path.iterdir()), refuse, "folder")
             _check_replaceable(path, None if keep_foreign else owned)
         staging = parent / _temp_name(path.name, "tmp")
         try:
@@ -527,45 +547,84 @@ def _swap_in(staging: Path, path: Path) -> None:
 
 #: the size and SHA-256 of every file a unite_hf target save wrote, verified by ``from_pretrained``
 TARGET_CHECKSUMS_NAME = "unite_checksums.json"
-# what a target save owns in its folder (replaced); anything else (a tokenizer saved beside it, Trainer
-# checkpoints, training_args.bin) is carried into the new folder untouched
-_TARGET_OWNED = re.compile(r"^(config\.json|generation_config\.json|README\.md|.*\.safetensors|.*\.safetensors\.index\.json"
-                           r"|pytorch_model.*\.bin|(modeling|configuration)_.*\.py|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
+# The names transformers loads a checkpoint from (config, weights, shards, their indexes), plus leftovers of
+# per-file writes (`.model.safetensors.123.ab12.tmp`): a model save replaces these even where no earlier
+# save recorded them, since a stale one (an unsharded model.safetensors beside new shards) would be loaded
+# in place of, or mixed with, the new weights.
+_CHECKPOINT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
+                               r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|(model\.safetensors|pytorch_model\.bin)\.index\.json"
+                               r"|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
+
+
+def _recorded_names(manifest: Path) -> set[str]:
+    """The paths a checksum record (``{"files": {path: record}}``) lists; empty where it is absent or unreadable."""
+    try:
+        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+    return {name for name in files if isinstance(name, str)} if isinstance(files, dict) else set()
+
+
+def target_owner(directory: str | os.PathLike, also: Callable[[str], bool] | None = None) -> Callable[[str], bool]:
+    """``owned(name)`` for a model save into the folder ``directory``: what the previous save recorded in
+    its :data:`TARGET_CHECKSUMS_NAME`, the names transformers loads a checkpoint from, and ``also``.
+    Anything else (the user's README, notes, other ``*.safetensors`` or ``modeling_*.py``, a tokenizer saved
+    beside the model, Trainer checkpoints, training_args.bin) is not the save's: it is kept. The record is
+    read at the first call, i.e. under the folder's write lock."""
+    recorded: list[set[str]] = []
+
+    def owned(name: str) -> bool:
+        if not recorded:
+            recorded.append({path.split("/")[0] for path in _recorded_names(Path(directory) / TARGET_CHECKSUMS_NAME)})
+        return name in recorded[0] or bool(_CHECKPOINT_NAMES.match(name)) or (also is not None and also(name))
+
+    return owned
 
 
 def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path], T]) -> T:
     """Replace ``save_directory`` atomically with what ``save(staging)`` writes, plus
-    :data:`TARGET_CHECKSUMS_NAME`; files of the folder that a model save does not own are kept."""
+    :data:`TARGET_CHECKSUMS_NAME`. Files of the folder that the save neither writes nor owns (see
+    :func:`target_owner`) are kept; a folder holding a gene or a peft adapter (:data:`TARGET_REFUSES`)
+    is refused with :class:`ArtifactWriteError` before ``save`` runs."""
     def write(staging: Path) -> T:
         result = save(staging)
         record_target_checksums(staging)
         return result
 
-    return write_folder_atomically(save_directory, write, owned=lambda name: bool(_TARGET_OWNED.match(name)),
-                                   keep_foreign=True)
+    return write_folder_atomically(save_directory, write, owned=target_owner(save_directory), keep_foreign=True,
+                                   refuse=TARGET_REFUSES)
 
 
 def save_model_folder(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> None:
     """Replace the folder ``path`` atomically with ``model.save_pretrained`` plus the tokenizer, for
     any transformers model (plain Llama targets, moefied sources, UNITE targets), so that at every
-    instant ``path`` holds the whole old model or the whole new one; other files of the folder stay."""
+    instant ``path`` holds the whole old model or the whole new one. Other files of the folder stay
+    (:func:`target_owner`; with a tokenizer, the old tokenizer's files are replaced too); a folder
+    holding a gene or a peft adapter is refused before anything is written."""
     tokenizer_files = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
 
-    def owned(name: str) -> bool:
-        return bool(_TARGET_OWNED.match(name)) or (tokenizer is not None and name.startswith(tokenizer_files))
+    def tokenizers(name: str) -> bool:
+        return tokenizer is not None and name.startswith(tokenizer_files)
 
     def write(staging: Path) -> None:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
 
-    write_folder_atomically(path, write, owned=owned, keep_foreign=True)
+    write_folder_atomically(path, write, owned=target_owner(path, also=tokenizers), keep_foreign=True,
+                            refuse=TARGET_REFUSES)
 
 
 def record_target_checksums(directory: str | os.PathLike) -> None:
     """Write :data:`TARGET_CHECKSUMS_NAME`: the size and SHA-256 of every other file of the folder."""
     records = file_records(directory, exclude=(TARGET_CHECKSUMS_NAME,))
     (Path(directory) / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": 1, "files": records}))
+
+
+def target_record_files(directory: str | os.PathLike) -> list[str]:
+    """The files a target save wrote in ``directory``: those its :data:`TARGET_CHECKSUMS_NAME` records, and
+    that record itself (what ``save_pretrained(push_to_hub=True)`` uploads)."""
+    return sorted(_recorded_names(Path(directory) / TARGET_CHECKSUMS_NAME) | {TARGET_CHECKSUMS_NAME})
 
 
 def verify_target_download(repo_id: str, kwargs: dict[str, Any]) -> bool:
@@ -601,3 +660,68 @@ def verify_target_folder(directory: str | os.PathLike, present_only: bool = Fals
         if not (present_only and not (directory / name).exists()):
             verify_file(directory / name, record)
     return True
+
+
+# -- Hub pushes: the repo ends up holding the artifact, not a mix of it and an older one -------------------
+
+#: files of a Hub repo that a push keeps although the artifact lacks them (the repo's LFS rules)
+HUB_KEPT = (".gitattributes",)
+
+
+class HubBase:
+    """Where a push lands: the repo, the commit it builds on and the repo's files at that commit."""
+
+    def __init__(self, repo_id: str, commit: str, files: Iterable[str]) -> None:
+        self.repo_id, self.commit, self.files = repo_id, commit, tuple(files)
+
+
+def hub_push_base(api: Any, repo_id: str, *, revision: str | None = None, refuse: Iterable[str] = ()) -> HubBase:
+    """The commit a push to ``repo_id`` builds on (``revision``'s head, default the main branch; a pull
+    request is opened from it) and the repo's files there. Called before anything is saved: a repo
+    holding an artifact of another kind (one of the names ``refuse``, see :data:`ARTIFACT_MARKERS`) is
+    refused with :class:`ArtifactWriteError`, since the push would delete it."""
+    commit = api.repo_info(repo_id, revision=revision).sha
+    files = api.list_repo_files(repo_id, revision=commit)
+    _check_no_other_artifact(f"the Hub repo {repo_id}", files, refuse, "repo")
+    return HubBase(repo_id, commit, files)
+
+
+def hub_target_owner(api: Any, base: HubBase) -> Callable[[str], bool]:
+    """``owned(path)`` of a target push: the files the repo's previous :data:`TARGET_CHECKSUMS_NAME`
+    records (the previous push's) and top-level files under transformers' checkpoint names. A target push
+    deletes those the new target lacks and keeps every other file of the repo (a tokenizer, Trainer's
+    training_args.bin, the user's files), as a target save keeps them in its folder."""
+    recorded: set[str] = set()
+    if TARGET_CHECKSUMS_NAME in base.files:
+        try:
+            manifest = api.hf_hub_download(repo_id=base.repo_id, filename=TARGET_CHECKSUMS_NAME, revision=base.commit)
+            recorded = _recorded_names(Path(manifest))
+        except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint names still go
+            pass
+    return lambda path: path in recorded or ("/" not in path and bool(_CHECKPOINT_NAMES.match(path)))
+
+
+def hub_commit_artifact(api: Any, base: HubBase, folder: str | os.PathLike, *, files: Iterable[str] | None = None,
+                        owned: Callable[[str], bool] | None = None, commit_message: str,
+                        commit_description: str | None = None, revision: str | None = None,
+                        create_pr: bool = False) -> Any:
+    """Upload ``files`` of ``folder`` (default: all of them) and delete, in the same commit, every file of
+    the repo at ``base`` that is not among them, is not in :data:`HUB_KEPT` and that the artifact
+    ``owned`` (default: every file), so the repo holds the new artifact and nothing of an older one.
+    The commit names ``base.commit`` as its parent: if another commit landed on the revision since, the
+    Hub refuses this one (HTTP 412) rather than delete files this push never saw; nothing changes then.
+    Returns the ``CommitInfo``."""
+    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+    folder = Path(folder)
+    if files is None:
+        files = [path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file()
+                 and not any(part.startswith(".") for part in path.relative_to(folder).parts)]
+    added = sorted(set(files))
+    operations: list[Any] = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(folder / name)) for name in added]
+    uploaded = set(added)
+    operations += [CommitOperationDelete(path_in_repo=name) for name in sorted(base.files)
+                   if name not in uploaded and name not in HUB_KEPT and (owned is None or owned(name))]
+    return api.create_commit(base.repo_id, operations, commit_message=commit_message,
+                             commit_description=commit_description, revision=revision, create_pr=create_pr,
+                             parent_commit=base.commit)

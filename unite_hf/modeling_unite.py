@@ -251,7 +251,11 @@ class UnitePreTrainedModel(PreTrainedModel):
 
         With ``push_to_hub=True`` (``repo_id``, ``commit_message``, ``commit_description``,
         ``create_pr``, ``private``, ``revision``, ``tags``, ``token`` as in transformers), the card is
-        written with the repo id before the upload, so the Hub gets the UNITE card. A target grown
+        written with the repo id before the upload, so the Hub gets the UNITE card; the push then replaces
+        the repo's previous target as :meth:`push_to_hub` does (uploading the files this save wrote, not
+        the other files of ``save_directory``). With unite_hf installed the folder is replaced atomically:
+        the files a previous save recorded go, the folder's other files stay, and a folder holding a gene
+        or a peft adapter is refused (``unite_hf.io.save_target_folder``). A target grown
         from a gene takes the saved location as its ``name_or_path`` (what peft records as an
         adapter's base model)."""
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "commit_description", "create_pr",
@@ -263,22 +267,32 @@ class UnitePreTrainedModel(PreTrainedModel):
         kwargs.setdefault("save_original_format", False)
         if not is_main_process:
             return super().save_pretrained(save_directory, is_main_process, *args, **kwargs)
-        repo_id, timestamps, token = None, {}, kwargs.get("token")
+        repo_id, timestamps, token, base = None, {}, kwargs.get("token"), None
+        io = _unite_io()
         if push_to_hub:
             from huggingface_hub import HfApi
 
+            api = HfApi(token=token)
             name = hub.get("repo_id") or os.path.basename(os.path.normpath(os.fspath(save_directory)))
-            repo_id = HfApi(token=token).create_repo(name, private=hub.get("private"), exist_ok=True).repo_id
-            timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
+            repo_id = api.create_repo(name, private=hub.get("private"), exist_ok=True).repo_id
+            if io:  # before the save: the repo's files, which the push replaces; another artifact's repo is refused
+                base = _hub_base(io, api, repo_id, hub.get("revision"), hub.get("create_pr", False))
+            else:
+                timestamps = self._get_files_timestamps(save_directory) if os.path.isdir(save_directory) else {}
         def save(folder):
             saved = super(UnitePreTrainedModel, self).save_pretrained(folder, is_main_process, *args, **kwargs)
             self._write_card(folder, repo_id, hub.get("tags"))
             return saved
 
         # with unite_hf: the folder is replaced atomically and records every file's SHA-256
-        io = _unite_io()
         result = io.save_target_folder(save_directory, save) if io else save(save_directory)
-        if push_to_hub:
+        if base is not None:  # the files this save wrote; the repo's others as in push_to_hub
+            io.hub_commit_artifact(api, base, save_directory, files=io.target_record_files(save_directory),
+                                   owned=io.hub_target_owner(api, base), revision=hub.get("revision"),
+                                   create_pr=hub.get("create_pr", False),
+                                   commit_message=hub.get("commit_message") or "Upload UNITE target",
+                                   commit_description=hub.get("commit_description"))
+        elif push_to_hub:  # remote code without unite_hf: transformers' upload (nothing deleted on the repo)
             self._upload_modified_files(save_directory, repo_id, timestamps, commit_message=hub.get("commit_message"),
                                         token=token, create_pr=hub.get("create_pr", False),
                                         revision=hub.get("revision"), commit_description=hub.get("commit_description"))
@@ -305,21 +319,38 @@ class UnitePreTrainedModel(PreTrainedModel):
                     token: str | bool | None = None, revision: str | None = None, create_pr: bool = False,
                     max_shard_size: int | str = "5GB", tags: list[str] | str | None = None, **kwargs):
         """Save (weights, config, modeling code, the UNITE model card with this repo id and ``tags``)
-        and upload in one commit. ``tags`` are added to ``model.model_tags``, as in transformers."""
+        and upload in one commit. ``tags`` are added to ``model.model_tags``, as in transformers.
+
+        With unite_hf installed, the same commit deletes what the repo (at ``revision``, default the main
+        branch) holds of an older target that this one lacks: the files the previous push recorded in
+        ``unite_checksums.json`` and any weights, shards, indexes or configs under transformers' checkpoint
+        names (an unsharded ``model.safetensors`` left beside new shards would load instead of them). Every
+        other file of the repo stays (``.gitattributes``, a tokenizer, Trainer's files, the user's files).
+        A repo holding a gene or a peft adapter is refused with ``unite_hf.io.ArtifactWriteError`` before
+        anything is saved; the Hub refuses the commit if another one lands on the revision meanwhile.
+        Without unite_hf (remote code) the folder is uploaded and nothing is deleted."""
         from huggingface_hub import HfApi
 
         if tags:
             self.add_model_tags(tags)
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        io = _unite_io()
+        base = io.hub_push_base(api, repo_id, revision=revision, refuse=io.TARGET_REFUSES) if io else None
         with tempfile.TemporaryDirectory() as work_dir:
             kwargs.setdefault("save_original_format", False)  # in-memory names, as save_pretrained
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
-            if _unite_io():
-                _unite_io().record_target_checksums(work_dir)  # verified by from_pretrained after download
-            info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
-                                     commit_description=commit_description, revision=revision, create_pr=create_pr)
+            if base is not None:
+                io.record_target_checksums(work_dir)  # verified by from_pretrained after download
+                info = io.hub_commit_artifact(api, base, work_dir, owned=io.hub_target_owner(api, base),
+                                              commit_message=commit_message or "Upload UNITE target",
+                                              commit_description=commit_description, revision=revision,
+                                              create_pr=create_pr)
+            else:
+                info = api.upload_folder(repo_id=repo_id, folder_path=work_dir, commit_message=commit_message,
+                                         commit_description=commit_description, revision=revision,
+                                         create_pr=create_pr)
         if not self.name_or_path:
             self.name_or_path = repo_id
         return info
@@ -333,6 +364,20 @@ class UnitePreTrainedModel(PreTrainedModel):
             breakdown[_role(name, param, embeddings)] = breakdown.get(_role(name, param, embeddings), 0) + param.numel()
         breakdown["total"] = sum(breakdown.values())
         return breakdown
+
+
+def _hub_base(io, api, repo_id: str, revision: str | None, create_pr: bool):
+    """``io.hub_push_base`` for ``save_pretrained(push_to_hub=True)``, which creates the ``revision`` branch
+    first, as transformers' upload does."""
+    if revision is not None and not revision.startswith("refs/pr"):
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+        except HfHubHTTPError as err:
+            if not (create_pr and err.response is not None and err.response.status_code == 403):
+                raise  # a pull request on a repo we cannot write: the branch should exist
+    return io.hub_push_base(api, repo_id, revision=revision, refuse=io.TARGET_REFUSES)
 
 
 def _unite_io():
