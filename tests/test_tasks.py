@@ -62,7 +62,7 @@ def test_registry_lists_the_nine_tasks_and_aliases():
     assert {n: s.num_choices for n, s in TASKS.items()} == {
         "arc_easy": 5, "arc_challenge": 5, "openbookqa": 4, "piqa": 2, "hellaswag": 4, "winogrande": 2, "rte": 2,
         "boolq": 2, "sst2": 2}
-    assert TASKS["hellaswag"].hub_only and TASKS["winogrande"].hub_only and not TASKS["piqa"].hub_only
+    assert not any(spec.hub_only for spec in TASKS.values())  # HellaSwag and Winogrande read local files too
 
 
 def test_unknown_task_lists_known_ones():
@@ -233,6 +233,174 @@ def test_train_fraction_sizes_nested_and_seeded():
     assert len(local("piqa", "train", train_fraction=0.5)) == 735
 
 
+# -- Winogrande and HellaSwag from their release files ---------------------------------------------
+@needs_data
+def test_winogrande_release_files_line_by_line():
+    """train_xs.jsonl (the only training size here) and dev.jsonl, each row against its raw line and the
+    label on the same line of the release's *-labels.lst. Before, Winogrande was Hub-only."""
+    folder = DATA_DIR / "winogrande"
+    for split, stem, n in (("train", "train_xs", 160), ("validation", "dev", 1267)):
+        raw = read_jsonl(folder / f"{stem}.jsonl")
+        labels = (folder / f"{stem}-labels.lst").read_text().split()
+        task = local("winogrande", split)
+        assert len(task) == len(raw) == len(labels) == n and task.origin.endswith(f"winogrande/{stem}.jsonl")
+        for ex, rec, label in zip(task.dataset, raw, labels):
+            assert ex["id"] == rec["qID"] and ex["context"] == rec["sentence"]
+            assert ex["choices"] == [rec["option1"], rec["option2"]] and ex["label"] == int(label) - 1
+    first = local("winogrande", "validation").dataset[0]
+    assert first == {"id": "3FCO4VKOZ4BJQ6IFC0VAIBK4KTWE7U-2",
+                     "context": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+                     "choices": ["Sarah", "Maria"], "label": 1}  # answer "2"
+    assert local("winogrande", "validation").notes == []
+    train = local("winogrande", "train")
+    assert any("read from train_xs.jsonl (160 rows), not from train_xl.jsonl" in n and "winogrande_xl" in n
+               for n in train.notes)
+    with pytest.raises(FileNotFoundError, match=r"no local 'test' split.*test.jsonl\); available: train, validation"):
+        local("winogrande", "test")
+
+
+def test_winogrande_labels_files_and_training_sizes(tmp_path):
+    """The largest training size present is read; *-labels.lst fills a missing answer, must agree with a
+    given one and must have one line per record; test.jsonl (no answers, no labels file) is unlabelled."""
+    folder = tmp_path / "winogrande"
+    folder.mkdir()
+    rows = [{"qID": f"q{i}", "sentence": f"Ann met Bo and _ waved {i}.", "option1": "Ann", "option2": "Bo"}
+            for i in range(3)]
+
+    def write(stem, answers, labels=None):
+        (folder / f"{stem}.jsonl").write_text("".join(json.dumps({**r, **({"answer": a} if a else {})}) + "\n"
+                                                      for r, a in zip(rows, answers)))
+        if labels is not None:
+            (folder / f"{stem}-labels.lst").write_text("".join(f"{x}\n" for x in labels))
+
+    write("train_xs", ["1", "1", "1"])
+    write("train_s", ["", "", ""], ["2", "1", "2"])  # answers only in the labels file
+    write("dev", ["1", "2", "1"], ["1", "2", "1"])
+    write("test", ["", "", ""])
+    train = load_task("winogrande", "train", tmp_path, source="local")
+    assert train.origin.endswith("train_s.jsonl") and list(train.dataset["label"]) == [1, 0, 1]
+    assert any("read from train_s.jsonl (3 rows), not from train_xl.jsonl" in n for n in train.notes)
+    assert list(load_task("winogrande", "validation", tmp_path, source="local").dataset["label"]) == [0, 1, 0]
+    test = load_task("winogrande", "test", tmp_path, source="local")
+    assert list(test.dataset["label"]) == [-1, -1, -1] and any("3 of 3 rows have no label" in n for n in test.notes)
+    (folder / "dev-labels.lst").write_text("1\n1\n1\n")
+    with pytest.raises(ValueError, match=r"dev.jsonl: record 2 \(qID q1\) has answer '2' but line 2 of dev-labels.lst"):
+        load_task("winogrande", "validation", tmp_path, source="local")
+    (folder / "dev-labels.lst").write_text("1\n2\n")
+    with pytest.raises(ValueError, match="has 3 records but .*dev-labels.lst has 2 labels"):
+        load_task("winogrande", "validation", tmp_path, source="local")
+    (folder / "dev.jsonl").write_text(json.dumps({**rows[0], "sentence": "No blank here.", "answer": "1"}) + "\n")
+    (folder / "dev-labels.lst").unlink()
+    with pytest.raises(ValueError, match="has 0 '_' blanks, expected exactly one"):
+        load_task("winogrande", "validation", tmp_path, source="local")
+
+
+@needs_data
+def test_hellaswag_partial_train_file_split_with_fixed_seed():
+    """The only HellaSwag file here is the first 3368 rows of the release's train file: train and validation
+    are carved from it with the fixed seed (80/20, as PIQA's and BoolQ's validation files), and the notes say
+    so and name the file and the split its rows belong to. Before, HellaSwag was Hub-only."""
+    raw = read_jsonl(DATA_DIR / "hellaswag" / "hellaswag_train_first3368.jsonl")
+    assert len(raw) == 3368 and {r["split"] for r in raw} == {"train"}
+    by_ind = {str(r["ind"]): r for r in raw}
+    train, val = local("hellaswag", "train"), local("hellaswag", "validation")
+    assert (len(train), len(val)) == (2694, 674)  # 674 = round(0.2 * 3368)
+    train_ids, val_ids = set(train.dataset["id"]), set(val.dataset["id"])
+    assert not train_ids & val_ids and train_ids | val_ids == set(by_ind)
+    for ex in list(train.dataset) + list(val.dataset):
+        rec = by_ind[ex["id"]]
+        assert ex["context"] == rec["ctx"] and ex["choices"] == rec["endings"] and ex["label"] == rec["label"]
+    for part in (train, val):
+        assert any("no validation split" in n and f"fixed seed {DERIVED_SPLIT_SEED}" in n and "2694" in n
+                   and "674" in n and "the train split" in n for n in part.notes)
+        assert any("read from hellaswag_train_first3368.jsonl (3368 rows; every row's 'split' field says 'train')"
+                   in n and "not from hellaswag_train.jsonl" in n for n in part.notes)
+    assert list(local("hellaswag", "validation", seed=5).dataset["id"]) == list(val.dataset["id"])
+    with pytest.raises(FileNotFoundError, match=r"no local 'test' split.*hellaswag_test.jsonl"):
+        local("hellaswag", "test")
+
+
+def test_hellaswag_release_files_and_their_split_field(tmp_path):
+    """With the release's hellaswag_train.jsonl and hellaswag_val.jsonl nothing is carved and nothing noted;
+    a file whose rows say another split, and two files for one pattern, are errors."""
+    folder = tmp_path / "hellaswag"
+    folder.mkdir()
+
+    def rows(split, n):
+        return "".join(json.dumps({"ind": i, "ctx": f"ctx {i}", "endings": ["a", "b", "c", "d"], "label": i % 4,
+                                   "split": split}) + "\n" for i in range(n))
+
+    (folder / "hellaswag_train.jsonl").write_text(rows("train", 5))
+    (folder / "hellaswag_val.jsonl").write_text(rows("val", 3))
+    train = load_task("hellaswag", "train", tmp_path, source="local")
+    val = load_task("hellaswag", "validation", tmp_path, source="local")
+    assert (len(train), len(val), train.notes, val.notes) == (5, 3, [], [])
+    assert list(val.dataset["label"]) == [0, 1, 2]
+    (folder / "hellaswag_val.jsonl").write_text(rows("train", 3))
+    with pytest.raises(ValueError, match=r"hellaswag_val.jsonl is read as the validation split, but its rows' 'split' "
+                                         r"field says 'train' \(3 rows\)"):
+        load_task("hellaswag", "validation", tmp_path, source="local")
+    (folder / "hellaswag_train.jsonl").unlink()
+    (folder / "hellaswag_val.jsonl").unlink()
+    (folder / "hellaswag_train_first3.jsonl").write_text(rows("train", 3))
+    (folder / "hellaswag_train_first4.jsonl").write_text(rows("train", 4))
+    with pytest.raises(ValueError, match=r"'hellaswag_train_first\*.jsonl' matches 2 files"):
+        load_task("hellaswag", "train", tmp_path, source="local")
+
+
+def test_a_data_folder_without_the_task_is_named(tmp_path, monkeypatch):
+    """A data folder given without winogrande/ or hellaswag/: source='local' names the files looked for;
+    'auto' falling back to the Hub says so in the notes (it used to skip the folder without a word)."""
+    with pytest.raises(FileNotFoundError) as info:
+        load_task("winogrande", "train", tmp_path, source="local")
+    assert str(tmp_path / "winogrande" / "train_xl.jsonl") in str(info.value) and "train_xs.jsonl" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"hellaswag/hellaswag_train.jsonl \(or hellaswag_train_first\*"):
+        load_task("hellaswag", "validation", tmp_path, source="local")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda path, name=None, split=None, **kw: HUB_CASES["winogrande"][0])
+    wino = load_task("winogrande", "validation", tmp_path)
+    assert wino.source == "hub" and wino.origin == "hub:allenai/winogrande/winogrande_xl[validation]"
+    assert any(f"not read from the data folder {tmp_path.resolve()}" in n and "dev.jsonl not found" in n
+               and "read from the Hub instead" in n for n in wino.notes)
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(TaskLoadError, match=r"(?s)hellaswag_train.jsonl.*not found.*Falling back to the Hub failed"):
+        load_task("hellaswag", "validation", tmp_path)
+
+
+@needs_data
+@needs_tokenizer
+def test_winogrande_multiple_choice_fills_the_blank(tokenizer):
+    """Each of the two sequences is the sentence with one option in place of '_'; the classification format
+    keeps the blank and enumerates the options. A cut removes words before the blank, never the option or
+    the rest of the sentence."""
+    val = local("winogrande", "validation")
+    first = TaskData(val.name, val.split, val.dataset.select([0]), val.spec, val.source, val.origin)
+    mc = tokenize_task(first, tokenizer, "multiple_choice", max_length=64)
+    assert [tokenizer.decode(x) for x in mc[0]["input_ids"]] == [
+        "Sarah was a much better surgeon than Maria so Sarah always got the easier cases.",
+        "Sarah was a much better surgeon than Maria so Maria always got the easier cases."]
+    assert mc[0]["labels"] == 1
+    assert format_multiple_choice_texts(first.dataset[0], blank="_")[1].endswith("so Maria always got the easier cases.")
+    cls = tokenize_task(first, tokenizer, "classification", max_length=64)
+    assert tokenizer.decode(cls[0]["input_ids"]) == (
+        "Sarah was a much better surgeon than Maria so _ always got the easier cases.\nA. Sarah\nB. Maria\nAnswer:")
+    # "Sarah| was| a| much| better| surgeon| than| Maria| so" + " Sarah| always| got| the| easier| cases|." = 9 + 7
+    assert [len(x) for x in mc[0]["input_ids"]] == [16, 16]
+    short = tokenize_task(first, tokenizer, "multiple_choice", max_length=12)
+    assert [tokenizer.decode(x) for x in short[0]["input_ids"]] == [
+        " better surgeon than Maria so Sarah always got the easier cases.",  # 16 - 12 = 4 cut: "Sarah was a much"
+        " better surgeon than Maria so Maria always got the easier cases."]
+    # a bare Dataset carries no spec: blank= asks for the substitution
+    bare = tokenize_task(first.dataset, tokenizer, "multiple_choice", 64, blank="_")
+    assert bare["input_ids"] == mc["input_ids"]
+    assert tokenizer.decode(tokenize_task(first.dataset, tokenizer, "multiple_choice", 64)[0]["input_ids"][0]).endswith(
+        "_ always got the easier cases.\nAnswer: Sarah")
+
+
 # -- missing and empty data --------------------------------------------------------------------------
 def test_missing_local_files_name_the_path(tmp_path, monkeypatch):
     monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
@@ -246,14 +414,19 @@ def test_missing_local_files_name_the_path(tmp_path, monkeypatch):
 
 
 def test_hub_only_tasks_offline(monkeypatch):
+    """A spec without a local folder (a user's Hub-only task) is read from the Hub only, and says so."""
+    import dataclasses
+
     def offline(*args, **kwargs):
         raise ConnectionError("Couldn't reach the Hub")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(FileNotFoundError, match="HellaSwag has no local copy.*Hub only.*Rowan/hellaswag"):
-        load_task("hellaswag", "validation", source="local")
+    hub_only = dataclasses.replace(TASKS["winogrande"], local_dir=None, local_files={})
+    assert hub_only.hub_only
+    with pytest.raises(FileNotFoundError, match="Winogrande has no local copy.*Hub only.*allenai/winogrande"):
+        load_task(hub_only, "validation", source="local")
     with pytest.raises(TaskLoadError, match=r"(?s)Winogrande.*Hub-only.*allenai/winogrande \(winogrande_xl\).*reach"):
-        load_task("winogrande", "validation")
+        load_task(hub_only, "validation")
 
 
 @needs_data
@@ -472,10 +645,11 @@ def test_hub_path_is_load_dataset_plus_normalise(monkeypatch):
     assert any("read from baber/piqa" in n and "scripts are no longer supported" in n for n in piqa.notes)
     assert any("1 of 2 rows have no label" in n for n in piqa.notes)
 
-    # Hub-only tasks go straight to the Hub under source="auto"
+    # with no data folder, source="auto" goes to the Hub (HellaSwag and Winogrande as every other task)
     calls.clear()
+    monkeypatch.delenv("UNITE_HF_DATA_DIR", raising=False)
     hellaswag = load_task("hellaswag", "validation", train_fraction=0.5)
-    assert calls == [("Rowan/hellaswag", None, "validation")] and len(hellaswag) == 2
+    assert calls == [("Rowan/hellaswag", None, "validation")] and len(hellaswag) == 2 and hellaswag.notes == []
     wino = load_task("winogrande", "train", train_fraction=0.5, seed=0)
     assert calls[-1] == ("allenai/winogrande", "winogrande_xl", "train") and len(wino) == 2
 

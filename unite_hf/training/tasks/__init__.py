@@ -7,7 +7,8 @@ of *normalised examples*::
 
 - **Multiple-choice tasks** (ARC-Easy, ARC-Challenge, OpenBookQA, PIQA, HellaSwag, Winogrande):
   ``context`` is the question / goal / story start / sentence with its ``_`` blank, ``choices`` are the
-  answer texts, ``label`` is the index of the right one.
+  answer texts, ``label`` is the index of the right one. Winogrande's multiple-choice sequences are the
+  sentence with each option in place of the blank (:attr:`TaskSpec.blank`), not ``"Answer: {option}"``.
 - **Text-classification tasks** (GLUE-RTE, BoolQ, SST-2): ``context`` holds the whole input text
   (``"Premise: ...\\nHypothesis: ..."``, ``"Passage: ...\\nQuestion: ...?"``, the sentence) and
   ``choices`` are the class names (``entailment/not_entailment``, ``no/yes``, ``negative/positive``),

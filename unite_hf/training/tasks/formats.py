@@ -32,11 +32,31 @@ def format_classification_text(example: Mapping[str, Any]) -> str:
     return example["context"] + _classification_suffix(example["choices"])
 
 
-def format_multiple_choice_texts(example: Mapping[str, Any], num_choices: int | None = None) -> list[str]:
-    """One ``"{context}\\nAnswer: {choice}"`` per choice, padded with empty choices to ``num_choices``."""
+def format_multiple_choice_texts(example: Mapping[str, Any], num_choices: int | None = None, *,
+                                 blank: str | None = None) -> list[str]:
+    """One ``"{context}\\nAnswer: {choice}"`` per choice, padded with empty choices to ``num_choices``.
+
+    With ``blank`` (Winogrande's ``_``, :attr:`TaskSpec.blank`), each text is instead the context with the
+    choice in place of the blank, ``"{before}{choice}{after}"``: the standard Winogrande substitution.
+    Padding choices leave the blank as it is.
+    """
     choices = list(example["choices"])
     choices += [""] * max(0, (num_choices or len(choices)) - len(choices))
+    if blank is not None:
+        before, after = _split_at_blank(example["context"], blank)
+        return [before + _blank_suffix(choice, after, blank) for choice in choices]
     return [example["context"] + _choice_suffix(choice) for choice in choices]
+
+
+def _split_at_blank(context: str, blank: str) -> tuple[str, str]:
+    if blank not in context:
+        raise ValueError(f"context {context[:80]!r} has no blank {blank!r} for the choices to fill")
+    before, after = context.split(blank, 1)
+    return before, after
+
+
+def _blank_suffix(choice: str, after: str, blank: str) -> str:
+    return (choice or blank) + after
 
 
 def _fit_context(tokenizer: Any, context: str, suffix: str, max_length: int, side: str,
@@ -93,6 +113,7 @@ class _TokenizeFn:
     num_choices: int
     max_length: int
     side: str
+    blank: str | None = None
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         contexts, choices = batch["context"], batch["choices"]
@@ -101,8 +122,15 @@ class _TokenizeFn:
                                          self.max_length, self.side)
             return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": batch["label"]}
         # multiple choice: k suffixes per item, short items padded with empty choices
-        suffixes = [[_choice_suffix(o) for o in list(options) + [""] * (self.num_choices - len(options))]
-                    for options in choices]
+        padded = [list(options) + [""] * (self.num_choices - len(options)) for options in choices]
+        if self.blank is not None:
+            # "{before}{choice}{after}": the text before the blank is the cuttable context, and the choice
+            # with the rest of the sentence is the answer part, kept whole
+            parts = [_split_at_blank(c, self.blank) for c in contexts]
+            contexts = [before for before, _ in parts]
+            suffixes = [[_blank_suffix(o, after, self.blank) for o in row] for row, (_, after) in zip(padded, parts)]
+        else:
+            suffixes = [[_choice_suffix(o) for o in row] for row in padded]
         ids = _encode_multiple_choice(self.tokenizer, contexts, suffixes, self.max_length, self.side)
         return {"input_ids": ids, "attention_mask": [[[1] * len(x) for x in row] for row in ids],
                 "labels": batch["label"]}
@@ -118,6 +146,7 @@ def tokenize_task(
     truncation_side: Literal["left", "right"] = "left",
     batch_size: int = 1000,
     num_proc: int | None = None,
+    blank: str | None = None,
 ) -> Dataset:
     """Tokenise normalised examples for a model head.
 
@@ -127,12 +156,21 @@ def tokenize_task(
             offsets). Special tokens (BOS, ...) are added as the tokenizer does by default.
         format: ``"classification"``: one sequence (:func:`format_classification_text`), ``input_ids``
             ``[T]``; ``"multiple_choice"``: k sequences (:func:`format_multiple_choice_texts`),
-            ``input_ids`` ``[k][T_i]``, padded to k with empty choices.
+            ``input_ids`` ``[k][T_i]``, padded to k with empty choices. For a task with a
+            :attr:`TaskSpec.blank` (Winogrande) the k sequences are the sentence with each choice in
+            place of the blank. Scored as lm-eval-harness's *partial* Winogrande scoring is laid out: the
+            text after the blank is the same continuation in every sequence and the multiple-choice
+            head reads its last token (last-token pooling), so the k scores differ only by what fills
+            the blank before it. (lm-eval sums the continuation's log-likelihood; here a trained head
+            scores the pooled state.)
         max_length: most tokens per sequence. Long contexts lose whole tokens at ``truncation_side``
             (default ``"left"``: the end of the context, next to the question and answers, is kept);
             choices and the final ``Answer:`` are kept.
         num_choices: k; default the task's. Items with more choices than k are dropped (logged).
         batch_size, num_proc: passed to ``Dataset.map``.
+        blank: the blank marker for the substitution above; default the task's :attr:`TaskSpec.blank`
+            when ``task_data`` is a :class:`TaskData` (a bare ``Dataset`` carries no spec: pass
+            ``blank="_"`` for normalised Winogrande examples).
 
     Returns:
         A ``Dataset`` with ``input_ids``, ``attention_mask`` and ``labels`` (no padding: use
@@ -161,6 +199,8 @@ def tokenize_task(
         if len(dataset) == 0:
             raise ValueError(f"no item has at most {num_choices} choices")
 
-    fn = _TokenizeFn(tokenizer, format, num_choices, max_length, truncation_side)
+    if blank is None and isinstance(task_data, TaskData):
+        blank = task_data.spec.blank
+    fn = _TokenizeFn(tokenizer, format, num_choices, max_length, truncation_side, blank)
     return dataset.map(fn, batched=True, batch_size=batch_size, num_proc=num_proc,
                        remove_columns=dataset.column_names, desc=f"tokenising ({format})")

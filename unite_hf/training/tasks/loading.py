@@ -70,9 +70,93 @@ def _read_tsv(path: Path) -> list[dict[str, str]]:
     return records
 
 
+def _read_winogrande(path: Path) -> list[dict[str, Any]]:
+    """A Winogrande release file: ``<name>.jsonl`` (``qID``, ``sentence``, ``option1``, ``option2``, ``answer``)
+    and, when present, ``<name>-labels.lst`` (one ``1``/``2`` per line, the release's answer files).
+
+    The labels file must have one label per record and agree with ``answer`` wherever the jsonl has one
+    (a disagreement is an error, not a silent pick); it fills ``answer`` where the jsonl has none. Without a
+    labels file the jsonl's own ``answer`` is used (``test.jsonl`` has neither: unlabelled).
+    """
+    records = _read_jsonl(path)
+    labels_path = path.with_name(f"{path.stem}-labels.lst")
+    if not labels_path.is_file():
+        return records
+    labels = [line.strip() for line in labels_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) != len(records):
+        raise ValueError(f"{path} has {len(records)} records but {labels_path} has {len(labels)} labels")
+    out = []
+    for row, (record, label) in enumerate(zip(records, labels), 1):
+        answer = str(record.get("answer") or "").strip()
+        if answer and answer != label:
+            raise ValueError(f"{path}: record {row} (qID {record.get('qID')}) has answer {answer!r} but line {row} of "
+                             f"{labels_path.name} says {label!r}")
+        out.append({**record, "answer": label})
+    return out
+
+
 _LOCAL_READERS: dict[str, Callable[[Path], list[dict[str, Any]]]] = {
     "ai2_jsonl": _read_jsonl, "jsonl": _read_jsonl, "piqa": _read_piqa, "tsv": _read_tsv,
+    "winogrande": _read_winogrande,
 }
+
+_SPLIT_FIELD_VALUES = {"train": ("train",), "validation": ("val", "validation", "dev"), "test": ("test",)}
+"""What a record's own ``split`` field (HellaSwag's release files have one) may say for each split."""
+
+
+def _file_candidates(entry: str | tuple[str, ...] | None) -> tuple[str, ...]:
+    if entry is None:
+        return ()
+    return (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def _find_file(folder: Path, entry: str | tuple[str, ...] | None) -> Path | None:
+    """The first of ``entry``'s candidate names present in ``folder``; a glob candidate must match one file."""
+    if not folder.is_dir():
+        return None
+    for name in _file_candidates(entry):
+        if any(ch in name for ch in "*?["):
+            matches = sorted(path for path in folder.glob(name) if path.is_file())
+            if len(matches) > 1:
+                raise ValueError(f"{folder}: {name!r} matches {len(matches)} files "
+                                 f"({', '.join(m.name for m in matches)}); keep one, or name it exactly")
+            if matches:
+                return matches[0]
+        elif (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _expected(folder: Path, entry: str | tuple[str, ...] | None) -> str:
+    """``folder/<first candidate>`` for messages, plus the other accepted names."""
+    names = _file_candidates(entry)
+    if not names:
+        return str(folder)
+    also = f" (or {', '.join(names[1:])})" if len(names) > 1 else ""
+    return f"{folder / names[0]}{also}"
+
+
+def _check_split_field(spec: TaskSpec, path: Path, raw: list[dict[str, Any]], role: str) -> str:
+    """When the records carry their own ``split`` field, it must match the split the file is read as
+    (``hellaswag_val.jsonl`` read as train is an error). Returns a phrase for the notes (or "")."""
+    values = Counter(r["split"] for r in raw if isinstance(r, dict) and isinstance(r.get("split"), str))
+    if not values:
+        return ""
+    wrong = {v: n for v, n in values.items() if v.lower() not in _SPLIT_FIELD_VALUES[role]}
+    if wrong:
+        raise ValueError(f"{spec.pretty_name}: {path} is read as the {role} split, but its rows' 'split' field says "
+                         + ", ".join(f"{v!r} ({n} rows)" for v, n in wrong.items()))
+    return "; every row's 'split' field says " + " or ".join(repr(v) for v in values)
+
+
+def _substitute_note(spec: TaskSpec, role: str, path: Path, rows: int, split_field: str) -> list[str]:
+    """A note when a split was read from a file other than its first (preferred) name."""
+    names = _file_candidates(spec.local_files.get(role))
+    if not names or path.name == names[0]:
+        return []
+    return [f"{spec.pretty_name} {role} split: read from {path.name} ({rows} rows{split_field}), not from "
+            f"{names[0]}, the file preferred for it (the release's, which the Hub copy "
+            f"{spec.hub[0] if spec.hub else '-'} matches): results are not comparable with runs on that file."]
 
 
 def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
@@ -82,7 +166,7 @@ def _resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
 def _task_dir(spec: TaskSpec, data_dir: Path) -> Path:
     """``data_dir/<local_dir>``, or ``data_dir`` itself when the caller pointed straight at the task folder."""
     nested = data_dir / spec.local_dir
-    if nested.is_dir() or not any((data_dir / f).is_file() for f in spec.local_files.values()):
+    if nested.is_dir() or not any(_find_file(data_dir, f) for f in spec.local_files.values()):
         return nested
     return data_dir
 
@@ -101,6 +185,8 @@ class _Loaded:
 
 
 def _load_local(spec: TaskSpec, split: str, data_dir: Path | None) -> _Loaded:
+    """One split from the task's files under ``data_dir``; a split without its own file is carved out of
+    the other one when the spec says so (``carve_from_validation`` / ``carve_from_train``)."""
     if spec.hub_only:
         raise FileNotFoundError(f"{spec.pretty_name} has no local copy: it is read from the Hub only "
                                 f"({', '.join(map(str, spec.hub))}); use source='hub' or 'auto'")
@@ -110,42 +196,54 @@ def _load_local(spec: TaskSpec, split: str, data_dir: Path | None) -> _Loaded:
     folder = _task_dir(spec, data_dir)
     reader = _LOCAL_READERS[spec.local_format]
 
-    def read(file_name: str) -> tuple[list[dict[str, Any]], Path]:
-        path = folder / file_name
+    def read(path: Path, role: str) -> tuple[list[dict[str, Any]], list[str]]:
         raw = reader(path)
         if not raw:
             raise ValueError(f"{spec.pretty_name}: {path} holds no records")
-        return [_normalize_record(spec, record, i) for i, record in enumerate(raw)], path
+        split_field = _check_split_field(spec, path, raw, role)
+        examples = [_normalize_record(spec, record, i) for i, record in enumerate(raw)]
+        return examples, _substitute_note(spec, role, path, len(examples), split_field)
 
-    file_name = spec.local_files.get(split)
-    val_name = spec.local_files.get("validation")
-    train_name = spec.local_files.get("train")
-    # No train file but a validation file: carve both train and validation out of it, so they are disjoint
-    carve = (spec.carve_from_validation and split in ("train", "validation") and val_name is not None
-             and (folder / val_name).is_file() and not (train_name and (folder / train_name).is_file()))
-    if carve:
-        examples, path = read(val_name)
+    found = {s: _find_file(folder, entry) for s, entry in spec.local_files.items()}
+    train_path, val_path = found.get("train"), found.get("validation")
+    # One of train/validation has no file but the other has: carve both out of it, so they are disjoint
+    source = None
+    if split in ("train", "validation"):
+        if spec.carve_from_validation and val_path is not None and train_path is None:
+            source = ("validation", val_path, "train")
+        elif spec.carve_from_train and train_path is not None and val_path is None:
+            source = ("train", train_path, "validation")
+    if source is not None:
+        role, path, missing = source
+        examples, notes = read(path, role)
         train_idx, val_idx = _carve(len(examples), DERIVED_SPLIT_SEED, DERIVED_VALIDATION_FRACTION)
         keep = train_idx if split == "train" else val_idx
         pct = round(100 * DERIVED_VALIDATION_FRACTION)
-        note = (f"{spec.pretty_name} has no train split in {folder}: {path.name} ({len(examples)} labelled rows) was "
-                f"split with fixed seed {DERIVED_SPLIT_SEED} into train ({len(train_idx)}) and validation "
-                f"({len(val_idx)}), {100 - pct}/{pct}; '{split}' is the {len(keep)}-row part. Validation accuracy is "
-                f"on this held-out part, not on the official {spec.pretty_name} validation set.")
-        return _Loaded(_examples_to_dataset([examples[i] for i in keep]), f"{path}[{split} part]", [note])
-    if file_name is not None and (folder / file_name).is_file():
-        examples, path = read(file_name)
-        return _Loaded(_examples_to_dataset(examples), str(path), [])
+        note = (f"{spec.pretty_name} has no {missing} split in {folder}: {path.name} ({len(examples)} labelled rows, "
+                f"the {role} split) was split with fixed seed {DERIVED_SPLIT_SEED} into train ({len(train_idx)}) and "
+                f"validation ({len(val_idx)}), {100 - pct}/{pct}; '{split}' is the {len(keep)}-row part. Validation "
+                f"accuracy is on this held-out part, not on the official {spec.pretty_name} validation set.")
+        return _Loaded(_examples_to_dataset([examples[i] for i in keep]), f"{path}[{split} part]", [note, *notes])
+    path = found.get(split)
+    if path is not None:
+        examples, notes = read(path, split)
+        return _Loaded(_examples_to_dataset(examples), str(path), notes)
 
-    available = [s for s, f in spec.local_files.items() if (folder / f).is_file()]
-    if spec.carve_from_validation and "validation" in available and "train" not in available:
+    available = [s for s in SPLITS if found.get(s) is not None]
+    if spec.carve_from_validation and val_path is not None and train_path is None:
         available.insert(0, "train")
+    if spec.carve_from_train and train_path is not None and val_path is None:
+        available.insert(1, "validation")
     if not available:
-        # A carved split comes from the validation file: name that one, not the absent train file
-        wanted = val_name if spec.carve_from_validation and split != "test" else file_name
-        expected = folder / (wanted or val_name or next(iter(spec.local_files.values())))
-        raise FileNotFoundError(_missing_local_message(spec, f"local file {expected} not found"))
-    missing = f" (expected {folder / file_name})" if file_name else ""
+        # A carved split comes from the other file: name that one, not the absent file of this split
+        wanted = split
+        if split != "test" and spec.carve_from_validation:
+            wanted = "validation"
+        elif split != "test" and spec.carve_from_train:
+            wanted = "train"
+        entry = spec.local_files.get(wanted) or spec.local_files.get(split) or next(iter(spec.local_files.values()))
+        raise FileNotFoundError(_missing_local_message(spec, f"local file {_expected(folder, entry)} not found"))
+    missing = f" (expected {_expected(folder, spec.local_files[split])})" if split in spec.local_files else ""
     raise FileNotFoundError(
         f"{spec.pretty_name} has no local '{split}' split in {folder}{missing}; available: {', '.join(available)}. "
         f"Use one of those, or source='hub' ({', '.join(map(str, spec.hub))}).")
@@ -258,6 +356,12 @@ def load_task(
             ``hellaswag``, ``winogrande``, ``rte``, ``boolq``, ``sst2``) or a :class:`TaskSpec`.
         split: ``"train"``, ``"validation"`` or ``"test"``. Locally, PIQA and BoolQ have no train file:
             their validation file is split with :data:`DERIVED_SPLIT_SEED` (80/20), and ``notes`` says so.
+            HellaSwag here has no validation file: its train file (``hellaswag_train.jsonl``, or a partial
+            copy named ``hellaswag_train_first*.jsonl``) is split the same way. Winogrande reads the
+            largest ``train_{xl,l,m,s,xs}.jsonl`` present, ``dev.jsonl`` and ``test.jsonl`` (answers checked
+            against the release's ``*-labels.lst``). A file other than a split's preferred one is named in
+            ``notes``, and so is a given data folder that lacks the task when ``source="auto"`` falls back
+            to the Hub.
         data_dir: the folder holding ``arc_easy/``, ``piqa/``, ... Default: ``$UNITE_HF_DATA_DIR``, else no
             local folder (see :func:`unite_hf.calibration.find_local_data_dir`; never relative to the cwd). A task folder
             itself (``.../arc_easy``) is accepted too.
@@ -293,6 +397,9 @@ def load_task(
                 loaded, used = _load_hub(spec, split), "hub"
             except TaskLoadError as hub_exc:
                 raise TaskLoadError(f"{local_exc}\nFalling back to the Hub failed too. {hub_exc}") from hub_exc
+            if local_dir is not None:  # a data folder was given but lacks the task: say so, not a silent switch
+                loaded.notes.insert(0, f"{spec.pretty_name} {split}: not read from the data folder {local_dir} "
+                                       f"({local_exc}); read from the Hub instead.")
 
     dataset, notes = loaded.dataset, list(loaded.notes)
     if len(dataset) == 0:

@@ -86,8 +86,9 @@ def _normalize_piqa(record: Mapping[str, Any], index: int) -> dict[str, Any]:
 
 
 def _normalize_hellaswag(record: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """HellaSwag (``Rowan/hellaswag``): ``ctx`` (or ``ctx_a`` + ``ctx_b``), ``endings``, ``label`` ("0"-"3";
-    "" on the test split).
+    """HellaSwag, the Hub's ``Rowan/hellaswag`` and the release's ``hellaswag_{train,val,test}.jsonl`` alike:
+    ``ctx`` (or ``ctx_a`` + ``ctx_b``), ``endings``, ``label`` (Hub: "0"-"3", "" on test; release: an int,
+    absent on test).
 
     The text is kept as published (no removal of WikiHow's ``[header]``/``[title]`` markers).
     """
@@ -103,10 +104,17 @@ def _normalize_hellaswag(record: Mapping[str, Any], index: int) -> dict[str, Any
 
 
 def _normalize_winogrande(record: Mapping[str, Any], index: int) -> dict[str, Any]:
-    """Winogrande: ``sentence`` with a ``_`` blank, ``option1``, ``option2``, ``answer`` "1"/"2" ("" on test).
+    """Winogrande, the Hub's ``allenai/winogrande`` and the release's ``*.jsonl`` alike: ``sentence`` with
+    one ``_`` blank, ``option1``, ``option2``, ``answer`` "1"/"2" ("" or absent on test; the release's
+    ``*-labels.lst`` is read into ``answer`` by the local reader).
 
-    The context keeps the ``_``; the choices are the two fillers.
+    The context keeps the ``_``; the choices are the two fillers (the multiple-choice format puts each in
+    place of the blank: :attr:`TaskSpec.blank`). A sentence without exactly one ``_`` is an error, since
+    the substitution would be ambiguous.
     """
+    blanks = str(record["sentence"]).count("_")
+    if blanks != 1:
+        raise ValueError(f"the sentence has {blanks} '_' blanks, expected exactly one")
     answer = _int_label(record.get("answer"))
     return {
         "id": _record_id(record, index, "id", "qID"),
@@ -193,9 +201,18 @@ for _spec in (
               {"train": "train.jsonl", "validation": "dev.jsonl", "test": "test.jsonl"}, 4),
     TaskSpec("piqa", "PIQA", 2, ("A", "B"), _normalize_piqa, (HubSource("ybisk/piqa"), HubSource("baber/piqa")),
              "piqa", {"train": "train.jsonl", "validation": "valid.jsonl"}, "piqa", carve_from_validation=True),
-    TaskSpec("hellaswag", "HellaSwag", 4, ("A", "B", "C", "D"), _normalize_hellaswag, (HubSource("Rowan/hellaswag"),)),
+    # The release's hellaswag_train.jsonl, or a partial copy of it (the data folder here holds only
+    # hellaswag_train_first3368.jsonl, the first 3368 rows: the note says so); no validation file here,
+    # so the train file is split with a fixed seed, as PIQA's and BoolQ's validation files are
+    TaskSpec("hellaswag", "HellaSwag", 4, ("A", "B", "C", "D"), _normalize_hellaswag, (HubSource("Rowan/hellaswag"),),
+             "hellaswag", {"train": ("hellaswag_train.jsonl", "hellaswag_train_first*.jsonl"),
+                           "validation": "hellaswag_val.jsonl", "test": "hellaswag_test.jsonl"}, "jsonl",
+             carve_from_train=True),
+    # The release has five training sizes; the largest present is read (the Hub's winogrande_xl is train_xl)
     TaskSpec("winogrande", "Winogrande", 2, ("A", "B"), _normalize_winogrande,
-             (HubSource("allenai/winogrande", "winogrande_xl"),)),
+             (HubSource("allenai/winogrande", "winogrande_xl"),), "winogrande",
+             {"train": tuple(f"train_{size}.jsonl" for size in ("xl", "l", "m", "s", "xs")),
+              "validation": "dev.jsonl", "test": "test.jsonl"}, "winogrande", blank="_"),
     TaskSpec("rte", "GLUE-RTE", 2, _RTE_NAMES, _normalize_rte, (HubSource("nyu-mll/glue", "rte"),), "rte",
              {"train": "train.tsv", "validation": "dev.tsv"}, "tsv", kind="classification"),
     TaskSpec("boolq", "BoolQ", 2, _BOOLQ_NAMES, _normalize_boolq,

@@ -19,9 +19,10 @@ TaskFormat = Literal["classification", "multiple_choice"]
 Source = Literal["auto", "local", "hub"]
 
 DERIVED_SPLIT_SEED = 0
-"""Seed of the train/validation split carved from a validation file when no train file exists locally
-(PIQA, BoolQ here). Fixed, independent of ``load_task(seed=...)``: every run and every seed of a
-benchmark evaluates on the same held-out examples."""
+"""Seed of the train/validation split carved from one file when the other split has no file locally:
+the validation file when there is no train file (PIQA, BoolQ here), the train file when there is no
+validation file (HellaSwag here). Fixed, independent of ``load_task(seed=...)``: every run and every
+seed of a benchmark evaluates on the same held-out examples."""
 DERIVED_VALIDATION_FRACTION = 0.2
 """Share of the carved file that becomes the validation split (the rest is train)."""
 
@@ -67,12 +68,23 @@ class TaskSpec:
             file schema and the Hub schema alike.
         hub: Hub datasets to try, in order (the first that loads wins).
         local_dir: folder under the data dir; ``None`` for Hub-only tasks.
-        local_files: split -> file name in ``local_dir``. Files absent on disk are allowed when
-            ``carve_from_validation`` covers the split.
-        local_format: ``"ai2_jsonl"``, ``"jsonl"``, ``"piqa"`` (jsonl + ``<stem>-labels.lst``) or ``"tsv"``.
+        local_files: split -> file name in ``local_dir``, or a tuple of candidate names tried in order
+            (the first present wins; a name other than the first is said in the notes). A candidate may
+            be a glob pattern (``"hellaswag_train_first*.jsonl"``) that must match at most one file.
+            Files absent on disk are allowed when ``carve_from_validation`` / ``carve_from_train``
+            covers the split.
+        local_format: ``"ai2_jsonl"``, ``"jsonl"``, ``"piqa"`` (jsonl + ``<stem>-labels.lst``),
+            ``"winogrande"`` (jsonl with ``answer``, checked against ``<stem>-labels.lst`` when present)
+            or ``"tsv"``.
         carve_from_validation: when the train file is missing locally, split the validation file with
             :data:`DERIVED_SPLIT_SEED` into train and validation (and say so in the notes).
         kind: ``"multiple_choice"`` or ``"classification"`` (what the labels mean; both formats work).
+        carve_from_train: when the validation file is missing locally, split the train file with
+            :data:`DERIVED_SPLIT_SEED` into train and validation (and say so in the notes).
+        blank: a marker in ``context`` that each choice fills (Winogrande's ``_``). The multiple-choice
+            format then builds each sequence by putting the choice in place of the blank instead of
+            appending ``"\nAnswer: {choice}"`` (see :func:`~unite_hf.training.tasks.format_multiple_choice_texts`);
+            the classification format is unchanged (the sentence with its blank, the choices enumerated).
     """
 
     name: str
@@ -82,16 +94,24 @@ class TaskSpec:
     normalize: Callable[[Mapping[str, Any], int], dict[str, Any]]
     hub: tuple[HubSource, ...]
     local_dir: str | None = None
-    local_files: Mapping[str, str] = field(default_factory=dict)
+    local_files: Mapping[str, str | tuple[str, ...]] = field(default_factory=dict)
     local_format: str = "jsonl"
     carve_from_validation: bool = False
     kind: Literal["multiple_choice", "classification"] = "multiple_choice"
+    carve_from_train: bool = False
+    blank: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.label_names) != self.num_choices:
             raise ValueError(f"{self.name}: {len(self.label_names)} label names for {self.num_choices} choices")
         if not 2 <= self.num_choices <= len(_LETTERS):
             raise ValueError(f"{self.name}: num_choices must be in [2, {len(_LETTERS)}], got {self.num_choices}")
+        for split, names in self.local_files.items():
+            if not names or not all(isinstance(n, str) and n for n in ((names,) if isinstance(names, str) else names)):
+                raise ValueError(f"{self.name}: local_files[{split!r}] must be a file name or a tuple of them, "
+                                 f"got {names!r}")
+        if self.blank is not None and not self.blank:
+            raise ValueError(f"{self.name}: blank must be a non-empty marker or None")
 
     @property
     def hub_only(self) -> bool:
