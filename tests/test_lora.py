@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tiny_models import VOCAB, tiny_moe
+from tolerances import assert_close_eps
 
 from unite_hf import UniteForSequenceClassification, extract_universal_knowledge
 from unite_hf.training import attention_projection_names, load_unite_lora_config, unite_lora_config
@@ -51,7 +52,13 @@ def test_lora_on_the_unite_ffn_adds_a_low_rank_update(gene, tmp_path):
     A, B = wrapped.lora_A["default"].weight, wrapped.lora_B["default"].weight
     base = ffn.linear("up")
     expected = x @ (base.dense_weight(ffn._bases("up")) + (4 / 2) * B @ A).T  # W x + (alpha / r) B A x
-    torch.testing.assert_close(wrapped(x, ffn._bases("up")), expected, rtol=1e-5, atol=1e-5)
+    # float32 both ways, right to left through U_out G U_in^T and through B A: sums of |x| |U_out| |G|
+    # |U_in| (|x| |B| |A|) terms, over d_in + r_in + r_out (d_in + 2 r) products in a row
+    bases = ffn._bases("up")
+    out_basis, in_basis = (torch.eye(n) if b is None else b.abs() for b, n in
+                           ((bases.out_basis, base.d_out), (bases.in_basis, base.d_in)))
+    magnitude = x.abs() @ (out_basis @ base.core.abs() @ in_basis.T + (4 / 2) * B.abs() @ A.abs()).T
+    assert_close_eps(wrapped(x, bases), expected, k=base.d_in + sum(base.core.shape) + 2 * A.shape[0], scale=magnitude)
 
     # one optimizer step moves only the adapters (and the classification head peft keeps trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
