@@ -125,7 +125,9 @@ def test_kl_gap_and_perplexity_match_a_hand_computation():
     assert report.relative_error[1] == pytest.approx(float(expected), rel=1e-4)
     # the FFN parameter fraction, counted by hand: untied bases and a core per layer and projection
     hidden, inter = 32, 24
-    per_layer = sum(d_out * r_out + r_out * r_in + d_in * r_in for (d_out, d_in), (_, r_out, r_in) in
+    # (a side at full rank stores no basis: it is folded into the core)
+    per_layer = sum(d_out * r_out * (r_out < d_out) + r_out * r_in + d_in * r_in * (r_in < d_in)
+                    for (d_out, d_in), (_, r_out, r_in) in
                     zip([(inter, hidden), (inter, hidden), (hidden, inter)], [gene.ranks[p] for p in ("gate", "up", "down")]))
     assert report.ffn_parameter_fraction == pytest.approx(per_layer / (4 * 3 * hidden * inter))
 

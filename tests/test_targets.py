@@ -181,10 +181,12 @@ def test_fused_shared_experts_on_the_gene_bases(genes):
     # at full rank the projection onto the bases is exact: same function as keeping the shared experts
     with torch.no_grad():
         torch.testing.assert_close(fused(input_ids=INPUT).logits, kept(input_ids=INPUT).logits, rtol=1e-4, atol=1e-4)
-    # the shared core is U_out^T W_shared U_in, by hand
+    # the shared core is U_out^T W_shared U_in, by hand (a full-rank side is folded: its basis is the identity)
     bases = ffn._bases("up")
     shared_up = source.model.layers[2].mlp.shared_experts.up_proj.weight.detach()
-    torch.testing.assert_close(ffn.shared_cores["up"], bases.out_basis.T @ shared_up @ bases.in_basis, rtol=1e-5, atol=1e-6)
+    u_out = bases.out_basis if bases.out_basis is not None else torch.eye(shared_up.shape[0])
+    u_in = bases.in_basis if bases.in_basis is not None else torch.eye(shared_up.shape[1])
+    torch.testing.assert_close(ffn.shared_cores["up"], u_out.T @ shared_up @ u_in, rtol=1e-5, atol=1e-6)
     assert fused.unite_parameter_breakdown().get("shared_experts", 0) == 0
     _, qwen_gene = genes["qwen2_moe"]  # shared expert wider than the routed ones: cannot share bases
     with pytest.raises(ValueError, match="as wide as the routed experts"):
@@ -350,3 +352,33 @@ def test_forward_and_generate_raise_no_cache_rename_warning(genes):
         with torch.no_grad():
             model(input_ids=INPUT)
         model.generate(INPUT[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_full_rank_sides_store_no_basis_and_rebuild_the_gene_exactly(genes):
+    """A side at full rank holds no basis (folded into the core): the rebuilt weights are the gene's
+    reconstruction U_out G_l U_in^T computed from the decomposition, and only truncated sides cost bases."""
+    _, gene = genes["mixtral"]
+    hidden, inter = gene.config.hidden_size, gene.config.expert_intermediate_size
+    for rank, folded in ((None, {"gate": ("out", "in"), "up": ("out", "in"), "down": ("out", "in")}),
+                         ((8, 24), {"gate": (), "up": (), "down": ("in",)})):
+        ranks = gene.ranks if rank is None else None
+        target = UniteForCausalLM.from_gene(gene, core_init="tucker", rank=rank).eval()
+        for row, layer in enumerate(gene.moe_layers):
+            ffn = target.model.ffn(layer)
+            for proj in ("gate", "up", "down"):
+                bases = ffn._bases(proj)
+                assert {side for side in ("out", "in") if getattr(bases, f"{side}_basis") is None} == set(folded[proj])
+                if rank is None:
+                    expected = gene.decompositions[proj].reconstruct_layer(row)
+                    got = ffn.linear(proj).dense_weight(bases)
+                    # float32 products over the ranks: eps * rank * |U||G||U| bounds the rounding
+                    r = max(gene.decompositions[proj].ranks[1:])
+                    bound = torch.finfo(torch.float32).eps * r * float(torch.linalg.matrix_norm(expected)) * 4
+                    assert float(torch.linalg.matrix_norm(got - expected)) <= bound, (proj, row)
+        if ranks is not None:
+            assert all(r[1] == (inter if p != "down" else hidden) for p, r in ranks.items())  # full rank here
+        bases = target.unite_parameter_breakdown().get("bases", 0)
+        by_hand = sum(d * r for proj, (r_out, r_in) in target.config.ranks.items()
+                      for d, r in (((hidden, r_out) if proj == "down" else (inter, r_out)),
+                                   ((inter, r_in) if proj == "down" else (hidden, r_in))) if r < d)
+        assert bases == by_hand * len(gene.moe_layers)

@@ -35,6 +35,9 @@ class UniteConfig(PreTrainedConfig):
         expert_bias: whether the fused projections carry biases.
         tie_bases: one set of bases ``U_out, U_in`` per projection shared by all layers (``True``) or
             a copy per layer (``False``, the paper's parameter counts, the default).
+        fold_full_rank_bases: a side of a projection at full rank (``r == d``) stores no basis; the core
+            absorbs it (exact: the basis is orthonormal and square), so that side costs no parameters.
+            ``True`` for targets grown now; ``False`` (targets saved before) keeps a basis on every side.
         shared_experts: ``"keep"`` the source's shared experts as a dense branch, ``"fuse"`` them onto
             the gene's bases (their own small cores, the scalar gate kept), or ``"drop"`` them.
         shared_expert_names: the MoE block's children that are shared experts (or their gates), as the
@@ -61,6 +64,7 @@ class UniteConfig(PreTrainedConfig):
     expert_activation: str = "silu"
     expert_bias: bool = False
     tie_bases: bool = False
+    fold_full_rank_bases: bool = False
     shared_experts: str = "keep"
     shared_expert_names: list[str] | None = None
     core_init: str = "random"

@@ -39,25 +39,46 @@ def decoder_layers(backbone: nn.Module) -> nn.ModuleList:
 
 
 class UniteBases(nn.Module):
-    """The gene's bases of one projection: ``U_out`` (d_out, r_out) and ``U_in`` (d_in, r_in)."""
+    """The gene's bases of one projection: ``U_out`` (d_out, r_out) and ``U_in`` (d_in, r_in).
 
-    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int) -> None:
+    With ``fold=True`` a side at full rank (``r == d``) holds no basis: an orthonormal square basis is a
+    change of coordinates that the core absorbs exactly (``G' = U_out G`` or ``G U_in^T``), so that
+    side costs no parameters and the core is the dense matrix along it. That side's attribute is None.
+    """
+
+    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int, fold: bool = False) -> None:
         super().__init__()
-        self.out_basis = nn.Parameter(torch.empty(d_out, r_out))
-        self.in_basis = nn.Parameter(torch.empty(d_in, r_in))
+        for side, d, r in (("out_basis", d_out, r_out), ("in_basis", d_in, r_in)):
+            self.register_parameter(side, None if fold and r == d else nn.Parameter(torch.empty(d, r)))
 
     def extra_repr(self) -> str:
-        return f"U_out={tuple(self.out_basis.shape)}, U_in={tuple(self.in_basis.shape)}"
+        def shape(basis):
+            return "identity" if basis is None else tuple(basis.shape)
+        return f"U_out={shape(self.out_basis)}, U_in={shape(self.in_basis)}"
+
+    def project_in(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ U_in``: the input in the core's coordinates."""
+        return x if self.in_basis is None else x @ self.in_basis
+
+    def project_out(self, y: torch.Tensor) -> torch.Tensor:
+        """``y @ U_out^T``: core coordinates back to the output space."""
+        return y if self.out_basis is None else y @ self.out_basis.T
+
+    def dense(self, core: torch.Tensor) -> torch.Tensor:
+        """``U_out @ core @ U_in^T``."""
+        weight = core if self.out_basis is None else self.out_basis @ core
+        return weight if self.in_basis is None else weight @ self.in_basis.T
 
 
 class UniteFactorizedLinear(nn.Module):
     """``y = U_out @ G @ U_in.T @ x (+ b)``, computed right to left: O(d r + r^2) per token."""
 
-    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int, bias: bool, own_bases: bool) -> None:
+    def __init__(self, d_out: int, d_in: int, r_out: int, r_in: int, bias: bool, own_bases: bool,
+                 fold: bool = False) -> None:
         super().__init__()
         self.d_out, self.d_in = d_out, d_in
         self.core = nn.Parameter(torch.empty(r_out, r_in))
-        self.bases = UniteBases(d_out, d_in, r_out, r_in) if own_bases else None
+        self.bases = UniteBases(d_out, d_in, r_out, r_in, fold) if own_bases else None
         self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
 
     def extra_repr(self) -> str:
@@ -67,13 +88,13 @@ class UniteFactorizedLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
     def forward(self, x: torch.Tensor, bases: UniteBases) -> torch.Tensor:
-        y = ((x @ bases.in_basis) @ self.core.T) @ bases.out_basis.T
+        y = bases.project_out(bases.project_in(x) @ self.core.T)
         return y if self.bias is None else y + self.bias
 
     def dense_weight(self, bases: UniteBases) -> torch.Tensor:
         """The rebuilt dense matrix ``(d_out, d_in)`` (for inspection and checks). Not called
         ``weight``: peft reads ``module.weight`` as a tensor."""
-        return bases.out_basis @ self.core @ bases.in_basis.T
+        return bases.dense(self.core)
 
 
 class UniteFFN(nn.Module):
@@ -98,7 +119,8 @@ class UniteFFN(nn.Module):
         for proj in self.projections:
             r_out, r_in = config.ranks[proj]
             setattr(self, proj, UniteFactorizedLinear(*dims[proj], r_out, r_in, config.expert_bias,
-                                                      own_bases=shared_bases is None))
+                                                      own_bases=shared_bases is None,
+                                                      fold=config.fold_full_rank_bases))
         self.act_fn = ACT2FN[config.expert_activation]
         self.shared_cores = None
         if config.shared_experts == "fuse" and any(not is_shared_gate(m) for m in shared.values()):
@@ -138,7 +160,7 @@ class UniteFFN(nn.Module):
 
     def _shared_on_bases(self, proj: str, x: torch.Tensor) -> torch.Tensor:
         bases = self._bases(proj)
-        return ((x @ bases.in_basis) @ self.shared_cores[proj].T) @ bases.out_basis.T
+        return bases.project_out(bases.project_in(x) @ self.shared_cores[proj].T)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.combine(self._mlp(hidden_states, self.project), hidden_states)
@@ -396,8 +418,9 @@ def _core_std(std: float, d_out: int, d_in: int, core: torch.Tensor) -> float:
 
 def _init_unite_module(module: nn.Module, std: float) -> None:
     if isinstance(module, UniteBases):
-        init.orthogonal_(module.out_basis)
-        init.orthogonal_(module.in_basis)
+        for basis in (module.out_basis, module.in_basis):
+            if basis is not None:
+                init.orthogonal_(basis)
     elif isinstance(module, UniteFactorizedLinear):
         init.normal_(module.core, mean=0.0, std=_core_std(std, module.d_out, module.d_in, module.core))
         if module.bias is not None:
@@ -443,7 +466,7 @@ class UniteModel(UnitePreTrainedModel):
             for proj in config.projections:
                 hidden, intermediate = config.text_config.hidden_size, config.expert_intermediate_size
                 d_out, d_in = (hidden, intermediate) if proj == "down" else (intermediate, hidden)
-                self.unite_bases[proj] = UniteBases(d_out, d_in, *config.ranks[proj])
+                self.unite_bases[proj] = UniteBases(d_out, d_in, *config.ranks[proj], fold=config.fold_full_rank_bases)
         layers = decoder_layers(self.backbone)
         slots = [i for i, layer in enumerate(layers) if moe_slot(layer) is not None]
         if slots != list(config.ffn_layers):

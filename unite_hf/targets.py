@@ -179,6 +179,7 @@ def build_target_config(
         expert_activation=activation,
         expert_bias=gc.has_bias,
         tie_bases=tie_bases,
+        fold_full_rank_bases=True,
         shared_experts=shared_experts,
         shared_expert_names=shared_names,
         core_init=core_init,
@@ -247,18 +248,26 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
             r_out, r_in = config.ranks[proj]
             out_basis = decomposition.layer_out_factor(row)[:, :r_out]
             in_basis = decomposition.layer_in_factor(row)[:, :r_in]
+            core = decomposition.layer_core(row)[:r_out, :r_in]
+            # a full-rank side is folded into the core (its basis is orthonormal and square: exact)
+            fold_out = config.fold_full_rank_bases and r_out == out_basis.shape[0]
+            fold_in = config.fold_full_rank_bases and r_in == in_basis.shape[0]
+            core = out_basis @ core if fold_out else core
+            core = core @ in_basis.T if fold_in else core
+            sides = [(side, basis, shared) for side, basis, shared, fold in (
+                ("out", out_basis, decomposition.shared_out, fold_out), ("in", in_basis, decomposition.shared_in, fold_in))
+                if not fold]
             if config.tie_bases:
-                state[f"{prefix}unite_bases.{proj}.out_basis"] = out_basis
-                state[f"{prefix}unite_bases.{proj}.in_basis"] = in_basis
+                for side, basis, _ in sides:
+                    state[f"{prefix}unite_bases.{proj}.{side}_basis"] = basis
             else:
-                for side, basis, shared in (("out", out_basis, decomposition.shared_out),
-                                            ("in", in_basis, decomposition.shared_in)):
+                for side, basis, shared in sides:
                     # a per-layer factor beside a shared one (tucker_hidden) is part of the layer's own
                     # coordinates: inherited with its core, re-drawn (orthogonal init) with random cores
                     if shared or not decomposition.mixed_bases or config.core_init == "tucker":
                         state[f"{ffn_name}.{proj}.bases.{side}_basis"] = basis
             if config.core_init == "tucker":
-                state[f"{ffn_name}.{proj}.core"] = decomposition.layer_core(row)[:r_out, :r_in]
+                state[f"{ffn_name}.{proj}.core"] = core
             bias = gene.fused_bias(config.source_layers[i], proj)
             if bias is not None:
                 state[f"{ffn_name}.{proj}.bias"] = bias
@@ -268,9 +277,10 @@ def target_state_dict(model: nn.Module, gene: UniteGene, source=None) -> dict[st
                                  f"{gene.config.decomposition!r} decomposition mixes shared and per-layer bases. "
                                  "Use 'keep' or 'drop'.")
             for proj, weight in shared_expert_weights(gene, config.source_layers[i], source).items():
-                bases = (state[f"{prefix}unite_bases.{proj}.out_basis"], state[f"{prefix}unite_bases.{proj}.in_basis"]) \
-                    if config.tie_bases else (state[f"{ffn_name}.{proj}.bases.out_basis"], state[f"{ffn_name}.{proj}.bases.in_basis"])
-                state[f"{ffn_name}.shared_cores.{proj}"] = bases[0].T @ weight.float() @ bases[1]
+                where = f"{prefix}unite_bases.{proj}" if config.tie_bases else f"{ffn_name}.{proj}.bases"
+                out_basis, in_basis = state.get(f"{where}.out_basis"), state.get(f"{where}.in_basis")  # None: folded
+                core = weight.float() if out_basis is None else out_basis.T @ weight.float()
+                state[f"{ffn_name}.shared_cores.{proj}"] = core if in_basis is None else core @ in_basis
     return {name: tensor.contiguous() for name, tensor in state.items()}
 
 

@@ -87,8 +87,7 @@ def _reinit_ffns(model: nn.Module, seed: int) -> None:
                     continue
                 for module in child.modules():
                     if isinstance(module, UniteBases):
-                        nn.init.orthogonal_(module.out_basis, generator=generator)
-                        nn.init.orthogonal_(module.in_basis, generator=generator)
+                        _orthogonal_bases(module, generator)
                     elif isinstance(module, UniteFactorizedLinear):
                         module.core.normal_(0, _core_std(std, module.d_out, module.d_in, module.core), generator=generator)
                     elif isinstance(module, UniteFFN) and module.shared_cores is not None:
@@ -99,8 +98,13 @@ def _reinit_ffns(model: nn.Module, seed: int) -> None:
                         module.weight.normal_(0, std, generator=generator)
         if getattr(base, "unite_bases", None) is not None:  # tied bases live outside the layers
             for bases in base.unite_bases.values():
-                nn.init.orthogonal_(bases.out_basis, generator=generator)
-                nn.init.orthogonal_(bases.in_basis, generator=generator)
+                _orthogonal_bases(bases, generator)
+
+
+def _orthogonal_bases(bases: nn.Module, generator: torch.Generator) -> None:
+    for basis in (bases.out_basis, bases.in_basis):
+        if basis is not None:  # None: a full-rank side folded into the core
+            nn.init.orthogonal_(basis, generator=generator)
 
 
 @seeded_by_argument  # random heads, cores and inits from `seed`; the caller's global RNG state is left as it was
