@@ -46,8 +46,14 @@ def option(default: Any = dataclasses.MISSING, *, help: str, default_factory: An
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def parse_rank(value: str) -> int | tuple[int, ...]:
-    """``"r"`` -> ``r``; ``"a,b,c"`` -> ``(a, b, c)`` (the command-line form of a Tucker rank)."""
+def parse_rank(value: str) -> int | tuple[int, ...] | dict[str, int]:
+    """``"r"`` -> ``r``; ``"a,b,c"`` -> ``(a, b, c)`` (the command-line form of a Tucker rank);
+    ``"hidden=256,neuron=512"`` -> per-axis ranks ``{"hidden": 256, "neuron": 512}``."""
+    if "=" in value:
+        try:
+            return {axis.strip(): int(r) for axis, r in (part.split("=", 1) for part in value.split(","))}
+        except ValueError:
+            raise ValueError(f"per-axis ranks are hidden=R,neuron=R[,layer=R], got {value!r}") from None
     try:
         parts = tuple(int(p) for p in value.split(","))
     except ValueError:
@@ -57,9 +63,17 @@ def parse_rank(value: str) -> int | tuple[int, ...]:
     return parts[0] if len(parts) == 1 else parts
 
 
-def check_tucker_rank(config: "MethodConfig", name: str = "rank") -> None:
-    """``None``, a positive int, or three positive ints (a list from a recipe becomes a tuple)."""
+def check_tucker_rank(config: "MethodConfig", name: str = "rank", per_axis: bool = False) -> None:
+    """``None``, a positive int, three positive ints (a list from a recipe becomes a tuple), or per-axis
+    ranks ``{"hidden": r_h, "neuron": r_n[, "layer": r_L]}``."""
     rank = getattr(config, name)
+    if isinstance(rank, dict) and per_axis:
+        unknown = sorted(set(rank) - {"layer", "hidden", "neuron"})
+        if unknown or not {"hidden", "neuron"} <= set(rank) or not all(
+                isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in rank.values()):
+            raise ValueError(f"{config.method} config: per-axis {name} takes positive ints for 'hidden' and "
+                             f"'neuron' (and optionally 'layer'), got {rank!r}")
+        return
     if isinstance(rank, list):
         rank = tuple(rank)
         setattr(config, name, rank)

@@ -56,9 +56,13 @@ class UniteExtractionConfig(MethodConfig):
     fused_width: int | None = option(None, help="width of the fused FFN, only with fusion concat (1..E*I, default E*I)")
     decomposition: str = option("tucker", choices=DECOMPOSITION_NAMES,
                                 help="how the fused FFNs of all layers are factorized")
-    rank: int | tuple[int, int, int] | None = option(None, parse=parse_rank, metavar="R",
-                                                     help="Tucker rank: r (meaning (L, r, r)) or r_L,r_out,r_in "
-                                                          "(default: 512, clipped to the dimensions)")
+    rank: int | tuple[int, int, int] | dict[str, int] | None = option(
+        None, parse=parse_rank, metavar="R",
+        help="Tucker rank: r (meaning (L, r, r)), r_L,r_out,r_in, or per axis hidden=R,neuron=R[,layer=R] "
+             "(default: 512, clipped to the dimensions)")
+    budget: float | None = option(None, help="parameter budget of a target layer's FFN as a fraction of the routed "
+                                  "experts' (e.g. 0.25): picks fused_width and per-axis ranks dense-first (full hidden "
+                                  "rank, the widest FFN that fits); instead of rank and fused_width")
     n_iter_max: int = option(25, help="HOOI/ALS iterations")
     activation_aware: bool = option(False, help="weight each projection by its calibration inputs' second moment "
                                     "before decomposing (one more inference pass)")
@@ -90,7 +94,12 @@ class UniteExtractionConfig(MethodConfig):
         self._check_str("text_column", optional=True)
         self._check_str("dataset_config", optional=True)
         self._check_choice("fisher_labels", LABEL_MODE_NAMES)
-        check_tucker_rank(self)
+        check_tucker_rank(self, per_axis=True)
+        if self.budget is not None:
+            if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:
+                raise ValueError(f"unite config: budget must be a fraction in (0, 1], got {self.budget!r}")
+            if self.rank is not None or self.fused_width is not None:
+                raise ValueError("unite config: budget picks rank and fused_width; give the budget or them, not both")
         if self.fused_width is not None and self.fusion in FUSION_NAMES and self.fusion not in VARIABLE_WIDTH_FUSIONS:
             raise ValueError(f"unite config: fused_width applies only to fusion 'concat' (fusion {self.fusion!r} keeps "
                              "the experts' width); drop fused_width or use fusion='concat'")

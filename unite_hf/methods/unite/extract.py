@@ -27,6 +27,7 @@ from ...decomposition import (
     decompose_streaming,
     resolve_ranks,
 )
+from ...decomposition.budget import allocate, projection_ranks
 from ...fusion import check_width, fuse_block, get_fusion
 from ...gene import UniteGene
 from ...importance import LABEL_MODES, ExpertImportance, compute_expert_importance
@@ -61,12 +62,13 @@ def _planned_ranks(source: MoESource, decomposition: str, rank, fused_width: int
     expert = block.expert(0)
     ranks = {}
     for proj in block.projection_names():
+        wanted = projection_ranks(rank, proj, len(source.blocks)) if isinstance(rank, dict) else rank
         shape = list(expert.projection(proj).shape)
         if fused_width is not None:  # the fused FFN's neuron axis: rows of gate/up, columns of down
             shape[1 if proj == "down" else 0] = fused_width
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")  # recorded, then re-raised below with the projection's name
-            ranks[proj] = resolve_ranks((len(source.blocks), *shape), decomposition, rank)
+            ranks[proj] = resolve_ranks((len(source.blocks), *shape), decomposition, wanted)
         for warning in caught:  # say which projection was clipped
             warnings.warn(f"{proj} projection: {warning.message}", UserWarning, stacklevel=3)
     return ranks
@@ -98,6 +100,7 @@ def extract_universal_knowledge(
     spill_dir: str | os.PathLike | None = None,
     fused_width: int | None = None,
     activation_aware: bool = False,
+    budget: float | None = None,
     refit: str = "none",
     refit_ridge: float = 1e-4,
     refit_sequential: bool = False,
@@ -143,6 +146,10 @@ def extract_universal_knowledge(
             before decomposing and un-weight afterwards (SVD-LLM / ASVD; see
             :mod:`unite_hf.decomposition`). Costs one more inference pass over the calibration
             windows (also when ``importance`` is given).
+        budget: instead of ``rank`` and ``fused_width``: the target FFN's parameters as a fraction of the
+            routed experts' (e.g. ``0.25``), spent dense-first (:mod:`unite_hf.decomposition.budget`); the
+            allocation is recorded in ``gene.config.method_config["allocation"]``. ``rank`` also takes
+            per-axis ranks, ``{"hidden": r_h, "neuron": r_n}``.
         refit: after decomposing, fit each MoE layer's cores to the source's routed output on the
             calibration windows (:mod:`unite_hf.refit`): ``"none"`` (the paper), ``"ridge"`` (the
             closed-form ``down`` core given the rebuilt gate/up) or ``"distill"`` (ridge, then Adam on
@@ -158,7 +165,7 @@ def extract_universal_knowledge(
         calibration=calibration, num_sequences=num_sequences, seq_len=seq_len, seed=seed, text_column=text_column,
         dataset_config=dataset_config, split=split, batch_size=batch_size, fisher_labels=fisher_labels,
         train_mode=train_mode, fusion=fusion, fused_width=fused_width, decomposition=decomposition, rank=rank,
-        n_iter_max=n_iter_max, activation_aware=activation_aware, refit=refit, refit_ridge=refit_ridge,
+        n_iter_max=n_iter_max, activation_aware=activation_aware, budget=budget, refit=refit, refit_ridge=refit_ridge,
         refit_sequential=refit_sequential, refit_steps=refit_steps, refit_lr=refit_lr, refit_max_tokens=refit_max_tokens)
     return extract_from_config(config, model, tokenizer, importance=importance, source_id=source_id,
                                source_revision=source_revision, show_progress=show_progress,
@@ -190,9 +197,9 @@ def extract_from_config(
     fisher_labels, activation_aware = c.fisher_labels, c.activation_aware
     refitting = get_refit(c.refit) is not None  # an unknown refit fails here, before anything runs
     if is_checkpoint_path(model):
-        if fused_width is not None or activation_aware or refitting:
-            raise ValueError("fused_width, activation_aware and refit are not supported when streaming from a "
-                             "checkpoint path; load the model")
+        if fused_width is not None or activation_aware or refitting or c.budget is not None:
+            raise ValueError("fused_width, budget, activation_aware and refit are not supported when streaming from "
+                             "a checkpoint path; load the model")
         config.warn_unread(_CALIBRATION_SETTINGS, "the experts stream from a checkpoint with no calibration pass")
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
@@ -208,6 +215,15 @@ def extract_from_config(
         raise ValueError(f"unknown decomposition {decomposition!r}; choose one of {sorted(DECOMPOSITIONS)}")
     if fisher_labels not in LABEL_MODES:
         raise ValueError(f"fisher_labels must be one of {LABEL_MODES}, got {fisher_labels!r}")
+    method_config: dict[str, Any] = {"activation_aware": True} if activation_aware else {}
+    if c.budget is not None:
+        block = source.blocks[0]
+        allocation = allocate(c.budget, hidden=block.expert(0).down.shape[0], num_experts=source.num_experts,
+                              intermediate=block.expert(0).down.shape[1], num_projections=len(block.projection_names()),
+                              variable_width=strategy.variable_width)
+        fused_width = allocation.fused_width if strategy.variable_width else None
+        rank = {"hidden": allocation.hidden_rank, "neuron": allocation.neuron_rank}
+        method_config["allocation"] = allocation.to_dict()
     check_width(source.blocks[0], strategy, fused_width)  # before calibration
     ranks = _planned_ranks(source, decomposition, rank, fused_width)
     check_on_device(model)
@@ -258,7 +274,6 @@ def extract_from_config(
                                              input_weight=weights.get(proj))
         if fused[0][proj][1] is not None:
             fused_biases[proj] = torch.stack([layer[proj][1] for layer in fused])
-    method_config: dict[str, Any] = {"activation_aware": True} if activation_aware else {}
     if refitting:
         decompositions, errors = refit_decompositions(
             model, source, decompositions, fused_biases, calib.input_ids, c.refit, RefitOptions.from_config(c),
