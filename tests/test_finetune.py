@@ -115,3 +115,20 @@ def test_finetune_takes_a_task_spec_and_writes_its_result(gene_dir, tmp_path):
     with pytest.raises(ValueError, match="unknown task 'sst3'"):  # a bad name fails before any model is built
         finetune(gene_dir, "sst3", output_dir=tmp_path / "bad", data_dir=DATA)
     assert not (tmp_path / "bad").exists()
+
+
+def test_finetune_notes_say_what_was_cut(gene_dir, tmp_path):
+    """HellaSwag at max_length=64 (16 train / 8 eval items): what tokenize_task cut, and the items whose endings
+    and 'Answer:' alone exceed 64 tokens (kept whole), are in the run's notes and result.json. Before, the run
+    trained on sequences cut inside ending D and its notes said nothing."""
+    from unite_hf.training.finetune import finetune
+
+    summary = finetune(gene_dir, "hellaswag", layers=1, rank=6, epochs=1, max_train_examples=16, max_eval_examples=8,
+                       batch_size=8, max_length=64, seed=0, show_progress=False, data_dir=DATA,
+                       output_dir=tmp_path / "run")
+    for split, n in (("train", 16), ("validation", 8)):
+        head = f"HellaSwag {split} (classification, max_length=64): "
+        assert any(note.startswith(head) and f"of {n} items were cut to fit" in note for note in summary["notes"])
+        assert any(note.startswith(head + "for ") and "alone is longer than max_length" in note
+                   for note in summary["notes"])
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["notes"] == summary["notes"]

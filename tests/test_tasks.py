@@ -721,6 +721,74 @@ def test_long_contexts_are_cut_from_the_left_keeping_question_and_answers(tokeni
     assert max(map(len, whole["input_ids"])) <= 96
 
 
+@needs_tokenizer
+def test_cuts_are_counted_in_the_notes_by_hand(tokenizer):
+    """"one| two| three| four| five| six" (6 GPT-2 tokens) + "\\n|A|.| yes|\\n|B|.| no|\\n|Answer|:" (11) = 17:
+    at max_length=15 two context tokens go; at 11 the whole context; at 10 the answer part cannot fit."""
+    data = Dataset.from_dict({"id": ["0"], "context": ["one two three four five six"], "choices": [["yes", "no"]],
+                              "label": [0]}, features=T.EXAMPLE_FEATURES)
+    task = TaskData("boolq", "validation", data, TASKS["boolq"], "local", "by hand")
+    tok = tokenize_task(task, tokenizer, "classification", max_length=15)
+    assert tokenizer.decode(tok[0]["input_ids"]) == " three four five six\nA. yes\nB. no\nAnswer:"
+    assert task.notes == ["BoolQ validation (classification, max_length=15): 1 of 1 items were cut to fit, their "
+                          "context losing 2 tokens (mean 2.0, 2 in all) at the left. The answer part is never cut; "
+                          "max_length=17 would keep every item whole."]
+    tokenize_task(task, tokenizer, "classification", max_length=15)
+    assert len(task.notes) == 1  # the same note is not added twice
+    tok = tokenize_task(task, tokenizer, "classification", max_length=11)
+    assert tokenizer.decode(tok[0]["input_ids"]) == "\nA. yes\nB. no\nAnswer:"
+    assert "losing 6 tokens" in task.notes[-1] and "1 of them lost their whole context" in task.notes[-1]
+    # at 10 not even the answer part fits: it is kept whole anyway (11 tokens), and the notes say so
+    tok = tokenize_task(task, tokenizer, "classification", max_length=10)
+    assert tokenizer.decode(tok[0]["input_ids"]) == "\nA. yes\nB. no\nAnswer:" and len(tok[0]["input_ids"]) == 11
+    assert task.notes[-1] == ("BoolQ validation (classification, max_length=10): for 1 of 1 items the answer part (the "
+                              "enumerated choices and the final 'Answer:') alone is longer than max_length, up to 11 "
+                              "tokens. It is never cut, so these items are their answer part alone, without any "
+                              "context, and longer than max_length. Use max_length >= 11 to keep them within it, or "
+                              "format='multiple_choice' (one choice per sequence).")
+    right = tokenize_task(data, tokenizer, "classification", 15, truncation_side="right")  # a bare Dataset: logged
+    assert tokenizer.decode(right[0]["input_ids"]) == "one two three four\nA. yes\nB. no\nAnswer:"
+
+
+@needs_data
+@needs_tokenizer
+def test_hellaswag_choices_and_answer_are_never_cut(tokenizer):
+    """At max_length=128, 252 of the 2694 HellaSwag train items here are too long, and for 44 of them the four
+    endings plus "Answer:" alone take more than 128 GPT-2 tokens. Before, those 44 lost their context and were
+    cut inside ending D, "Answer:" gone, without a word. Now every sequence ends with its whole answer part and
+    begins inside its context, the 44 are their answer part alone, and the notes count exactly the cut items,
+    their lost tokens and the 44."""
+    train = local("hellaswag", "train")
+    suffixes = ["".join(f"\n{'ABCD'[i]}. {e}" for i, e in enumerate(ex["choices"])) + "\nAnswer:" for ex in train.dataset]
+    suffix_lengths = [len(ids) for ids in tokenizer(suffixes)["input_ids"]]
+    full_lengths = [len(ids) for ids in tokenizer([ex["context"] + s for ex, s in zip(train.dataset, suffixes)])["input_ids"]]
+    over = [n for n in suffix_lengths if n > 128]
+    assert (len(over), max(over)) == (44, 182)
+
+    rows = tokenize_task(train, tokenizer, "classification", max_length=128)
+    cuts, lost_all = [], 0
+    for ex, suffix, n_suffix, ids in zip(train.dataset, suffixes, suffix_lengths, rows["input_ids"]):
+        text = tokenizer.decode(ids)
+        assert text.endswith(suffix)  # the four endings and "Answer:", whole
+        assert len(ids) <= 128 or (len(ids) == n_suffix > 128 and text == suffix)
+        kept = text[: len(text) - len(suffix)]
+        assert ex["context"].endswith(kept)
+        if kept != ex["context"]:
+            cuts.append(len(tokenizer.encode(ex["context"])) - len(tokenizer.encode(kept)))
+            lost_all += not kept.strip()
+    assert len(cuts) == sum(1 for n in full_lengths if n > 128) == 252
+    assert lost_all == sum(1 for n in suffix_lengths if n >= 128)  # no room left for even one context token
+    assert (f"HellaSwag train (classification, max_length=128): 252 of 2694 items were cut to fit, their context "
+            f"losing {min(cuts)}-{max(cuts)} tokens (mean {sum(cuts) / 252:.1f}, {sum(cuts)} in all) at the left; "
+            f"{lost_all} of them lost their whole context. The answer part is never cut; "
+            f"max_length={max(full_lengths)} would keep every item whole.") in train.notes
+    assert any(n.startswith("HellaSwag train (classification, max_length=128): for 44 of 2694 items the answer part")
+               and "up to 182 tokens" in n and "max_length >= 182" in n for n in train.notes)
+    # one ending per sequence: the multiple-choice format holds HellaSwag at 128
+    mc = tokenize_task(local("hellaswag", "validation"), tokenizer, "multiple_choice", max_length=128)
+    assert max(len(x) for row in mc["input_ids"] for x in row) <= 128
+
+
 @needs_data
 @needs_tokenizer
 @pytest.mark.parametrize("side", ["right", "left"])

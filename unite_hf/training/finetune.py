@@ -307,8 +307,9 @@ def finetune(
     if max_eval_examples is not None and len(dev.dataset) > max_eval_examples:
         dev.dataset = dev.dataset.shuffle(seed=0).select(range(max_eval_examples))  # same eval rows for every seed
     tokenizer = _tokenizer_for(model, tokenizer)
-    # Tokenised before the model is built: a max_length that cannot hold the choices fails before any
-    # pretraining; what was cut to fit is added to train.notes / dev.notes, hence to the summary's notes
+    # Tokenised before the model is built, so that bad data fails before any pretraining; what was cut to fit
+    # max_length (and any item whose answer part alone is longer) is added to train.notes / dev.notes, which
+    # the summary's "notes" and result.json carry
     train_tok = tokenize_task(train, tokenizer, format=fmt, max_length=max_length)
     dev_tok = tokenize_task(dev, tokenizer, format=fmt, max_length=max_length)
     pretrain = ({"tokens": pretrain_tokens, "output_dir": Path(output_dir) / "pretrain", "show_progress": show_progress,

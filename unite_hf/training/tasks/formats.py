@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from datasets import Dataset
 
@@ -59,14 +59,26 @@ def _blank_suffix(choice: str, after: str, blank: str) -> str:
     return (choice or blank) + after
 
 
-def _fit_context(tokenizer: Any, context: str, suffix: str, max_length: int, side: str,
-                 ids: list[int]) -> tuple[str, list[int]]:
+class _Fit(NamedTuple):
+    """One sequence fitted into ``max_length`` by :func:`_fit_context`."""
+
+    ids: list[int]
+    kept: str  # the context that was kept
+    cut: int  # tokens of the context's own tokenisation that were removed
+    whole: bool  # the whole (non-empty) context was removed
+    over: int  # the answer part alone is longer than max_length: its length (the sequence's), else 0
+
+
+def _fit_context(tokenizer: Any, context: str, suffix: str, max_length: int, side: str, ids: list[int]) -> _Fit:
     """Cut whole tokens off ``context`` (at ``side``) until ``context + suffix`` fits in ``max_length`` tokens.
 
     Truncation happens on the text, which is then re-tokenised, so the ids always decode to exactly
-    ``kept_context + suffix``: the choices and the final ``Answer:`` are never cut, which matters for
-    last-token pooling. ``ids`` are those of the uncut text. Returns the kept context and its ids; if
-    even an empty context is too long, the ids are cut hard at the right.
+    ``kept_context + suffix``. ``suffix`` is the answer part (the enumerated choices and the final
+    ``Answer:``; ``"\\nAnswer: {choice}"``; or a Winogrande option and the rest of its sentence) and is
+    never cut: last-token pooling reads its end, and a cut inside it would score a different question.
+    ``ids`` are those of the uncut text. If even an empty context leaves ``suffix`` too long, the
+    sequence is ``suffix`` alone, longer than ``max_length`` (``over`` says by how much;
+    :func:`tokenize_task` counts such items in the notes).
     """
     offsets = tokenizer(context, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     kept, drop = context, len(ids) - max_length
@@ -75,35 +87,57 @@ def _fit_context(tokenizer: Any, context: str, suffix: str, max_length: int, sid
         ids = tokenizer(kept + suffix)["input_ids"]
         drop += max(1, len(ids) - max_length)  # a re-tokenised boundary can shift by a token: cut again
     if len(ids) > max_length:
-        kept, ids = "", tokenizer(suffix)["input_ids"][:max_length]
-    return kept, ids
+        kept, ids = "", tokenizer(suffix)["input_ids"]
+    left = len(tokenizer(kept, add_special_tokens=False)["input_ids"]) if kept else 0
+    return _Fit(ids, kept, len(offsets) - left, bool(offsets) and not kept.strip(),
+                len(ids) if len(ids) > max_length else 0)
+
+
+# Per item, beside the ids: tokens cut from its context, whether all of it, its length when its answer part
+# alone exceeds max_length (0 otherwise), and its uncut length. Read, then dropped, by tokenize_task.
+_STATS = ("_cut", "_whole", "_over", "_full")
 
 
 def _encode_classification(tokenizer: Any, contexts: list[str], suffixes: list[str], max_length: int,
-                           side: str) -> list[list[int]]:
+                           side: str) -> tuple[list[list[int]], dict[str, list[int]]]:
     """Batch-tokenise ``context + suffix``; only the rare too-long rows take the slow fitting path."""
     all_ids = tokenizer([c + s for c, s in zip(contexts, suffixes)])["input_ids"]
-    return [ids if len(ids) <= max_length else _fit_context(tokenizer, c, s, max_length, side, ids)[1]
-            for ids, c, s in zip(all_ids, contexts, suffixes)]
+    out, stats = [], {key: [] for key in _STATS}
+    for ids, context, suffix in zip(all_ids, contexts, suffixes):
+        fit = _Fit(ids, context, 0, False, 0) if len(ids) <= max_length else _fit_context(
+            tokenizer, context, suffix, max_length, side, ids)
+        out.append(fit.ids)
+        for key, value in zip(_STATS, (fit.cut, int(fit.whole), fit.over, len(ids))):
+            stats[key].append(value)
+    return out, stats
 
 
 def _encode_multiple_choice(tokenizer: Any, contexts: list[str], suffixes: list[list[str]], max_length: int,
-                            side: str) -> list[list[list[int]]]:
+                            side: str) -> tuple[list[list[list[int]]], dict[str, list[int]]]:
     """``[B][k][T_i]`` ids. A too-long item has its context cut once, for its longest choice, so that
     all k sequences of the item share the same context (the choices then differ only in their answer)."""
     k = len(suffixes[0]) if suffixes else 0
     flat = tokenizer([c + s for c, row in zip(contexts, suffixes) for s in row])["input_ids"]
-    out = []
+    out, stats = [], {key: [] for key in _STATS}
     for i, (context, row) in enumerate(zip(contexts, suffixes)):
         ids = flat[i * k:(i + 1) * k]
+        full = max(map(len, ids))
+        cut, whole, over = 0, False, 0
         longest = max(range(k), key=lambda j: len(ids[j]))
         if len(ids[longest]) > max_length:
-            kept, _ = _fit_context(tokenizer, context, row[longest], max_length, side, ids[longest])
-            ids = tokenizer([kept + s for s in row])["input_ids"]
-            ids = [x if len(x) <= max_length else _fit_context(tokenizer, kept, s, max_length, side, x)[1]
-                   for x, s in zip(ids, row)]
+            fit = _fit_context(tokenizer, context, row[longest], max_length, side, ids[longest])
+            ids = tokenizer([fit.kept + s for s in row])["input_ids"]
+            fits = [_fit_context(tokenizer, fit.kept, s, max_length, side, x) if len(x) > max_length else None
+                    for x, s in zip(ids, row)]
+            ids = [x if f is None else f.ids for x, f in zip(ids, fits)]
+            again = [f for f in fits if f is not None]
+            cut = fit.cut + max((f.cut for f in again), default=0)
+            whole = fit.whole or any(f.whole for f in again)
+            over = max([fit.over, *(f.over for f in again)])
         out.append(ids)
-    return out
+        for key, value in zip(_STATS, (cut, int(whole), over, full)):
+            stats[key].append(value)
+    return out, stats
 
 
 @dataclass(frozen=True)
@@ -118,9 +152,10 @@ class _TokenizeFn:
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         contexts, choices = batch["context"], batch["choices"]
         if self.format == "classification":
-            ids = _encode_classification(self.tokenizer, contexts, [_classification_suffix(c) for c in choices],
-                                         self.max_length, self.side)
-            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": batch["label"]}
+            ids, stats = _encode_classification(self.tokenizer, contexts, [_classification_suffix(c) for c in choices],
+                                                self.max_length, self.side)
+            return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": batch["label"],
+                    **stats}
         # multiple choice: k suffixes per item, short items padded with empty choices
         padded = [list(options) + [""] * (self.num_choices - len(options)) for options in choices]
         if self.blank is not None:
@@ -131,9 +166,9 @@ class _TokenizeFn:
             suffixes = [[_blank_suffix(o, after, self.blank) for o in row] for row, (_, after) in zip(padded, parts)]
         else:
             suffixes = [[_choice_suffix(o) for o in row] for row in padded]
-        ids = _encode_multiple_choice(self.tokenizer, contexts, suffixes, self.max_length, self.side)
+        ids, stats = _encode_multiple_choice(self.tokenizer, contexts, suffixes, self.max_length, self.side)
         return {"input_ids": ids, "attention_mask": [[[1] * len(x) for x in row] for row in ids],
-                "labels": batch["label"]}
+                "labels": batch["label"], **stats}
 
 
 def tokenize_task(
@@ -164,9 +199,15 @@ def tokenize_task(
             the blank before it. (lm-eval sums the continuation's log-likelihood; here a trained head
             scores the pooled state.)
         max_length: most tokens per sequence. Long contexts lose whole tokens at ``truncation_side``
-            (default ``"left"``: the end of the context, next to the question and answers, is kept);
-            choices and the final ``Answer:`` are kept.
-        num_choices: k; default the task's. Items with more choices than k are dropped (logged).
+            (default ``"left"``: the end of the context, next to the question and answers, is kept).
+            The answer part (the enumerated choices and the final ``Answer:``; ``Answer:`` and the
+            choice; a Winogrande option and the rest of its sentence) is never cut: an item whose answer
+            part alone is longer than ``max_length`` becomes that answer part alone, longer than
+            ``max_length``. What was cut, and any such item, is logged and, for a :class:`TaskData`,
+            added to its ``notes`` (which ``finetune`` writes into its result): how many items, how many
+            context tokens they lost, and the ``max_length`` that would avoid it.
+        num_choices: k; default the task's. Items with more choices than k are dropped (logged, and
+            noted like cuts).
         batch_size, num_proc: passed to ``Dataset.map``.
         blank: the blank marker for the substitution above; default the task's :attr:`TaskSpec.blank`
             when ``task_data`` is a :class:`TaskData` (a bare ``Dataset`` carries no spec: pass
@@ -190,10 +231,12 @@ def tokenize_task(
     if not 2 <= num_choices <= len(_LETTERS):
         raise ValueError(f"num_choices must be in [2, {len(_LETTERS)}], got {num_choices}")
 
+    what = f"{task_data.spec.pretty_name} {task_data.split}" if isinstance(task_data, TaskData) else "tokenize_task"
+    notes: list[str] = []
     too_many = [i for i, n in enumerate(_choice_counts(dataset)) if n > num_choices]
     if too_many:
-        logger.warning("tokenize_task: dropping %d of %d items with more than %d choices", len(too_many),
-                       len(dataset), num_choices)
+        notes.append(f"{what}: {len(too_many)} of {len(dataset)} items have more than num_choices={num_choices} "
+                     f"choices and were dropped.")
         dropped = set(too_many)
         dataset = dataset.select([i for i in range(len(dataset)) if i not in dropped])
         if len(dataset) == 0:
@@ -202,5 +245,33 @@ def tokenize_task(
     if blank is None and isinstance(task_data, TaskData):
         blank = task_data.spec.blank
     fn = _TokenizeFn(tokenizer, format, num_choices, max_length, truncation_side, blank)
-    return dataset.map(fn, batched=True, batch_size=batch_size, num_proc=num_proc,
-                       remove_columns=dataset.column_names, desc=f"tokenising ({format})")
+    tokenized = dataset.map(fn, batched=True, batch_size=batch_size, num_proc=num_proc,
+                            remove_columns=dataset.column_names, desc=f"tokenising ({format})")
+    table = tokenized.with_format("arrow")
+    cut, whole, over, full = (table[key].to_pylist() for key in _STATS)
+    tokenized = tokenized.remove_columns(list(_STATS))
+    n_cut = [c for c in cut if c]
+    if n_cut:
+        lost_all, low, high = sum(whole), min(n_cut), max(n_cut)
+        span = f"{low} token{'s' if low > 1 else ''}" if low == high else f"{low}-{high} tokens"
+        notes.append(
+            f"{what} ({format}, max_length={max_length}): {len(n_cut)} of {len(cut)} items were cut to fit, their "
+            f"context losing {span} (mean {sum(n_cut) / len(n_cut):.1f}, {sum(n_cut)} in all) at the "
+            f"{truncation_side}" + (f"; {lost_all} of them lost their whole context" if lost_all else "")
+            + f". The answer part is never cut; max_length={max(full)} would keep every item whole.")
+    n_over = [n for n in over if n]
+    if n_over:
+        answer_part = ("the enumerated choices and the final 'Answer:'" if format == "classification" else
+                       "an option and the rest of the sentence after the blank" if blank is not None else
+                       "'Answer:' and a choice")
+        alternative = ", or format='multiple_choice' (one choice per sequence)" if format == "classification" else ""
+        notes.append(
+            f"{what} ({format}, max_length={max_length}): for {len(n_over)} of {len(over)} items the answer part "
+            f"({answer_part}) alone is longer than max_length, up to {max(n_over)} tokens. It is never cut, so "
+            f"these items are their answer part alone, without any context, and longer than max_length. Use "
+            f"max_length >= {max(n_over)} to keep them within it{alternative}.")
+    for note in notes:
+        logger.warning(note)
+        if isinstance(task_data, TaskData) and note not in task_data.notes:
+            task_data.notes.append(note)
+    return tokenized

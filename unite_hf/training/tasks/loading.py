@@ -302,8 +302,9 @@ class TaskData:
         spec: the task's :class:`TaskSpec`.
         source: ``"local"`` or ``"hub"``.
         origin: the file or Hub id the rows came from (``"<file>[train part]"`` for a carved split).
-        notes: human-readable facts to print (carved splits, subsampling, varying choice counts,
-            unlabelled rows).
+        notes: human-readable facts to print (carved splits, substitute files, a Hub fallback,
+            subsampling, varying choice counts, unlabelled rows; :func:`tokenize_task` adds what it cut
+            to fit ``max_length``).
     """
 
     name: str
