@@ -242,3 +242,37 @@ def test_cli_prints_one_json_line(tmp_path):
     bad = run_cli("retention", "--gene", str(tmp_path / "gene"), "--source", str(tmp_path / "src"), "--rank", "99",
                   "--quiet", cwd=tmp_path)
     assert bad.returncode == 2 and "above the gene's ranks" in bad.stderr
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_routed_replacement_scores_hand_known_controls(family):
+    """measure_routed_replacement on replacements whose scores are known by definition: the source's own routed
+    output (gap 1, the source's perplexity), nothing (gap 0), and the negated routed output (gap below 0)."""
+    from unite_hf.evaluation import measure_routed_replacement
+    from unite_hf.refit.base import shared_output
+
+    source = loud_mixtral(identical=False) if family == "mixtral" else tiny_moe(family)
+    twin = copy.deepcopy(source)  # its blocks compute the reference (the source's own carry the replacement hooks)
+    blocks = {block.layer_idx: block for block in get_source(twin).blocks}
+
+    def routed(layer, sign=1.0):
+        def fn(x):
+            out = twin.get_submodule(blocks[layer].name)(x.unsqueeze(0))
+            out = (out[0] if isinstance(out, tuple) else out).squeeze(0)
+            shared = shared_output(blocks[layer], x)
+            return sign * (out if shared is None else out - shared)
+        return fn
+
+    kwargs = dict(tokenizer=None, text=HELD_OUT, num_windows=6, seq_len=16)
+    exact = measure_routed_replacement(source, {layer: routed(layer) for layer in blocks}, **kwargs)
+    nothing = measure_routed_replacement(source, {layer: (lambda x: torch.zeros_like(x)) for layer in blocks}, **kwargs)
+    negated = measure_routed_replacement(source, {layer: routed(layer, -1.0) for layer in blocks}, **kwargs)
+    eps = torch.finfo(torch.float32).eps
+    for row in exact["layers"]:
+        # KL of a model against itself: float32 log-softmax rounding over the vocabulary, relative to the zeroed KL
+        assert row.kl_swap <= 64 * eps * VOCAB and abs(row.swap_gap - 1) <= 64 * eps * VOCAB / row.kl_zero
+    assert exact["perplexity"]["replaced"] == pytest.approx(exact["perplexity"]["source"], rel=64 * eps * 16)
+    assert all(row.swap_gap == 0.0 for row in nothing["layers"])
+    assert all(row.swap_gap < 0 for row in negated["layers"])
+    with pytest.raises(ValueError, match="no replacement given"):
+        measure_routed_replacement(source, {}, **kwargs)

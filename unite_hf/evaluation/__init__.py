@@ -2,6 +2,7 @@
 intervals between targets scored on the same examples (:mod:`.paired`)."""
 
 from .paired import PairedDifference, paired_difference
-from .retention import LayerRetention, RetentionReport, held_out_windows, measure_retention
+from .retention import LayerRetention, RetentionReport, held_out_windows, measure_retention, measure_routed_replacement
 
-__all__ = ["LayerRetention", "PairedDifference", "paired_difference", "RetentionReport", "held_out_windows", "measure_retention"]
+__all__ = ["LayerRetention", "PairedDifference", "paired_difference", "RetentionReport", "held_out_windows", "measure_retention",
+           "measure_routed_replacement"]

@@ -345,23 +345,8 @@ def measure_retention(
             cached["source_ppl"] = _perplexity(model, windows, batch_size, log_probs=iter(cached["reference"]))
         reference, source_ppl = cached["reference"], cached["source_ppl"]
         bar.update()
-        results = []
-        zero_kls = cached.setdefault("kl_zero", {})
-        for layer in layers:
-            with _replaced(model, {blocks[layer].name: rebuilt(layer)}):
-                kl_swap = _kl_per_window(model, windows, reference, batch_size)
-            bar.update()
-            if no_shared[layer] and layer in zero_kls:  # nothing of the gene in the zeroed layer
-                kl_zero = zero_kls[layer]
-            else:
-                with _replaced(model, {blocks[layer].name: shared_only(layer)}):
-                    kl_zero = _kl_per_window(model, windows, reference, batch_size)
-                if no_shared[layer]:
-                    zero_kls[layer] = kl_zero
-            bar.update()
-            gap, gap_se = _ratio_with_se(kl_swap, kl_zero)
-            results.append(LayerRetention(layer, gap, gap_se, float(kl_swap.mean()), _se(kl_swap), float(kl_zero.mean()),
-                                          _se(kl_zero), _se(kl_zero - kl_swap)))
+        results = _layer_gaps(model, blocks, windows, reference, layers, rebuilt, shared_only, no_shared,
+                              cached.setdefault("kl_zero", {}), batch_size, bar)
         relative_error = {}
         captured: dict[int, torch.Tensor] = {}
         handles = [model.get_submodule(blocks[layer].name).register_forward_pre_hook(
@@ -401,6 +386,92 @@ def measure_retention(
         perplexity={"source": source_ppl, "fused": fused_ppl, "target": target_ppl},
         ffn_parameter_fraction=_ffn_parameter_fraction(target, moe), notes=notes,
     )
+
+
+def _layer_gaps(model: nn.Module, blocks: dict, windows: torch.Tensor, reference: list[torch.Tensor], layers: list[int],
+                swap: Callable[[int], Callable], zero: Callable[[int], Callable], no_shared: dict[int, bool],
+                zero_kls: dict[int, torch.Tensor], batch_size: int, bar) -> list[LayerRetention]:
+    """Each layer's swap gap: its block replaced by ``swap(layer)`` against ``zero(layer)`` (shared experts
+    only); the no-experts KLs of layers without shared experts are kept in ``zero_kls`` and reused."""
+    results = []
+    for layer in layers:
+        with _replaced(model, {blocks[layer].name: swap(layer)}):
+            kl_swap = _kl_per_window(model, windows, reference, batch_size)
+        bar.update()
+        if no_shared[layer] and layer in zero_kls:  # nothing of the replacement in the zeroed layer
+            kl_zero = zero_kls[layer]
+        else:
+            with _replaced(model, {blocks[layer].name: zero(layer)}):
+                kl_zero = _kl_per_window(model, windows, reference, batch_size)
+            if no_shared[layer]:
+                zero_kls[layer] = kl_zero
+        bar.update()
+        gap, gap_se = _ratio_with_se(kl_swap, kl_zero)
+        results.append(LayerRetention(layer, gap, gap_se, float(kl_swap.mean()), _se(kl_swap), float(kl_zero.mean()),
+                                      _se(kl_zero), _se(kl_zero - kl_swap)))
+    return results
+
+
+def measure_routed_replacement(
+    source: nn.Module,
+    routed: dict[int, Callable[[torch.Tensor], torch.Tensor]],
+    *,
+    tokenizer,
+    text: str | os.PathLike | torch.Tensor | None = None,
+    num_windows: int = 8,
+    seq_len: int = 256,
+    layers: list[int] | None = None,
+    batch_size: int = 4,
+    data_dir: str | os.PathLike | None = None,
+    baseline: dict | None = None,
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """Swap gaps and full-depth perplexity of any replacement of the routed experts, for controls that are
+    not genes (a linear map ``y = A x``, say): ``routed[layer](x)`` gives the routed output of every MoE
+    layer from its input ``x`` (tokens, hidden); the source's shared experts stay. The same windows,
+    definitions and ``baseline`` sharing as :func:`measure_retention`.
+
+    Returns ``{"layers": [LayerRetention], "mean_swap_gap", "perplexity": {"source", "replaced"}}``.
+    """
+    from ..refit.base import shared_output
+
+    model = source.eval()
+    moe = get_source(model)
+    blocks = {block.layer_idx: block for block in moe.blocks}
+    missing = sorted(set(blocks) - set(routed))
+    if missing:
+        raise ValueError(f"no replacement given for the MoE layers {missing}")
+    layers = _default_layers(moe.moe_layers) if layers is None else list(layers)
+    windows, _ = held_out_windows(tokenizer, text, num_windows=num_windows, seq_len=seq_len, data_dir=data_dir)
+
+    def replaced(layer: int, with_routed: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            flat = x.reshape(-1, x.shape[-1])
+            out = routed[layer](flat).reshape(x.shape).to(x.dtype) if with_routed else torch.zeros_like(x)
+            shared = shared_output(blocks[layer], x)
+            return out if shared is None else out + shared
+        return fn
+
+    cached = baseline if baseline is not None else {}
+    key = (id(model), tuple(windows.shape), hash(windows.cpu().numpy().tobytes()), batch_size)
+    if cached.get("key") not in (None, key):
+        raise ValueError("baseline= holds another source's or other windows' reference; start one dict per source")
+    cached["key"] = key
+    no_shared = {layer: not blocks[layer].shared_experts for layer in layers}
+    bar = tqdm(total=2 * len(layers) + 1, desc="Replacement", unit="pass", disable=not show_progress)
+    with torch.no_grad():
+        if "reference" not in cached:
+            cached["reference"] = list(_log_probs(model, windows, batch_size))
+            cached["source_ppl"] = _perplexity(model, windows, batch_size, log_probs=iter(cached["reference"]))
+        results = _layer_gaps(model, blocks, windows, cached["reference"], layers,
+                              lambda layer: replaced(layer, True), lambda layer: replaced(layer, False), no_shared,
+                              cached.setdefault("kl_zero", {}), batch_size, bar)
+        with _replaced(model, {block.name: replaced(layer, True) for layer, block in blocks.items()}):
+            replaced_ppl = _perplexity(model, windows, batch_size)
+        bar.update()
+    bar.close()
+    return {"layers": results, "mean_swap_gap": sum(r.swap_gap for r in results) / len(results),
+            "perplexity": {"source": cached["source_ppl"], "replaced": replaced_ppl}}
 
 
 def _block_output(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
