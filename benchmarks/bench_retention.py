@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repo's tools/ package
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # retention_controls
 
 VARIANTS = {  # name -> (fusion, decomposition, extra extraction options)
     "paper": ("fisher", "tucker", {}),
@@ -31,9 +32,27 @@ VARIANTS = {  # name -> (fusion, decomposition, extra extraction options)
     "concat+hidden+aa": ("concat", "tucker_hidden", {"activation_aware": True}),
 }
 
+BUDGET_VARIANTS = {  # name -> (fusion, decomposition, extraction options); each extracted at every --budgets value
+    "paper@budget": ("fisher", "tucker", {}),
+    "concat": ("concat", "tucker_hidden", {}),
+    "concat+ridge": ("concat", "tucker_hidden", {"refit": "ridge"}),
+    "concat+ridge+seq": ("concat", "tucker_hidden", {"refit": "ridge", "refit_sequential": True}),
+    "concat+distill": ("concat", "tucker_hidden", {"refit": "distill"}),
+    "control:random+ridge": ("random_neurons", "tucker_hidden", {"refit": "ridge"}),
+}
+"""The refit grid (issue 20): the controls beside the variants at the same budget. ``control:linear`` (a
+least-squares map ``y = A x``, not a gene) is measured once per source with --budget-variants naming it."""
+CONTROL = "control:random+ridge"
 
-def load_source(name: str, tiny: bool):
-    """(model, tokenizer, description) of a representative source."""
+
+def load_source(name: str, tiny: bool, path: str | None = None):
+    """(model, tokenizer, description) of a representative source; ``path``: a folder that
+    ``python -m tools.sources`` built (for native and upcycled sources), loaded as it is."""
+    if path is not None and name != "moefied":
+        from tools.sources import load_source as load_built
+
+        model, tokenizer, report = load_built(path)
+        return model, tokenizer, f"{name} ({report.path})"
     if name == "moefied":
         from tools.demo import _real_source, _tiny_source  # the demo's SmolLM2 -> 8-expert top-6 MoE
 
@@ -115,6 +134,125 @@ def run(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_budgets(args: argparse.Namespace) -> dict:
+    """The budget grid: every variant of --budget-variants at every --budgets value, on each source, beside
+    the random-neuron control and the linear control; refits calibrate on --refit-sequences windows."""
+    import retention_controls  # registers the random_neurons fusion
+    from unite_hf import compute_expert_importance, extract_universal_knowledge
+    from unite_hf.calibration import load_calibration
+    from unite_hf.evaluation import measure_retention, measure_routed_replacement
+
+    results = {"command": "python benchmarks/bench_retention.py " + " ".join(sys.argv[1:]), "runs": []}
+    run_started = time.perf_counter()
+
+    def save() -> None:
+        results["minutes"] = round((time.perf_counter() - run_started) / 60, 1)
+        Path(args.json[0]).write_text(json.dumps(results, indent=1, sort_keys=True))
+
+    for source_name in args.sources:
+        started = time.perf_counter()
+        model, tokenizer, label = load_source(source_name, args.tiny, (args.source_path or {}).get(source_name))
+        model = model.float().eval()
+        calib = load_calibration("wikitext2", tokenizer, num_sequences=args.fisher_sequences, seq_len=args.seq_len,
+                                 seed=0, show_progress=False)
+        fisher_started = time.perf_counter()
+        importance = compute_expert_importance(model, calib, batch_size=4, seed=0, show_progress=False)
+        fisher_seconds = time.perf_counter() - fisher_started
+        refit_calib = dict(num_sequences=args.refit_sequences, seq_len=args.seq_len)
+        print(f"[{source_name}] {label}: loaded in {fisher_started - started:.0f} s, Fisher {fisher_seconds:.0f} s",
+              flush=True)
+        baseline: dict = {}
+        retention = dict(tokenizer=tokenizer, num_windows=args.num_windows, seq_len=args.retention_seq_len,
+                         baseline=baseline)
+        if "control:linear" in args.budget_variants:
+            ids = load_calibration("wikitext2", tokenizer, seed=0, show_progress=False, **refit_calib).input_ids
+            fit_started = time.perf_counter()
+            maps = retention_controls.linear_control(model, ids, batch_size=4)
+            fit_seconds = time.perf_counter() - fit_started
+            measured = measure_routed_replacement(model, maps, **retention)
+            hidden = get_hidden(model)
+            results["runs"].append({
+                "source": source_name, "source_label": label, "variant": "control:linear", "budget": None,
+                "ffn_parameter_fraction": hidden * hidden / routed_per_layer(model), "mean_swap_gap": measured["mean_swap_gap"],
+                "layers": [vars(layer) for layer in measured["layers"]],
+                "perplexity": {"source": measured["perplexity"]["source"], "target": measured["perplexity"]["replaced"]},
+                "extract_seconds": round(fit_seconds, 1), "fisher_seconds": round(fisher_seconds, 1)})
+            print(f"[{source_name}] control:linear: swap gap {measured['mean_swap_gap']:.3f}, "
+                  f"ppl {measured['perplexity']}", flush=True)
+            save()
+        for budget in args.budgets:
+            for variant in (v for v in args.budget_variants if v != "control:linear"):
+                fusion, decomposition, options = BUDGET_VARIANTS[variant]
+                if options.get("refit") == "distill":
+                    options = {**options, "refit_steps": args.distill_steps}
+                extract_started = time.perf_counter()
+                try:
+                    gene = extract_universal_knowledge(model, tokenizer, importance=importance, fusion=fusion,
+                                                       decomposition=decomposition, budget=budget, show_progress=False,
+                                                       **refit_calib, **options)
+                except (TypeError, ValueError) as err:
+                    print(f"[{source_name}] {variant} @ {budget}: not run ({err})", flush=True)
+                    results["runs"].append({"source": source_name, "variant": variant, "budget": budget, "error": str(err)})
+                    continue
+                extract_seconds = time.perf_counter() - extract_started
+                report = measure_retention(gene, model, show_progress=False, measure_fused=False, **retention)
+                refit_errors = gene.config.method_config.get("refit_calibration_error", {})
+                results["runs"].append({
+                    **report.to_dict(), "source": source_name, "source_label": label, "variant": variant,
+                    "budget": budget, "allocation": gene.config.method_config.get("allocation"),
+                    "refit_calibration_error": refit_errors, "extract_seconds": round(extract_seconds, 1),
+                    "fisher_seconds": round(fisher_seconds, 1), "peak_rss_gb": round(peak_rss_gb(), 2)})
+                print(f"[{source_name}] {variant} @ {budget}: swap gap {report.mean_swap_gap:.3f}, "
+                      f"ffn fraction {report.ffn_parameter_fraction:.3f}, ppl {report.perplexity['target']:.1f} "
+                      f"(source {report.perplexity['source']:.1f}), extract {extract_seconds:.0f} s", flush=True)
+                save()
+        del model
+    return results
+
+
+def get_hidden(model) -> int:
+    from unite_hf import get_source
+
+    return get_source(model).blocks[0].expert(0).down.shape[0]
+
+
+def routed_per_layer(model) -> int:
+    """Routed expert parameters of one MoE layer."""
+    from unite_hf import get_source
+
+    block = get_source(model).blocks[0]
+    return sum(p.numel() for p in block.expert_parameters())
+
+
+def _gap_se(row: dict) -> float:
+    """Standard error of the mean swap gap over the measured layers (per-layer SEs, independent)."""
+    return (sum(layer["swap_gap_se"] ** 2 for layer in row["layers"]) ** 0.5) / len(row["layers"])
+
+
+def render_budgets(results: dict) -> str:
+    """The budget grid, each variant beside the random-neuron control of its source and budget: the margin
+    (variant - control) and its standard error (the two SEs combined as independent, which overstates it:
+    both share the zeroed-layer KLs)."""
+    runs = [row for row in results["runs"] if "error" not in row]
+    control = {(row["source"], row["budget"]): row for row in runs if row["variant"] == CONTROL}
+    lines = ["| source | variant | budget | FFN params / routed | mean swap gap ± SE | margin over random ± SE | "
+             "full-depth ppl (source) | extract s (Fisher s) |", "|---|---|---|---|---|---|---|---|"]
+    for row in results["runs"]:
+        if "error" in row:
+            lines.append(f"| {row['source']} | {row['variant']} | {row['budget']} | - | not run: {row['error']} | | | |")
+            continue
+        ref = control.get((row["source"], row["budget"]))
+        margin = "-"
+        if ref is not None and row is not ref:
+            margin = f"{row['mean_swap_gap'] - ref['mean_swap_gap']:+.3f} ± {(_gap_se(row) ** 2 + _gap_se(ref) ** 2) ** 0.5:.3f}"
+        ppl = row["perplexity"]
+        budget = "-" if row["budget"] is None else f"{row['budget']:.2f}"
+        lines.append(f"| {row['source']} | {row['variant']} | {budget} | {row['ffn_parameter_fraction']:.3f} | "
+                     f"{row['mean_swap_gap']:.3f} ± {_gap_se(row):.3f} | {margin} | {ppl['target']:.1f} "
+                     f"({ppl['source']:.1f}) | {row['extract_seconds']} ({row.get('fisher_seconds', '-')}) |")
+    return "\n".join(lines)
+
+
 def render(results: dict) -> str:
     lines = [
         "| source | variant (fusion + decomposition) | rank | FFN params / source | mean swap gap ± SE | "
@@ -153,29 +291,42 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-seq-len", type=int, default=128, help="tokens per held-out window")
     parser.add_argument("--json", nargs="+", default=["benchmarks/retention.json"],
                         help="where the results go (with --report-only: several files are merged)")
+    parser.add_argument("--budgets", nargs="+", type=float,
+                        help="run the refit grid instead: every --budget-variants entry at each budget (a fraction of "
+                             "the routed experts' parameters), beside the controls")
+    parser.add_argument("--budget-variants", nargs="+", default=[*BUDGET_VARIANTS, "control:linear"],
+                        choices=[*BUDGET_VARIANTS, "control:linear"], help="variants of the refit grid")
+    parser.add_argument("--refit-sequences", type=int, default=64,
+                        help="calibration sequences (WikiText-2) the refits fit on")
+    parser.add_argument("--distill-steps", type=int, default=300, help="Adam steps per layer of the distill refit")
+    parser.add_argument("--source-path", nargs="+", default=[], metavar="NAME=DIR",
+                        help="load these built sources from their folders instead of building (e.g. native=DIR)")
     parser.add_argument("--tiny", action="store_true", help="tiny random sources (plumbing only)")
     parser.add_argument("--report-only", action="store_true", help="print the table from --json, run nothing")
     parser.add_argument("--markdown", help="also write the table into this file (RETENTION.md), in place of the "
                                            "one under its '## Retention table' heading")
     args = parser.parse_args(argv)
+    args.source_path = dict(item.split("=", 1) for item in args.source_path)
     if args.report_only:
         results = {"runs": [run for path in args.json for run in json.loads(Path(path).read_text())["runs"]]}
     else:
-        results = run(args)
-    table = render(results)
+        results = run_budgets(args) if args.budgets else run(args)
+    budget_grid = args.budgets or any("budget" in row for row in results["runs"])
+    table = render_budgets(results) if budget_grid else render(results)
     print(table)
     if args.markdown:
-        replace_table(Path(args.markdown), table)
+        replace_table(Path(args.markdown), table, "## Refits and controls at parameter budgets" if budget_grid
+                      else "## Retention table")
     return 0
 
 
-def replace_table(path: Path, table: str) -> None:
-    """Put ``table`` under the file's ``## Retention table`` heading, in place of the table there (the
-    prose around it, written from the numbers, stays: read it against the new table)."""
+def replace_table(path: Path, table: str, heading: str = "## Retention table") -> None:
+    """Put ``table`` under the file's ``heading``, in place of the table there (the prose around it,
+    written from the numbers, stays: read it against the new table)."""
     lines = path.read_text(encoding="utf-8").split("\n")
-    at = next((i for i, line in enumerate(lines) if line.startswith("## Retention table")), None)
+    at = next((i for i, line in enumerate(lines) if line.startswith(heading)), None)
     if at is None:
-        raise ValueError(f"{path} has no '## Retention table' heading to put the table under")
+        raise ValueError(f"{path} has no '{heading}' heading to put the table under")
     start = next(i for i in range(at + 1, len(lines)) if lines[i].startswith("|") or lines[i].startswith("## "))
     end = start
     while end < len(lines) and lines[end].startswith("|"):

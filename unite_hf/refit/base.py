@@ -32,6 +32,8 @@ class RefitOptions:
     """calibration tokens kept per layer for the iterative refits (distill)"""
     seed: int
     """seed of the token sampling (distill)"""
+    max_memory_gb: float
+    """memory for the layers' statistics: layers are refitted in groups that fit, one (partial) pass each"""
     batch_tokens: int = 1024
     """tokens per Adam step (distill); not a setting of the recipe"""
 
@@ -39,7 +41,8 @@ class RefitOptions:
     def from_config(cls, config) -> RefitOptions:
         """From a :class:`~unite_hf.methods.unite.UniteExtractionConfig`."""
         return cls(ridge=config.refit_ridge, sequential=config.refit_sequential, steps=config.refit_steps,
-                   lr=config.refit_lr, max_tokens=config.refit_max_tokens, seed=config.seed)
+                   lr=config.refit_lr, max_tokens=config.refit_max_tokens, seed=config.seed,
+                   max_memory_gb=config.refit_max_memory_gb)
 
 
 class LayerFFN:
@@ -89,6 +92,11 @@ class Refit:
 
     def __init__(self, layer: LayerFFN, options: RefitOptions) -> None:
         self.layer, self.options = layer, options
+
+    @classmethod
+    def statistics_bytes(cls, layer: LayerFFN, options: RefitOptions) -> int:
+        """Memory the layer's statistics take while its calibration pass runs."""
+        raise NotImplementedError
 
     def update(self, x: torch.Tensor, target: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -200,37 +208,54 @@ def refit_decompositions(
     activation = source.blocks[0].activation
     device = next(model.parameters()).device
     layers = [LayerFFN(decompositions, fused_biases, row, activation).to(device) for row in range(len(source.blocks))]
-    refits = [refit_class(layer, options) for layer in layers]
     errors: dict[str, list[float]] = {}
     was_training = model.training
     model.eval()
     order = list(range(len(layers)))
-    rounds = [[row] for row in order] if options.sequential else [order]
+    groups = [[row] for row in order] if options.sequential else _groups(refit_class, layers, options)
     bar = tqdm(total=len(layers), desc=f"Refit ({method})", unit="layer", disable=not show_progress)
     try:
         with torch.no_grad():
-            for needed in rounds:
-                done = {row: layers[row] for row in order if row < needed[0]} if options.sequential else {}
+            for group in groups:
+                # sequential: the layers before the group are replaced by their refitted FFNs
+                done = {row: layers[row] for row in order if row < group[0]} if options.sequential else {}
+                refits = {row: refit_class(layers[row], options) for row in group}
 
-                def capture(row, x, target, needed=needed):
-                    if row in needed:
+                def capture(row, x, target, refits=refits):
+                    if row in refits:
                         refits[row].update(x, target)
 
-                with _hooks(model, source, done, capture, stop_at=needed[-1]):
+                with _hooks(model, source, done, capture, stop_at=group[-1]):
                     for batch in _passes(model, input_ids, batch_size):
                         try:
                             model(input_ids=batch)
                         except _Stop:
                             pass
-                for row in needed:
+                for row, refit in refits.items():
                     with torch.enable_grad():
-                        before, after = refits[row].solve()
+                        before, after = refit.solve()
                     errors[str(source.blocks[row].layer_idx)] = [before, after]
                     bar.update()
+                del refits
     finally:
         bar.close()
         model.train(was_training)
     return _with_cores(decompositions, layers, fused or {}), errors
+
+
+def _groups(refit_class: type[Refit], layers: list[LayerFFN], options: RefitOptions) -> list[list[int]]:
+    """Consecutive layers whose statistics fit ``options.max_memory_gb`` together (at least one layer each)."""
+    limit = options.max_memory_gb * 1024 ** 3
+    groups: list[list[int]] = []
+    used = limit + 1
+    for row, layer in enumerate(layers):
+        size = refit_class.statistics_bytes(layer, options)
+        if used + size > limit:
+            groups.append([])
+            used = 0
+        groups[-1].append(row)
+        used += size
+    return groups
 
 
 def _with_cores(decompositions: dict[str, Decomposition], layers: list[LayerFFN],

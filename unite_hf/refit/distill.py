@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .base import LayerFFN, Refit, RefitOptions, register_refit
-from .ridge import RidgeStatistics
+from .ridge import RidgeRefit, RidgeStatistics
 
 
 @register_refit("distill")
@@ -24,6 +24,11 @@ class DistillRefit(Refit):
         self.inputs: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         self.kept = 0
+
+    @classmethod
+    def statistics_bytes(cls, layer: LayerFFN, options: RefitOptions) -> int:
+        hidden = layer.out_basis["down"].shape[0]
+        return RidgeRefit.statistics_bytes(layer, options) + 2 * 4 * options.max_tokens * hidden
 
     def update(self, x: torch.Tensor, target: torch.Tensor) -> None:
         self.statistics.update(x, target)

@@ -70,6 +70,11 @@ class RidgeRefit(Refit):
         super().__init__(layer, options)
         self.statistics = RidgeStatistics(layer)
 
+    @classmethod
+    def statistics_bytes(cls, layer: LayerFFN, options: RefitOptions) -> int:
+        r_in, hidden = layer.in_basis["down"].shape[1], layer.out_basis["down"].shape[0]
+        return 8 * (r_in * r_in + hidden * r_in)
+
     def update(self, x: torch.Tensor, target: torch.Tensor) -> None:
         self.statistics.update(x, target)
 

@@ -77,6 +77,8 @@ class UniteExtractionConfig(MethodConfig):
     refit_steps: int = option(300, help="Adam steps per layer of the distill refit")
     refit_lr: float = option(1e-3, help="Adam learning rate of the distill refit")
     refit_max_tokens: int = option(16384, help="calibration tokens kept per layer for the distill refit")
+    refit_max_memory_gb: float = option(4.0, help="memory for the refit's per-layer statistics: layers are refitted "
+                                        "in groups that fit, one partial calibration pass per group")
 
     def __post_init__(self) -> None:
         for name in ("num_sequences", "seq_len", "batch_size", "n_iter_max", "refit_max_tokens"):
@@ -84,6 +86,7 @@ class UniteExtractionConfig(MethodConfig):
         self._check_int("refit_steps", minimum=0)
         self._check_number("refit_ridge")
         self._check_number("refit_lr", strictly=True)
+        self._check_number("refit_max_memory_gb", strictly=True)
         self._check_bool("refit_sequential")
         self._check_str("refit")  # registered refits are checked when extraction starts, as fusions
         self._check_int("seed", minimum=0)

@@ -48,7 +48,8 @@ _CALIBRATION_SETTINGS = ("calibration", "num_sequences", "seq_len", "text_column
 """Settings that only the calibration pass reads (the Fisher, or the activation-aware moments)."""
 
 
-_REFIT_SETTINGS = ("refit_ridge", "refit_sequential", "refit_steps", "refit_lr", "refit_max_tokens")
+_REFIT_SETTINGS = ("refit_ridge", "refit_sequential", "refit_max_memory_gb", "refit_steps", "refit_lr",
+                   "refit_max_tokens")
 """Settings that only a refit reads (the last three only the iterative ones)."""
 
 
@@ -107,6 +108,7 @@ def extract_universal_knowledge(
     refit_steps: int = 300,
     refit_lr: float = 1e-3,
     refit_max_tokens: int = 16384,
+    refit_max_memory_gb: float = 4.0,
 ) -> UniteGene:
     """Extract a UNITE gene from a MoE causal LM.
 
@@ -154,7 +156,7 @@ def extract_universal_knowledge(
             calibration windows (:mod:`unite_hf.refit`): ``"none"`` (the paper), ``"ridge"`` (the
             closed-form ``down`` core given the rebuilt gate/up) or ``"distill"`` (ridge, then Adam on
             every core). Needs the calibration windows (also when ``importance`` is given).
-        refit_ridge, refit_sequential, refit_steps, refit_lr, refit_max_tokens: how the refit runs
+        refit_ridge, refit_sequential, refit_steps, refit_lr, refit_max_tokens, refit_max_memory_gb: how the refit runs
             (:class:`~unite_hf.methods.unite.UniteExtractionConfig` says what each does).
 
     The settings (everything but the model, tokenizer, importance, provenance and runtime switches) make
@@ -166,7 +168,8 @@ def extract_universal_knowledge(
         dataset_config=dataset_config, split=split, batch_size=batch_size, fisher_labels=fisher_labels,
         train_mode=train_mode, fusion=fusion, fused_width=fused_width, decomposition=decomposition, rank=rank,
         n_iter_max=n_iter_max, activation_aware=activation_aware, budget=budget, refit=refit, refit_ridge=refit_ridge,
-        refit_sequential=refit_sequential, refit_steps=refit_steps, refit_lr=refit_lr, refit_max_tokens=refit_max_tokens)
+        refit_sequential=refit_sequential, refit_steps=refit_steps, refit_lr=refit_lr, refit_max_tokens=refit_max_tokens,
+        refit_max_memory_gb=refit_max_memory_gb)
     return extract_from_config(config, model, tokenizer, importance=importance, source_id=source_id,
                                source_revision=source_revision, show_progress=show_progress,
                                trust_remote_code=trust_remote_code, spill_dir=spill_dir)
@@ -233,7 +236,7 @@ def extract_from_config(
     if not refitting:
         config.warn_unread(_REFIT_SETTINGS, "refit is 'none'")
     elif c.refit == "ridge":
-        config.warn_unread(_REFIT_SETTINGS[2:], "only the distill refit reads them")
+        config.warn_unread(_REFIT_SETTINGS[3:], "only the distill refit reads them")
     if importance is not None and not needs_windows:
         config.warn_unread(_CALIBRATION_SETTINGS, "the importance is precomputed")
     calib = None
