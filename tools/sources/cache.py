@@ -5,22 +5,37 @@ A source is built once into a folder named ``<kind>-<hash of its settings>`` (un
 ``save_pretrained`` (safetensors) together with its tokenizer and ``source_report.json``. The build
 happens in a temporary sibling folder that is renamed into place only when complete, so a crash or a
 concurrent build never leaves a half-written source under the final name.
+
+**Reproducible builds.** The same settings give bit-identical weights (and the same report but for
+its timings and folder). Every generator is seeded from ``seed`` (weights, noise, windows, Trainer's
+``seed``/``data_seed``; no dataloader workers, no dropout draws left unseeded). What remains is float
+summation order: CPU kernels split their sums by thread, so the weights depend on the thread count.
+Full bitwise determinism across thread counts is not possible with torch's CPU kernels, so a build
+pins ``torch.set_num_threads(num_threads)`` (``BuildOptions.num_threads``, default
+:data:`DEFAULT_BUILD_THREADS`) and switches ``torch.use_deterministic_algorithms(True)`` on, for the
+build only (the caller's thread count, deterministic flag and global RNG states are restored after).
+The thread count is one of the settings, and the cache key also holds what else decides the float
+results (:func:`build_environment`: torch and transformers versions, the CPU kernels torch dispatches
+to, the device, :data:`BUILD_VERSION`); the report's ``determinism`` records all of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
+import random
 import shutil
 import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -32,6 +47,10 @@ from unite_hf.training.pretrain import _TokenWindows
 
 REPORT_FILE = "source_report.json"
 HELD_OUT_FRACTION = 0.05  # the last 5% of the corpus's documents never reach training
+#: Bump when a change to the builders' code changes the weights they produce (part of every cache key).
+BUILD_VERSION = 2
+#: Threads a build pins torch to unless told otherwise: CPU float sums, hence the weights, depend on it.
+DEFAULT_BUILD_THREADS = 2
 
 
 def default_cache_root() -> Path:
@@ -58,6 +77,65 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def build_device() -> str:
+    """Where a build trains: ``"cuda"`` when torch sees a GPU, else ``"cpu"`` (part of the cache key)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_environment() -> dict[str, Any]:
+    """What besides the settings decides a build's float results, so part of its cache key.
+
+    The torch and transformers versions (kernels, Trainer's defaults, model code), the CPU kernels
+    torch dispatches to (``torch.backends.cpu.get_cpu_capability()``: AVX2 and AVX512 kernels sum in
+    other orders), the training device (and the GPU's name and CUDA version there) and
+    :data:`BUILD_VERSION` (the builders' own code).
+    """
+    import transformers
+
+    env = {"build_version": BUILD_VERSION, "torch": torch.__version__, "transformers": transformers.__version__,
+           "cpu_capability": torch.backends.cpu.get_cpu_capability(), "device": build_device()}
+    if env["device"] == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+@contextlib.contextmanager
+def deterministic_build(num_threads: int, seed: int) -> Iterator[dict[str, Any]]:
+    """Pin what decides a build's float results for the ``with`` block; restore the caller's state after.
+
+    ``torch.set_num_threads(num_threads)``; ``torch.use_deterministic_algorithms(True)`` (on CPU
+    every op the builds use has a deterministic kernel; on CUDA it is ``warn_only``, since cuBLAS
+    needs ``CUBLAS_WORKSPACE_CONFIG`` set before it starts, so GPU builds are not guaranteed
+    bitwise); the global RNGs of ``random``, numpy and torch forked and seeded with ``seed`` (for
+    anything that draws from them; Trainer reseeds them with ``seed`` too). Yields the record for
+    the report's ``determinism``.
+    """
+    if num_threads < 1:
+        raise ValueError(f"num_threads must be >= 1, got {num_threads}")
+    threads = torch.get_num_threads()
+    det, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = torch.cuda.is_available()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if cuda else []):
+        try:
+            torch.set_num_threads(num_threads)
+            torch.use_deterministic_algorithms(True, warn_only=cuda)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            torch.manual_seed(seed)
+            yield {**build_environment(), "num_threads": num_threads,
+                   "deterministic_algorithms": "warn_only" if cuda else True,
+                   "note": "bitwise reproducible for the same settings (num_threads included) with the same "
+                           "torch, transformers, CPU capability and device; another thread count sums floats "
+                           "in another order and gives other weights" + ("; on CUDA not guaranteed" if cuda else "")}
+        finally:
+            torch.set_num_threads(threads)
+            torch.use_deterministic_algorithms(det, warn_only=warn_only)
+            random.setstate(py_state)
+            np.random.set_state(np_state)
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path:
@@ -163,7 +241,7 @@ def train_causal_lm(model: nn.Module, input_ids: torch.Tensor, *, max_steps: int
             output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size,
             learning_rate=learning_rate, warmup_steps=0.05, lr_scheduler_type="cosine", weight_decay=0.01,
             max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], seed=seed, data_seed=seed,
-            disable_tqdm=not show_progress, use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+            disable_tqdm=not show_progress, use_cpu=build_device() == "cpu", dataloader_num_workers=0,
         )
         trainer = Trainer(model=model, args=args, train_dataset=_TokenWindows(input_ids))
         trainer.train()
@@ -185,9 +263,15 @@ class SourceReport:
     ``expert_cosine_*``: see :func:`expert_cosine`. ``train_loss_*``: the logged training loss (LM
     loss plus the weighted load-balancing loss) at the first and the last step. ``held_out_*``: loss
     on documents never trained on. ``build_seconds``: everything but saving (loading the dense model,
-    upcycling or initialising, measuring, training). ``from_cache`` is not saved: it says whether this
-    call loaded the source instead of building it.
+    upcycling or initialising, measuring, training). ``torch_threads``: the thread count the build was
+    pinned to. ``determinism``: what the weights depend on besides the settings (see
+    :func:`deterministic_build`). ``from_cache`` is not saved: it says whether this call loaded the
+    source instead of building it. Two builds of the same settings agree on every field but
+    :attr:`TIMING_FIELDS` (see :meth:`reproducible`).
     """
+
+    #: fields that measure time or name the folder: the only ones two builds of the same settings differ in
+    TIMING_FIELDS = ("path", "build_seconds", "train_seconds", "steps_per_second", "from_cache")
 
     kind: str
     path: str
@@ -208,7 +292,12 @@ class SourceReport:
     expert_cosine_before: dict[str, Any] = field(default_factory=dict)
     expert_cosine_after: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    determinism: dict[str, Any] = field(default_factory=dict)
     from_cache: bool = False
+
+    def reproducible(self) -> dict[str, Any]:
+        """The report without :attr:`TIMING_FIELDS`: equal for two builds of the same settings."""
+        return {k: v for k, v in asdict(self).items() if k not in self.TIMING_FIELDS}
 
     def save(self, folder: str | os.PathLike) -> None:
         data = asdict(self)
@@ -237,28 +326,32 @@ def cached_build(kind: str, settings: dict[str, Any], build: Callable[[SourceRep
     """Load the source for ``settings`` (and ``opts``' training fields) from its folder, or run ``build``
     and save it there atomically.
 
-    ``build(report)`` returns ``(model, tokenizer)`` and fills the report. The returned model carries
+    ``build(report)`` returns ``(model, tokenizer)`` and fills the report; it runs inside
+    :func:`deterministic_build` (``opts.num_threads``, ``opts.seed``). The returned model carries
     its :class:`SourceReport` as ``model.source_report``. A folder holding a source built with other
     settings is refused (pass ``force=True`` to replace it).
     """
-    settings = {**settings, **opts.training()}
-    digest = settings_hash(settings)
+    settings, digest = cache_key(settings, opts)
     cache_dir, force = opts.cache_dir, opts.force
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root() / f"{kind}-{digest}"
     folder = folder.resolve()
     if (folder / REPORT_FILE).is_file() and not force:
         existing = SourceReport.load(folder)
         if existing.settings_hash != digest:
-            raise ValueError(f"{folder} holds a {existing.kind} source built with other settings "
-                             f"(hash {existing.settings_hash}, asked {digest}); pass force=True to replace it")
+            raise ValueError(f"{folder} holds a {existing.kind} source built with other settings or in another "
+                             f"environment (hash {existing.settings_hash}, asked {digest}; see build_environment); "
+                             f"pass force=True to replace it")
         return load_source(folder)[0]
     if folder.exists() and any(folder.iterdir()) and not (folder / REPORT_FILE).is_file() and not force:
         raise FileExistsError(f"{folder} exists and is not a built source; pick another folder or pass force=True")
 
     started = time.perf_counter()
     report = SourceReport(kind=kind, path=str(folder), settings=settings, settings_hash=digest,
-                          torch_threads=torch.get_num_threads())
-    model, tokenizer = build(report)
+                          torch_threads=opts.num_threads)
+    with deterministic_build(opts.num_threads, opts.seed) as determinism:
+        model, tokenizer = build(report)
+    report.determinism = {**determinism,
+                          "experts_implementation": getattr(model.config, "_experts_implementation", None)}
     report.num_parameters = sum(p.numel() for p in model.parameters())
     report.build_seconds = round(time.perf_counter() - started, 2)
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -273,6 +366,13 @@ def cached_build(kind: str, settings: dict[str, Any], build: Callable[[SourceRep
         shutil.rmtree(tmp, ignore_errors=True)
     model.source_report = report
     return model
+
+
+def cache_key(settings: dict[str, Any], opts: BuildOptions) -> tuple[dict[str, Any], str]:
+    """``(settings with opts' training fields, hash)``: the hash also covers :func:`build_environment`,
+    so a build with other library versions, CPU kernels or device gets another folder."""
+    settings = {**settings, **opts.training()}
+    return settings, settings_hash({**settings, "environment": build_environment()})
 
 
 def _move_into_place(tmp: Path, folder: Path, force: bool) -> None:
@@ -300,6 +400,8 @@ class BuildOptions:
         learning_rate: peak AdamW learning rate (5% warmup, cosine decay).
         aux_loss_coef: ``router_aux_loss_coef``, the weight of the load-balancing loss in training.
         seed: seed of every generator (weights, noise, windows) and of ``Trainer``.
+        num_threads: torch's thread count during the build (pinned: CPU float sums, hence the weights,
+            depend on it; see the module docstring). More threads build faster but other weights.
         num_held_out: held-out windows (from documents never trained on) for the loss before and after.
         data_dir: data folder; default ``$UNITE_HF_DATA_DIR`` (the library's
             :func:`unite_hf.calibration.find_local_data_dir`).
@@ -316,6 +418,7 @@ class BuildOptions:
     aux_loss_coef: float = 0.01
     seed: int = 0
     num_held_out: int = 32
+    num_threads: int = DEFAULT_BUILD_THREADS
     data_dir: str | os.PathLike | None = None
     text_file: str | os.PathLike | None = None
     cache_dir: str | os.PathLike | None = None
@@ -323,7 +426,8 @@ class BuildOptions:
     show_progress: bool = True
 
     #: the fields that change what is built (hashed into the cache folder's name)
-    TRAINING = ("max_steps", "seq_len", "batch_size", "learning_rate", "aux_loss_coef", "seed", "num_held_out")
+    TRAINING = ("max_steps", "seq_len", "batch_size", "learning_rate", "aux_loss_coef", "seed", "num_held_out",
+                "num_threads")
 
     @classmethod
     def training_defaults(cls, **overrides: Any) -> dict[str, Any]:
@@ -337,12 +441,18 @@ class BuildOptions:
 
 
 def train_and_measure(report: SourceReport, model: nn.Module, tokenizer: Any, text_file: Path,
-                      opts: BuildOptions) -> None:
-    """Held-out loss and expert cosine before, ``opts.max_steps`` of training, the same after; all into ``report``."""
+                      opts: BuildOptions, parent: nn.Module | None = None) -> None:
+    """Held-out loss and expert cosine before, ``opts.max_steps`` of training, the same after; all into ``report``.
+
+    ``parent`` (the dense model a MoE was upcycled from): its held-out loss on the same windows goes
+    into ``report.extra["held_out_parent"]``.
+    """
     train_ids, held_ids = text_windows(tokenizer, text_file, seq_len=opts.seq_len,
                                        num_train=opts.max_steps * opts.batch_size, num_held_out=opts.num_held_out,
                                        seed=opts.seed)
     report.corpus = f"{text_file} (last {HELD_OUT_FRACTION:.0%} of documents held out)"
+    if parent is not None:
+        report.extra["held_out_parent"] = held_out_loss(parent, held_ids, opts.batch_size)
     report.expert_cosine_before = expert_cosine(model)
     report.held_out_before = held_out_loss(model, held_ids, opts.batch_size)
     if opts.max_steps > 0:

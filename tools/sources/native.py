@@ -77,8 +77,9 @@ def build_native(
             (``intermediate_size`` per expert; tied embeddings; RoPE; as many KV heads as heads).
         tokenizer: default the GPT-2 tokenizer from the data folder (:func:`gpt2_tokenizer`).
         options: any field of :class:`~tools.sources.cache.BuildOptions` (``max_steps``, ``seq_len``,
-            ``batch_size``, ``learning_rate``, ``aux_loss_coef``, ``seed``, ``num_held_out``, ``data_dir``,
-            ``text_file``, ``cache_dir``, ``force``, ``show_progress``); training defaults
+            ``batch_size``, ``learning_rate``, ``aux_loss_coef``, ``seed``, ``num_held_out``, ``num_threads``
+            (pinned for the build: the weights depend on it), ``data_dir``, ``text_file``, ``cache_dir``,
+            ``force``, ``show_progress``); training defaults
             :data:`NATIVE_TRAINING`.
 
     Returns:

@@ -118,8 +118,9 @@ def build_upcycled(
         noise: relative noise of each expert copy (symmetry breaking, see the module docstring).
         router_std: standard deviation of the random router weights.
         options: any field of :class:`~tools.sources.cache.BuildOptions` (``max_steps``, ``seq_len``,
-            ``batch_size``, ``learning_rate``, ``aux_loss_coef``, ``seed``, ``num_held_out``, ``data_dir``,
-            ``text_file``, ``cache_dir``, ``force``, ``show_progress``); training defaults
+            ``batch_size``, ``learning_rate``, ``aux_loss_coef``, ``seed``, ``num_held_out``, ``num_threads``
+            (pinned for the build: the weights depend on it), ``data_dir``, ``text_file``, ``cache_dir``,
+            ``force``, ``show_progress``); training defaults
             :data:`UPCYCLED_TRAINING`.
 
     Returns:
