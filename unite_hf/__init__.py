@@ -57,6 +57,10 @@ def _register_with_auto_classes() -> None:
 
 _register_with_auto_classes()
 
+from .peft_lora import register_with_peft  # noqa: E402
+
+register_with_peft()  # peft's LoraConfig and merges know the factorized FFN projections (unite_hf/peft_lora.py)
+
 _MOVED_TO_TOOLS = {"moefy": "moefy", "MoefyError": "moefy"}
 """Names that moved out of the installed package into ``tools/`` (a source checkout's developer tools)."""
 

@@ -1,25 +1,27 @@
-"""LoRA on the UNITE FFN, through peft's support for custom modules.
+"""LoRA on the UNITE FFN with peft: configs that target the factorized projections.
 
 peft's LoRA knows ``nn.Linear`` and friends; a UNITE FFN projection is a
-:class:`~unite_hf.modeling_unite.UniteFactorizedLinear` (``W = U_out @ G @ U_in.T``), so
-``LoraConfig(target_modules=["up"])`` fails with "not supported" and ``"all-linear"`` reaches only
-the attention projections. :func:`unite_lora_config` registers :class:`UniteLoraLinear` for the
-factorized projections, so a low-rank update ``B @ A`` is learned beside each targeted projection
-(``y = U_out G U_in^T x + (alpha / r) B A x``) while its bases and core stay frozen::
+:class:`~unite_hf.modeling_unite.UniteFactorizedLinear` (``W = U_out @ G @ U_in.T``). ``import unite_hf``
+registers :class:`~unite_hf.peft_lora.UniteLoraLinear` for it on every ``peft.LoraConfig`` (see
+:mod:`unite_hf.peft_lora`), so a low-rank update ``B @ A`` is learned beside each targeted projection
+(``y = U_out G U_in^T x + (alpha / r) B A x``) while its bases and core stay frozen, through peft's own calls::
 
-    from peft import get_peft_model
+    from peft import LoraConfig, get_peft_model
     from unite_hf.training import attention_projection_names, unite_lora_config
 
-    config = unite_lora_config(task_type="SEQ_CLS", r=8,
-                               target_modules=["gate", "up", "down", *attention_projection_names(model)])
-    model = get_peft_model(model, config)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8,
+                                             target_modules=["gate", "up", "down", *attention_projection_names(model)]))
+    # the same: unite_lora_config(task_type="SEQ_CLS", r=8), whose target_modules default to the FFN projections
 
-Reloading an adapter needs the same registration: ``PeftModel.from_pretrained(target, path,
-config=load_unite_lora_config(path))``. Alternatives without peft: ``set_trainable(model, "cores")``
-(only the cores ``G_l`` and the head) or ``LoraConfig(modules_to_save=[...])`` on whole modules.
+An adapter reloads as any peft adapter: ``PeftModel.from_pretrained(target, path)`` or
+``AutoPeftModelFor*.from_pretrained(path)`` (from the Hub too), after ``import unite_hf``. Without
+``"gate"``/``"up"``/``"down"`` named, ``"all-linear"`` reaches only the attention projections. Alternatives
+without peft: ``set_trainable(model, "cores")`` (only the cores ``G_l`` and the head) or
+``LoraConfig(modules_to_save=[...])`` on whole modules.
 
-The update cannot be merged into the factorized weight without raising its rank, so
-``merge_and_unload`` raises; keep the adapter separate.
+``merge_and_unload`` merges an FFN update only where it lies in the span of the projection's bases (always
+on a target at full rank, whose projections store no bases); otherwise it raises
+:class:`~unite_hf.peft_lora.UniteMergeError` before anything is merged: keep the adapter separate.
 """
 
 from __future__ import annotations
@@ -27,38 +29,11 @@ from __future__ import annotations
 from typing import Any
 
 from peft import LoraConfig
-from peft.tuners.lora.layer import Linear as _LoraLinear
 
-from ..modeling_unite import UniteFactorizedLinear
+from ..peft_lora import UniteLoraLinear, UniteMergeError, register_unite_lora  # noqa: F401  (importable from here)
 
 UNITE_FFN_PROJECTIONS: tuple[str, ...] = ("gate", "up", "down")
 """Module names of the factorized projections inside every UNITE FFN."""
-
-
-class UniteLoraLinear(_LoraLinear):
-    """peft's LoRA ``Linear`` around a :class:`UniteFactorizedLinear`: the base projection runs as it
-    is (``forward(x, bases)``), the adapter adds ``scale * B(A(dropout(x)))``."""
-
-    def _get_in_out_features(self, module: UniteFactorizedLinear) -> tuple[int, int]:
-        return module.d_in, module.d_out
-
-    def _get_base_layer_device_and_dtype(self, base_layer: UniteFactorizedLinear):
-        return base_layer.core.device, base_layer.core.dtype
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        raise NotImplementedError(
-            "a LoRA update of a factorized UNITE projection (U_out @ G @ U_in.T) cannot be merged into its bases "
-            "and core without raising their rank; keep the adapter separate (PeftModel), or fine-tune the cores "
-            "with unite_hf.training.set_trainable(model, 'cores') instead.")
-
-    def unmerge(self) -> None:  # nothing is ever merged
-        return None
-
-
-def register_unite_lora(config: LoraConfig) -> LoraConfig:
-    """Register :class:`UniteLoraLinear` for UNITE projections on ``config`` (returned)."""
-    config._register_custom_module({UniteFactorizedLinear: UniteLoraLinear})
-    return config
 
 
 def unite_lora_config(target_modules: list[str] | str | None = None, **lora_kwargs: Any) -> LoraConfig:
@@ -75,5 +50,6 @@ def unite_lora_config(target_modules: list[str] | str | None = None, **lora_kwar
 
 
 def load_unite_lora_config(path_or_repo_id: str, **kwargs: Any) -> LoraConfig:
-    """The ``LoraConfig`` saved with an adapter, with the UNITE registration peft needs to rebuild it."""
+    """The ``LoraConfig`` saved with an adapter (``LoraConfig.from_pretrained``, which after ``import unite_hf``
+    registers the UNITE layer by itself; kept for code written before that)."""
     return register_unite_lora(LoraConfig.from_pretrained(path_or_repo_id, **kwargs))
