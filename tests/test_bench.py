@@ -19,7 +19,7 @@ def test_smoke_bench_writes_a_report(tmp_path):
     assert experiments == {"generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth", "masa",
                            "masa_ablation", "xpert", "xpert_control", "downstream"}
     downstream = [r for r in results["runs"] if r["experiment"] == "downstream"]
-    assert {r["init"] for r in downstream} == {"kept", "paper", "copy-only", "random"}
+    assert {r["init"] for r in downstream} == {"oracle", "refit", "kept", "paper", "copy-only", "random"}
     assert {(r["task"], r["eval_split"]) for r in downstream} == {("sst2", "validation"), ("arc_easy", "test")}
     for r in downstream:  # each example's outcome, agreeing with the reported accuracy
         assert len(r["correct"]) == r["eval_examples"] == 24
@@ -65,6 +65,37 @@ def test_smoke_bench_writes_a_report(tmp_path):
     # every number in the generalization table comes from the runs
     unite = [r["accuracy"] for r in results["runs"] if r["experiment"] == "generalization" and r["init"] == "unite"]
     assert f"{100 * unite[0]:.1f} ± 0.0" in text
+
+
+@pytest.mark.skipif(find_local_data_dir() is None, reason="../shared/data not found")
+def test_downstream_refit_and_oracle_inits_on_winogrande_and_hellaswag_at_two_depths(tmp_path, monkeypatch):
+    """The downstream experiment's new inits (the budgeted ridge-refitted gene; the oracle: the source cut to
+    the target's depth, every expert and router, with a task head) and tasks run at tiny size, at two depths,
+    and the report names each depth's oracle verdict first, with the pooled intervals against copy-only."""
+    from dataclasses import replace
+
+    import tools.bench as bench
+
+    profile = replace(bench.PROFILES["smoke"], downstream_tasks=["winogrande", "hellaswag"],
+                      downstream_inits=["copy-only", "oracle", "refit", "kept"], downstream_depths=[1, 2])
+    monkeypatch.setitem(bench.PROFILES, "smoke", profile)
+    report = run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, experiments=("downstream",),
+                       command="unite-hf bench --profile smoke --tiny --experiments downstream")
+    runs = json.loads((tmp_path / "out" / "results.json").read_text())["runs"]
+    assert {(r["task"], r["init"], r["depth"]) for r in runs} == {
+        (t, i, d) for t in ("winogrande", "hellaswag") for i in ("copy-only", "oracle", "refit", "kept") for d in (1, 2)}
+    for r in runs:
+        assert len(r["correct"]) == r["eval_examples"] == 24 and r["eval_split"] == "validation"
+    oracle = {r["depth"]: r for r in runs if r["init"] == "oracle"}
+    assert {d: r["layers"] for d, r in oracle.items()} == {1: 1, 2: 2}  # the source cut to the target's depth
+    assert {r["layers"] for r in runs if r["init"] == "refit"} == {1, 2}
+    text = report.read_text()
+    section = text[text.index("## Downstream with intervals"):]
+    assert section.index("- Depth 1: ") < section.index("- Depth 2: ") < section.index("### Depth 1")
+    for pair in ("oracle - copy-only", "refit - copy-only", "kept - copy-only"):
+        assert pair in section
+    assert section.count("**all tasks pooled**") == 2 and "Depth 2, refit - copy-only: " in section
+    assert "budget 0.25" in section and "Claims and verdicts" in text
 
 
 def test_native_profile_runs_downstream_only(tmp_path):

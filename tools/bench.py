@@ -60,11 +60,15 @@ PAPER_CLAIMS = {
 # the split scored by the downstream experiment: test where its labels are public, else dev/validation
 EVAL_SPLITS = {"arc_easy": "test", "arc_challenge": "test", "openbookqa": "test"}
 DOWNSTREAM_INITS = {  # label -> (gene key, finetune init, extra from_gene options)
+    "oracle": ("source", "oracle", {}),  # not a gene: the source's own first N layers (see Bench._oracle_bases)
+    "refit": ("concat/tucker_hidden/ridge", "unite", {"core_init": "tucker"}),  # grown at the gene's own ranks
     "kept": ("concat/tucker_hidden", "unite", {"core_init": "tucker"}),
     "paper": ("fisher/tucker", "unite", {}),
     "copy-only": ("fisher/tucker", "copy-only", {}),
     "random": ("fisher/tucker", "random", {}),
 }
+# the inits compared with copy-only (and random) in the downstream intervals, the upper bound first
+DOWNSTREAM_VARIANTS = ("oracle", "refit", "kept", "paper")
 UNITE_EXPERIMENTS = ("generalization", "data_efficiency", "fusion", "decomposition", "rank", "depth")
 
 
@@ -99,9 +103,13 @@ class BenchProfile:
     transfer_seeds: list[int] | None = None  # default: seeds
     # downstream (issue 11): full evaluation files, every task of the paper's suite we have locally
     downstream_tasks: list[str] = field(default_factory=lambda: [
-        "sst2", "rte", "boolq", "piqa", "arc_easy", "arc_challenge", "openbookqa"])
+        "sst2", "rte", "boolq", "piqa", "arc_easy", "arc_challenge", "openbookqa", "winogrande", "hellaswag"])
     downstream_seeds: list[int] | None = None  # default: seeds
     downstream_eval_examples: int | None = None  # None: the whole file
+    downstream_inits: list[str] = field(default_factory=lambda: list(DOWNSTREAM_INITS))  # run in this order
+    downstream_depths: list[int] | None = None  # target depths, run in this order; default: [layers]
+    refit_budget: float = 0.25  # the refit gene: this fraction of the routed experts' parameters
+    refit_sequences: int = 64  # its calibration (seq_len tokens each) for the ridge refit
     kept_width_fraction: float = 0.5  # concat fusion keeps this share of all E x I expert neurons
     # the source the in-process experiments grow targets from: "moefied" (SmolLM2, every experiment) or
     # "native" (the Mixtral trained from scratch by tools.sources, GPT-2 tokenizer: downstream only)
@@ -123,22 +131,27 @@ PROFILES: dict[str, BenchProfile] = {
                           fusions=["fisher", "uniform"], decompositions=["tucker", "svd"], max_length=32,
                           fisher_sequences=4, seq_len=32, widths=[32, 64], masa_rank=8, masa_tokens=128,
                           pretrain_tokens=64, analysis_sequences=2, downstream_tasks=["sst2", "arc_easy"],
-                          downstream_eval_examples=24),
+                          downstream_eval_examples=24, refit_sequences=4),
 }
 # downstream on the native source (experts from different random inits, where the kept gene keeps swap gap
 # 0.36 of each layer): the test that could show retention turning into accuracy; same sizes as "full"
-PROFILES["full-native"] = replace(PROFILES["full"], source="native")
+# (issue 20): the oracle and copy-only first (without an oracle margin no gene can show), the paper's target depth
+# (2) before full depth (4 = the source's layers; half depth is 2); paper and random init were run before
+PROFILES["full-native"] = replace(PROFILES["full"], source="native", downstream_inits=["copy-only", "oracle", "refit", "kept"],
+                                  downstream_depths=[2, 4])
+# profile fields that only pick which downstream runs are made: a finished run does not depend on them
+_SELECTION_FIELDS = ("downstream_tasks", "downstream_seeds", "downstream_inits", "downstream_depths")
 
 
 SOURCES = ("moefied", "native")
 
 
-def _native_source():
-    """(model, tokenizer, name) of the native source, built once into the cache by ``tools.sources``."""
+def _native_source(path: str | os.PathLike | None = None):
+    """(model, tokenizer, name) of the native source, built once into the cache by ``tools.sources``
+    (or the built source folder ``path``, loaded as it is)."""
     from tools.sources import build_native, load_source
 
-    built = build_native()
-    model, tokenizer, report = load_source(built.source_report.path)
+    model, tokenizer, report = load_source(path if path is not None else build_native().source_report.path)
     return model.float().eval(), tokenizer, f"native Mixtral trained from scratch ({report.path})"
 
 
@@ -158,6 +171,7 @@ class Bench:
         self.genes: dict[str, Path] = {}
         self.bases: dict[str, Path] = {}
         self.meta: dict[str, Any] = {}  # timings and gene statistics reported with the runs
+        self.source_path: str | os.PathLike | None = None  # the native source's folder (default: build or cache)
 
     # -- source and genes ----------------------------------------------------------------------
     def prepare(self, experiments: list[str]) -> None:
@@ -176,7 +190,7 @@ class Bench:
             if unsupported:
                 raise ValueError(f"experiments {unsupported} run on the moefied source only; a profile with "
                                  "source='native' runs 'downstream' (use --profile full for the others)")
-            self.model, self.tokenizer, self.source_name = _native_source()
+            self.model, self.tokenizer, self.source_name = _native_source(self.source_path)
         else:
             dense, tokenizer = tiny_dense_source(data) if self.tiny else real_dense_source()
             if "masa" in experiments:
@@ -205,7 +219,13 @@ class Bench:
                                                    decomposition=decomposition, rank=rank, source_id=self.source_name)
                 self._save_gene(gene, f"{fusion}/{decomposition}")
             if "downstream" in experiments:
-                self._kept_gene()
+                inits = self.profile.downstream_inits
+                if "kept" in inits:
+                    self._kept_gene()
+                if "refit" in inits:
+                    self._refit_gene()
+                if "oracle" in inits:
+                    self._oracle_bases()
         del self.model
 
     def _kept_gene(self) -> None:
@@ -224,6 +244,50 @@ class Bench:
                                            rank=p.gene_rank[1], source_id=self.source_name)
         self.meta["kept_gene"] = {"fusion": "concat", "decomposition": "tucker_hidden", "fused_width": width}
         self._save_gene(gene, "concat/tucker_hidden")
+
+    def _refit_gene(self) -> None:
+        """The budgeted gene whose FFNs are fitted to the source's routed output (unite_hf.refit): concat
+        fusion + tucker_hidden at ``refit_budget`` of the routed experts' parameters, ridge refit on
+        ``refit_sequences`` x ``seq_len`` tokens of WikiText-2; targets grow at the gene's own ranks."""
+        from unite_hf.methods.unite import extract_universal_knowledge
+
+        p = self.profile
+        started = time.perf_counter()
+        gene = extract_universal_knowledge(self.model, self.tokenizer, importance=self.importance, fusion="concat",
+                                           decomposition="tucker_hidden", budget=p.refit_budget, refit="ridge",
+                                           num_sequences=p.refit_sequences, seq_len=p.seq_len,
+                                           source_id=self.source_name)
+        mc = gene.config.method_config
+        self.meta["refit_gene"] = {"fusion": "concat", "decomposition": "tucker_hidden", "budget": p.refit_budget,
+                                   "refit": "ridge", "num_sequences": p.refit_sequences, "seq_len": p.seq_len,
+                                   "seconds": round(time.perf_counter() - started, 1),
+                                   **{k: mc[k] for k in ("allocation", "fused_width") if k in mc}}
+        self._save_gene(gene, DOWNSTREAM_INITS["refit"][0])
+
+    def _oracle_bases(self) -> None:
+        """The upper bound no gene can beat: the source itself cut to each downstream depth (its first N
+        decoder layers, every expert and router kept), saved as a causal LM; fine-tuning loads it with a
+        fresh task head (AutoModelForSequenceClassification)."""
+        import copy
+
+        from unite_hf.io import save_model_folder
+
+        p = self.profile
+        for depth in p.downstream_depths or [p.layers]:
+            key = f"oracle-L{depth}"
+            if key in self.bases:
+                continue
+            model = copy.deepcopy(self.model)
+            body = getattr(model, model.base_model_prefix)
+            depth = min(depth, len(body.layers))
+            body.layers = body.layers[:depth]
+            model.config.num_hidden_layers = depth
+            if getattr(model.config, "layer_types", None):
+                model.config.layer_types = model.config.layer_types[:depth]
+            path = self.work_dir / "bases" / key
+            save_model_folder(path, model, self.tokenizer)
+            self.bases[key] = path
+            del model
 
     def _save_gene(self, gene, key: str) -> None:
         gene.tokenizer = self.tokenizer if hasattr(self, "tokenizer") else gene.tokenizer
@@ -292,18 +356,19 @@ class Bench:
     # -- runs -----------------------------------------------------------------------------------
     def _fingerprint(self) -> str:
         """What a resumable run's result depends on beyond its own name: the profile and the source."""
-        return json.dumps({"profile": asdict(self.profile), "tiny": self.tiny, "source": self.source_name}, sort_keys=True)
+        profile = {k: v for k, v in asdict(self.profile).items() if k not in _SELECTION_FIELDS}
+        return json.dumps({"profile": profile, "tiny": self.tiny, "source": self.source_name}, sort_keys=True)
 
     def collect_finished(self) -> list[str]:
         """Add the resumable runs finished in ``work_dir`` under this profile and source that the stored
         runs lack (an interrupted ``downstream`` run, rendered with ``--report-only``); returns their
         experiments."""
-        known = {(r["experiment"], r["task"], r["init"], r["seed"]) for r in self.runs}
+        known = {(r["experiment"], r["task"], r["init"], r["seed"], r.get("depth")) for r in self.runs}
         added: set[str] = set()
         for path in sorted((self.work_dir / "runs").glob("*/bench_result.json")):
             stored = json.loads(path.read_text())
             result = stored.get("result", {})
-            key = (result.get("experiment"), result.get("task"), result.get("init"), result.get("seed"))
+            key = (result.get("experiment"), result.get("task"), result.get("init"), result.get("seed"), result.get("depth"))
             if stored.get("fingerprint") == self._fingerprint() and key not in known:
                 self.runs.append(result)
                 known.add(key)
@@ -315,12 +380,14 @@ class Bench:
             label: str | None = None, eval_split: str = "validation", eval_examples: int | None | str = "profile",
             resume: bool = False, eval_every_epoch: bool = True, **from_gene_kwargs: Any) -> dict[str, Any]:
         """One fine-tuning run: grown from ``gene``, or from a saved Llama ``base`` (labelled ``label``).
-        With ``resume``, a run already finished in ``work_dir`` under the same profile is read back."""
+        With ``resume``, a run already finished in ``work_dir`` under the same profile is read back.
+        ``rank="gene"``: the target keeps the gene's own ranks. Downstream runs record their ``depth``
+        (``layers``; for a ``base``, the depth it was saved at)."""
         from unite_hf.training.finetune import finetune
 
         p = self.profile
-        shape = {} if base is not None else {"layers": layers or p.layers, "rank": rank or p.rank}
-        tag = base.name if base is not None else f"{gene.replace('/', '_')}-L{shape['layers']}-r{shape['rank']}"
+        shape = {} if base is not None else {"layers": layers or p.layers, "rank": None if rank == "gene" else rank or p.rank}
+        tag = base.name if base is not None else f"{gene.replace('/', '_')}-L{shape['layers']}-r{rank if rank == 'gene' else shape['rank']}"
         name = f"{experiment}-{task}-{label or init}-{tag}-f{fraction}-s{seed}"
         run_dir = self.work_dir / "runs" / name
         fingerprint = self._fingerprint()
@@ -339,6 +406,8 @@ class Bench:
                           eval_split=eval_split, eval_every_epoch=eval_every_epoch, show_progress=False, **shape,
                           **from_gene_kwargs)
         result.update(experiment=experiment, gene=gene if base is None else base.name, init=label or init)
+        if experiment == "downstream":
+            result["depth"] = layers or p.layers
         if resume:
             atomic_write_json({"fingerprint": fingerprint, "result": result}, finished)
         self.runs.append(result)
@@ -369,12 +438,20 @@ class Bench:
                 for depth in p.depths:
                     self.run("depth", task=p.ablation_task, layers=depth, seed=seed)
         if "downstream" in experiments:
-            for seed in p.downstream_seeds or p.seeds:
-                for task in p.downstream_tasks:
-                    for label, (gene, init, options) in DOWNSTREAM_INITS.items():
-                        self.run("downstream", task=task, init=init, gene=gene, seed=seed, label=label,
-                                 eval_split=EVAL_SPLITS.get(task, "validation"), eval_examples=p.downstream_eval_examples,
-                                 resume=True, eval_every_epoch=False, **options)  # the report reads final scores only
+            for depth in p.downstream_depths or [p.layers]:
+                for seed in p.downstream_seeds or p.seeds:
+                    for task in p.downstream_tasks:
+                        for label in p.downstream_inits:
+                            gene, init, options = DOWNSTREAM_INITS[label]
+                            shape: dict[str, Any] = {"layers": depth}
+                            if label == "oracle":
+                                shape["base"] = self.bases[f"oracle-L{depth}"]
+                            elif label == "refit":
+                                shape["rank"] = "gene"
+                            self.run("downstream", task=task, init=init, gene=gene, seed=seed, label=label,
+                                     eval_split=EVAL_SPLITS.get(task, "validation"),
+                                     eval_examples=p.downstream_eval_examples, resume=True,
+                                     eval_every_epoch=False, **shape, **options)  # the report reads final scores only
         for seed in p.transfer_seeds or p.seeds:
             if "masa" in experiments:
                 self._run_masa(seed)
@@ -481,63 +558,112 @@ class Bench:
         return "\n".join(_with_verdict_summary(lines)) + "\n"
 
     def _downstream_section(self) -> list[str]:
-        """Accuracy per task and init, and paired bootstrap intervals of each gene init against
-        copy-only and random, per task and pooled over the tasks' examples."""
+        """Per target depth: accuracy per task and init, and paired bootstrap intervals of each variant
+        (oracle, refit, kept, paper) minus copy-only and minus random, per task and pooled over the tasks'
+        examples. The oracle (the source's own first N layers) bounds what any gene can show, so each
+        depth's oracle verdict comes first: where even it does not beat copy-only, no gene's value can show."""
         from unite_hf.evaluation import paired_difference
 
         runs = [r for r in self.runs if r["experiment"] == "downstream" and "correct" in r]
         if not runs:
             return []
         p = self.profile
-        tasks = [t for t in p.downstream_tasks if any(r["task"] == t for r in runs)]
+
+        def depth_of(r: dict[str, Any]) -> int:
+            return r.get("depth", p.layers)  # runs stored before depths were recorded ran at the profile's depth
+
+        ran = {depth_of(r) for r in runs}
+        depths = [d for d in dict.fromkeys([*(p.downstream_depths or [p.layers]), *sorted(ran)]) if d in ran]
+        tasks = [t for t in dict.fromkeys([*p.downstream_tasks, *(r["task"] for r in runs)])
+                 if any(r["task"] == t for r in runs)]
         labels = [label for label in DOWNSTREAM_INITS if any(r["init"] == label for r in runs)]
 
-        def outcomes(task: str, label: str) -> dict[int, list[int]]:
-            return {r["seed"]: r["correct"] for r in runs if r["task"] == task and r["init"] == label}
+        def outcomes(depth: int, task: str, label: str) -> dict[int, list[int]]:
+            return {r["seed"]: r["correct"] for r in runs
+                    if depth_of(r) == depth and r["task"] == task and r["init"] == label}
 
-        def interval(a: str, b: str, task_list: list[str]):
-            seeds = sorted(set.intersection(*(set(outcomes(t, a)) & set(outcomes(t, b)) for t in task_list)))
-            if not seeds:
+        def interval(depth: int, a: str, b: str, task_list: list[str]):
+            """(difference, tasks pooled, seeds) over the tasks both inits ran with a common seed."""
+            task_list = [t for t in task_list if set(outcomes(depth, t, a)) & set(outcomes(depth, t, b))]
+            if not task_list:
                 return None
+            seeds = sorted(set.intersection(*(set(outcomes(depth, t, a)) & set(outcomes(depth, t, b)) for t in task_list)))
             # pooled: the tasks' examples side by side, each seed's outcomes concatenated in task order
-            pa = [sum((outcomes(t, a)[s] for t in task_list), []) for s in seeds]
-            pb = [sum((outcomes(t, b)[s] for t in task_list), []) for s in seeds]
-            return paired_difference(pa, pb)
+            pa = [sum((outcomes(depth, t, a)[s] for t in task_list), []) for s in seeds]
+            pb = [sum((outcomes(depth, t, b)[s] for t in task_list), []) for s in seeds]
+            return paired_difference(pa, pb), task_list, seeds
 
-        def cell(d) -> str:
-            if d is None:
+        def cell(found) -> str:
+            if found is None:
                 return "-"
+            d = found[0]
             mark = " **confirmed**" if d.confirmed else ""
             return f"{100 * d.difference:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]{mark}"
 
-        pairs = [(a, b) for a in labels if a in ("kept", "paper") for b in ("copy-only", "random") if b in labels]
+        def verdict(found) -> str:
+            d = found[0]
+            return "confirmed" if d.low > 0 else ("contradicted" if d.high < 0 else "not confirmed")
 
+        def scope(found) -> str:
+            _, pooled_tasks, seeds = found
+            what = "all tasks" if len(pooled_tasks) == len(tasks) else f"{len(pooled_tasks)} tasks ({', '.join(pooled_tasks)})"
+            return f"pooled over {what}, seeds {seeds}"
+
+        pairs = [(a, b) for b in ("copy-only", "random") if b in labels for a in DOWNSTREAM_VARIANTS if a in labels]
         examples = {t: len(next(r["correct"] for r in runs if r["task"] == t)) for t in tasks}
         seeds = sorted({r["seed"] for r in runs})
-        lines = ["## Downstream with intervals (issue 11)", "",
-                 f"Targets: {p.layers} layers, rank {p.rank}, fine-tuned on {p.train_examples} examples, {p.epochs} epochs, "
-                 f"seeds {seeds}. Scored on " + ("full files: " if p.downstream_eval_examples is None else
+        refit = self.meta.get("refit_gene", {})
+        described = {
+            "oracle": "the source's own first N decoder layers (every expert and router) with a fresh task head: "
+                      "not a gene, the upper bound no gene can beat",
+            "refit": f"concat/tucker_hidden gene at budget {refit.get('budget', p.refit_budget)} of the routed experts' "
+                     f"parameters, FFNs ridge-refitted to the source's routed output on "
+                     f"{refit.get('num_sequences', p.refit_sequences)} x {refit.get('seq_len', p.seq_len)} tokens "
+                     f"(extraction {refit.get('seconds', '?')} s), grown at the gene's own ranks, unite {{'core_init': 'tucker'}}",
+        }
+        inits = "; ".join(f"`{label}` = " + described.get(label, f"{DOWNSTREAM_INITS[label][0]} gene, {DOWNSTREAM_INITS[label][1]}"
+                                                          + (f" {DOWNSTREAM_INITS[label][2]}" if DOWNSTREAM_INITS[label][2] else ""))
+                          for label in labels)
+        lines = ["## Downstream with intervals (issues 11 and 20)", "",
+                 f"Targets: depths {depths}, rank {p.rank} (refit: the gene's ranks), fine-tuned on {p.train_examples} "
+                 f"examples, {p.epochs} epochs, seeds {seeds}. Scored on " + ("full files: " if p.downstream_eval_examples is None else
                                                  f"at most {p.downstream_eval_examples} examples of: ")
                  + ", ".join(f"{t} {EVAL_SPLITS.get(t, 'validation')} ({examples[t]})" for t in tasks)
-                 + ". Inits: " + "; ".join(f"`{label}` = {DOWNSTREAM_INITS[label][0]} gene, {DOWNSTREAM_INITS[label][1]}"
-                                           + (f" {DOWNSTREAM_INITS[label][2]}" if DOWNSTREAM_INITS[label][2] else "")
-                                           for label in labels) + ".", "",
-                 "Accuracy (%), mean ± std over seeds:", "",
-                 "| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
-        for task in tasks:
-            cells = (self._values("downstream", task=task, init=label) for label in labels)
-            lines.append(f"| {task} | " + " | ".join(_fmt(v) if v else "-" for v in cells) + " |")
-        lines += ["", "Differences in points with paired bootstrap 95% intervals (examples resampled, each init's "
-                      "outcomes averaged over its seeds first; *confirmed* = the interval excludes 0):", "",
-                  "| task | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
-        for task in tasks:
-            lines.append(f"| {task} | " + " | ".join(cell(interval(a, b, [task])) for a, b in pairs) + " |")
-        pooled = {pair: interval(*pair, tasks) for pair in pairs}
-        lines.append("| **all tasks pooled** | " + " | ".join(cell(pooled[pair]) for pair in pairs) + " |")
-        confirmed = [f"{a} - {b}" for (a, b), d in pooled.items() if d is not None and d.confirmed]
-        verdict = (f"**confirmed** for {', '.join(confirmed)}" if confirmed
-                   else "**not confirmed** (no pooled interval excludes 0)")
-        lines += ["", f"Claim: {PAPER_CLAIMS['downstream']}. Pooled over the tasks: {verdict}.", ""]
+                 + f". Inits: {inits}. Intervals: paired bootstrap 95% (examples resampled, each init's outcomes averaged "
+                   "over its seeds first; *confirmed* = the interval excludes 0 above it, *contradicted* = below it).", ""]
+        if "oracle" in labels and "copy-only" in labels:  # first: can this benchmark show a gene's value at all?
+            lines += ["What the benchmark can show (the oracle against copy-only, per depth):", ""]
+            for depth in depths:
+                found = interval(depth, "oracle", "copy-only", tasks)
+                if found is None:
+                    continue
+                if verdict(found) == "confirmed":
+                    lines.append(f"- Depth {depth}: the oracle beats copy-only by {cell(found).replace(' **confirmed**', '')} "
+                                 f"points ({scope(found)}): **confirmed**; a gene's value can show at this depth.")
+                else:
+                    lines.append(f"- Depth {depth}: even the oracle (the source's own first {depth} layers) does not beat "
+                                 f"copy-only: {cell(found)} points ({scope(found)}): **{verdict(found)}**; this benchmark "
+                                 f"cannot show any gene's value at depth {depth}, and its gene verdicts below decide nothing.")
+            lines.append("")
+        for depth in depths:
+            lines += [f"### Depth {depth}" + (" (the paper's target depth)" if depth == p.layers else ""), "",
+                      "Accuracy (%), mean ± std over seeds:", "",
+                      "| task | " + " | ".join(labels) + " |", "|---|" + "---|" * len(labels)]
+            for task in tasks:
+                cells = [[r["accuracy"] for r in runs if depth_of(r) == depth and r["task"] == task and r["init"] == label]
+                         for label in labels]
+                lines.append(f"| {task} | " + " | ".join(_fmt(v) if v else "-" for v in cells) + " |")
+            lines += ["", "Differences in points with paired bootstrap 95% intervals:", "",
+                      "| task | " + " | ".join(f"{a} - {b}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
+            for task in tasks:
+                lines.append(f"| {task} | " + " | ".join(cell(interval(depth, a, b, [task])) for a, b in pairs) + " |")
+            pooled = {pair: interval(depth, *pair, tasks) for pair in pairs}
+            lines += ["| **all tasks pooled** | " + " | ".join(cell(pooled[pair]) for pair in pairs) + " |", ""]
+            for (a, b), found in pooled.items():
+                if found is not None and a != "oracle":
+                    lines.append(f"- Depth {depth}, {a} - {b}: {cell(found).replace(' **confirmed**', '')} points "
+                                 f"({scope(found)}): **{verdict(found)}**.")
+            lines.append("")
         return lines
 
     def _task_table(self, experiment: str, labels: list[str], **match: Any) -> tuple[list[str], dict[str, float]]:
@@ -901,9 +1027,10 @@ TRANSFER_RUNS = {"masa": ("masa", "masa_ablation"), "xpert": ("xpert", "xpert_co
 
 def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", *, work_dir: str | os.PathLike = "runs/bench",
               experiments: tuple[str, ...] = DEFAULT_EXPERIMENTS, tiny: bool = False, command: str = "unite-hf bench",
-              report_only: bool = False) -> Path:
+              report_only: bool = False, source_path: str | os.PathLike | None = None) -> Path:
     """Run the experiments and write ``RESULTS.md``, ``results.json`` and PNG plots to ``out_dir``.
-    ``report_only`` re-renders them from the stored ``results.json`` without running anything."""
+    ``report_only`` re-renders them from the stored ``results.json`` without running anything.
+    ``source_path``: a built native source folder, loaded as it is (not rebuilt when a cache key changed)."""
     if profile not in PROFILES:
         raise ValueError(f"profile must be one of {sorted(PROFILES)}, got {profile!r}")
     unknown = set(experiments) - set(EXPERIMENTS)
@@ -913,6 +1040,7 @@ def run_bench(out_dir: str | os.PathLike = "benchmarks", profile: str = "full", 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     bench = Bench(out_dir, PROFILES[profile], work_dir, tiny)
+    bench.source_path = source_path
     rerun = {name for e in experiments for name in TRANSFER_RUNS.get(e, (e,))}
     stored = out_dir / "results.json"
     same = False
