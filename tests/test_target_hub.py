@@ -66,3 +66,40 @@ def test_pushing_a_second_version_of_a_target_replaces_the_first(local_hub):  # 
     second.push_to_hub("me/re-target")
     loaded = transformers.AutoModelForSequenceClassification.from_pretrained("me/re-target")
     assert loaded.config.num_hidden_layers == 2 and loaded.config.ranks["up"] == [6, 6]
+
+
+def test_a_target_grown_from_a_gene_revision_records_that_commit(local_hub, tmp_path):  # noqa: F811
+    """from_gene("me/g", revision="v1") records the commit v1 resolved to (as genes record their source's), and
+    the card names it with the line that loads that gene; before, only "me/g" was kept, i.e. main's gene."""
+    from huggingface_hub import HfApi
+
+    from unite_hf import UniteForCausalLM, UniteGene
+
+    calibration = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(0))
+    first = extract_universal_knowledge(tiny_moe("mixtral"), calibration=calibration, rank=(3, 8, 8), show_progress=False)
+    second = extract_universal_knowledge(tiny_moe("mixtral"), calibration=calibration, rank=(2, 6, 6), show_progress=False)
+    first.push_to_hub("me/gene-rev")
+    v1 = local_hub.head("me/gene-rev")
+    assert first.revision == v1  # a pushed gene knows its commit
+    HfApi().create_tag("me/gene-rev", tag="v1")
+    second.push_to_hub("me/gene-rev")
+    main = local_hub.head("me/gene-rev")
+    assert main != v1
+
+    model = UniteForCausalLM.from_gene("me/gene-rev", revision="v1", num_hidden_layers=2, core_init="tucker")
+    assert (model.config.gene, model.config.gene_revision) == ("me/gene-rev", v1)
+    assert model.config.ranks["up"] == [8, 8]  # v1's gene indeed (main's has rank 6)
+    loaded = UniteGene.from_pretrained("me/gene-rev", revision="v1")
+    assert loaded.revision == v1 and UniteForCausalLM.from_gene(loaded, num_hidden_layers=1).config.gene_revision == v1
+    assert UniteForCausalLM.from_gene("me/gene-rev", num_hidden_layers=1).config.gene_revision == main
+    first.save_pretrained(tmp_path / "gene")  # a folder has no commit
+    assert first.revision is None
+    assert UniteForCausalLM.from_gene(str(tmp_path / "gene"), num_hidden_layers=1).config.gene_revision is None
+
+    model.save_pretrained(tmp_path / "target")
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "target").gene_revision == v1
+    card = (tmp_path / "target" / "README.md").read_text(encoding="utf-8")
+    snippet = f'UniteGene.from_pretrained("me/gene-rev", revision="{v1}")'
+    assert f"at revision `{v1}`" in card and snippet in card
+    named = UniteGene.from_pretrained("me/gene-rev", revision=v1)  # the card's line: the gene grown from
+    torch.testing.assert_close(named.fused_weight(0, "up"), first.fused_weight(0, "up"), rtol=0, atol=0)

@@ -107,7 +107,9 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
         license: the card's license (the caller resolves the default: the source's).
         tags: extra tags beside ``unite``, ``learngene`` and ``unite_hf``.
         base_model: the Hub id recorded when the target was grown (``config.card_info``); without
-            it, the gene's Hub id, else the gene source's Hub id, else absent.
+            it, the gene's Hub id, else the gene source's Hub id, else absent. The Hub's ``base_model``
+            holds repo ids only, so the gene's revision (``config.gene_revision``, the commit it was grown
+            from) is named in the card's text, with the line that loads the gene at that commit.
         training: Markdown for a "Training" section (hyperparameters and results from ``Trainer``).
         language: the card's languages (``Trainer.create_model_card(language=)``).
     """
@@ -146,6 +148,7 @@ def render_target_card(model, repo_id: str | None = None, datasets: list[str] | 
     return render_card(
         "target.md", card_data, model_name=model_name, model_id=repo_id or "path/to/this/model",
         gene=config.gene or "an unsaved gene", gene_source=config.gene_source or "a model built from a config",
+        gene_revision=getattr(config, "gene_revision", None), gene_hub_id=hub_id(config.gene),
         architecture=architecture, family=config.text_config.model_type,
         num_layers=config.text_config.num_hidden_layers, source_layers=config.source_layers,
         ffn_layers=config.ffn_layers, ranks=config.ranks, core_init=config.core_init,

@@ -44,8 +44,9 @@ class UniteConfig(PreTrainedConfig):
             source's layout found them at extraction (recorded in the gene); ``None`` (targets saved
             before they were recorded): found by the structural rule of ``model_structure.py``.
         core_init, layer_selection: how the target was grown (provenance; see ``from_gene``).
-        gene: the gene's own Hub repo id or folder (``None`` for a gene never saved); ``gene_source``:
-            the id of the model the gene was extracted from.
+        gene: the gene's own Hub repo id or folder (``None`` for a gene never saved); ``gene_revision``:
+            the commit of the gene's Hub repo the target was grown from (``None`` for a folder, or a target
+            grown before it was recorded); ``gene_source``: the id of the model the gene was extracted from.
         card_info: what the model card says beyond the architecture, kept in ``config.json`` so that
             a reloaded target publishes the same card: ``license`` (default: the source's),
             ``datasets`` (Hub ids), ``eval_results`` and extra ``tags``. Set it with
@@ -70,6 +71,7 @@ class UniteConfig(PreTrainedConfig):
     core_init: str = "random"
     layer_selection: str = "first"
     gene: str | None = None
+    gene_revision: str | None = None
     gene_source: str | None = None
     card_info: dict | None = None
     initializer_range: float = 0.02

@@ -229,6 +229,9 @@ class Gene:
         # the gene's own Hub repo id or folder (set by from_pretrained, save_pretrained and push_to_hub):
         # what targets grown from it record as config.gene
         self.name_or_path: str | None = None
+        # the commit of the Hub repo it was loaded from or pushed as (None for a folder): targets record it as
+        # config.gene_revision, so a target grown from a revision names that revision, not the branch's head
+        self.revision: str | None = None
         self._card_repo_id: str | None = None  # set while push_to_hub renders the card
 
     # -- per method ------------------------------------------------------------------------------
@@ -303,7 +306,7 @@ class Gene:
         write_folder_atomically(save_directory, write, owned=_gene_owner(Path(save_directory)))
         self.config = config
         if self._card_repo_id is None:  # push_to_hub names the gene by its repo id instead
-            self.name_or_path = str(save_directory)
+            self.name_or_path, self.revision = str(save_directory), None
         return Path(save_directory)
 
     @classmethod
@@ -349,6 +352,7 @@ class Gene:
         else:
             raise CorruptedFileError(f"{directory} kept changing while it was loaded ({_LOAD_ATTEMPTS} attempts)")
         gene.name_or_path = str(path_or_repo_id)  # the gene's own name: targets record it as config.gene
+        gene.revision = _snapshot_commit(directory) if download is not None else None
         return gene
 
     @classmethod
@@ -448,7 +452,7 @@ class Gene:
                                            commit_message=commit_message or f"Upload {self.method.upper()} gene")
         finally:
             self._card_repo_id = None
-        self.name_or_path = repo_id
+        self.name_or_path, self.revision = repo_id, getattr(info, "oid", None)
         return info
 
 
@@ -658,6 +662,13 @@ class UniteGene(Gene):
 
 
 _LOAD_ATTEMPTS = 5
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def _snapshot_commit(directory: Path) -> str | None:
+    """The commit a Hub download resolved to: huggingface_hub names each snapshot folder after its commit
+    (``.../snapshots/<sha>``), whatever branch, tag or sha the load asked for."""
+    return directory.name if _COMMIT.fullmatch(directory.name) else None
 
 
 def _folder_identity(directory: Path) -> tuple[int, int] | None:

@@ -45,7 +45,8 @@ from .sources import get_source
 
 def _load_gene(gene: UniteGene | str | os.PathLike, revision: str | None, **loading: Any) -> tuple[UniteGene, str | None]:
     """The gene and its own name (Hub repo id or folder; ``None`` for a gene never saved), which the
-    target records as ``config.gene``: never the gene's *source* id."""
+    target records as ``config.gene``: never the gene's *source* id. A Hub gene also knows the commit it
+    was loaded from (``gene.revision``: ``revision`` resolved), which the target records beside it."""
     if isinstance(gene, UniteGene):
         return gene, gene.name_or_path
     return UniteGene.from_pretrained(gene, revision=revision, **loading), str(gene)
@@ -142,10 +143,12 @@ def build_target_config(
     tie_bases: bool = False,
     shared_experts: str = "keep",
     gene_name: str | None = None,
+    gene_revision: str | None = None,
     source=None,
     **config_kwargs: Any,
 ) -> UniteConfig:
-    """The :class:`UniteConfig` of a target grown from ``gene`` (validated, nothing built yet)."""
+    """The :class:`UniteConfig` of a target grown from ``gene`` (validated, nothing built yet);
+    ``gene_name`` and ``gene_revision`` (the commit of its Hub repo) are what the target records of the gene."""
     gc = gene.config
     if gc.custom_gating:
         raise ValueError("the source's experts use family-specific gating (e.g. gpt-oss); UNITE targets rebuild "
@@ -185,6 +188,7 @@ def build_target_config(
         core_init=core_init,
         layer_selection=layer_selection,
         gene=gene_name,
+        gene_revision=gene_revision,
         gene_source=gc.source_id,
         card_info=_card_info(gc, gene_name),
         **config_kwargs,
@@ -381,7 +385,7 @@ def grow_from_gene(
     source = _meta_source(gene)  # built once: config validation and weight mapping both read it
     config = build_target_config(gene, num_hidden_layers=num_hidden_layers, rank=rank, core_init=core_init,
                                  layer_selection=layer_selection, tie_bases=tie_bases, shared_experts=shared_experts,
-                                 gene_name=name, source=source, **config_kwargs)
+                                 gene_name=name, gene_revision=gene.revision, source=source, **config_kwargs)
     model = cls(config)
     # Trainer's card names config.name_or_path as the base model: the gene. model.name_or_path (what
     # peft records as an adapter's base) stays empty until the target is saved or pushed somewhere.
@@ -418,7 +422,8 @@ def _check_config_kwargs(config_kwargs: dict[str, Any]) -> None:
     fields = {f.name for f in dataclasses.fields(UniteConfig)} | set(_EXTRA_CONFIG_KWARGS)
     # fields from_gene sets itself from the gene and its options
     owned = {"text_config", "ffn_layers", "source_layers", "projections", "ranks", "expert_intermediate_size",
-             "expert_activation", "expert_bias", "gene", "gene_source", "card_info", "tie_bases", "shared_experts",
+             "expert_activation", "expert_bias", "gene", "gene_revision", "gene_source", "card_info", "tie_bases",
+             "shared_experts",
              "shared_expert_names", "core_init",
              "layer_selection"}
     unknown = sorted(k for k in config_kwargs if k not in fields or k in owned)
