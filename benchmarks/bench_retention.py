@@ -34,6 +34,7 @@ VARIANTS = {  # name -> (fusion, decomposition, extra extraction options)
 
 BUDGET_VARIANTS = {  # name -> (fusion, decomposition, extraction options); each extracted at every --budgets value
     "paper@budget": ("fisher", "tucker", {}),
+    "hidden+ridge": ("fisher", "tucker_hidden", {"refit": "ridge"}),
     "concat": ("concat", "tucker_hidden", {}),
     "concat+ridge": ("concat", "tucker_hidden", {"refit": "ridge"}),
     "concat+ridge+seq": ("concat", "tucker_hidden", {"refit": "ridge", "refit_sequential": True}),
@@ -206,8 +207,36 @@ def run_budgets(args: argparse.Namespace) -> dict:
                       f"ffn fraction {report.ffn_parameter_fraction:.3f}, ppl {report.perplexity['target']:.1f} "
                       f"(source {report.perplexity['source']:.1f}), extract {extract_seconds:.0f} s", flush=True)
                 save()
+        if args.cost:
+            results["runs"].append({"source": source_name, "variant": "cost", "budget": args.budgets[0],
+                                    **refit_cost(model, tokenizer, importance, args.budgets[0], refit_calib)})
+            print(f"[{source_name}] cost: {results['runs'][-1]}", flush=True)
+            save()
         del model
     return results
+
+
+def refit_cost(model, tokenizer, importance, budget: float, calibration: dict) -> dict:
+    """The ridge refit's wall time against a Fisher pass over the same calibration windows, side by side
+    (the refit of a concat + tucker_hidden gene at ``budget``, timed alone)."""
+    from unite_hf import compute_expert_importance, extract_universal_knowledge, get_source
+    from unite_hf.calibration import load_calibration
+    from unite_hf.methods.unite import UniteExtractionConfig
+    from unite_hf.refit import RefitOptions, refit_decompositions
+
+    calib = load_calibration("wikitext2", tokenizer, seed=0, show_progress=False, **calibration)
+    gene = extract_universal_knowledge(model, tokenizer, importance=importance, fusion="concat",
+                                       decomposition="tucker_hidden", budget=budget, show_progress=False)
+    options = RefitOptions.from_config(UniteExtractionConfig(refit="ridge"))  # the extraction's defaults
+    started = time.perf_counter()
+    refit_decompositions(model, get_source(model), gene.decompositions, gene.fused_biases, calib.input_ids, "ridge",
+                         options, batch_size=4, show_progress=False)
+    refit_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    compute_expert_importance(model, calib, batch_size=4, seed=0, show_progress=False)
+    fisher_seconds = time.perf_counter() - started
+    return {"refit_seconds": round(refit_seconds, 1), "fisher_seconds_same_windows": round(fisher_seconds, 1),
+            "refit_over_fisher": round(refit_seconds / fisher_seconds, 3), "windows": calib.num_sequences}
 
 
 def get_hidden(model) -> int:
@@ -233,6 +262,8 @@ def render_budgets(results: dict) -> str:
     """The budget grid, each variant beside the random-neuron control of its source and budget: the margin
     (variant - control) and its standard error (the two SEs combined as independent, which overstates it:
     both share the zeroed-layer KLs)."""
+    costs = [row for row in results["runs"] if row.get("variant") == "cost"]
+    results = {**results, "runs": [row for row in results["runs"] if row.get("variant") != "cost"]}
     runs = [row for row in results["runs"] if "error" not in row]
     control = {(row["source"], row["budget"]): row for row in runs if row["variant"] == CONTROL}
     lines = ["| source | variant | budget | FFN params / routed | mean swap gap ± SE | margin over random ± SE | "
@@ -250,6 +281,10 @@ def render_budgets(results: dict) -> str:
         lines.append(f"| {row['source']} | {row['variant']} | {budget} | {row['ffn_parameter_fraction']:.3f} | "
                      f"{row['mean_swap_gap']:.3f} ± {_gap_se(row):.3f} | {margin} | {ppl['target']:.1f} "
                      f"({ppl['source']:.1f}) | {row['extract_seconds']} ({row.get('fisher_seconds', '-')}) |")
+    for row in costs:
+        lines.append(f"\n{row['source']}, cost at budget {row['budget']}: the ridge refit {row['refit_seconds']} s, a Fisher "
+                     f"pass over the same {row['windows']} windows {row['fisher_seconds_same_windows']} s "
+                     f"(ratio {row['refit_over_fisher']}).")
     return "\n".join(lines)
 
 
@@ -299,6 +334,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refit-sequences", type=int, default=64,
                         help="calibration sequences (WikiText-2) the refits fit on")
     parser.add_argument("--distill-steps", type=int, default=300, help="Adam steps per layer of the distill refit")
+    parser.add_argument("--cost", action="store_true",
+                        help="also time the ridge refit against a Fisher pass on the same windows (first budget)")
     parser.add_argument("--source-path", nargs="+", default=[], metavar="NAME=DIR",
                         help="load these built sources from their folders instead of building (e.g. native=DIR)")
     parser.add_argument("--tiny", action="store_true", help="tiny random sources (plumbing only)")

@@ -35,6 +35,22 @@ def test_retention_benchmark_runs_every_variant_on_a_tiny_source(tmp_path):
 
 
 @needs_data
+def test_refit_grid_runs_every_variant_and_control_on_a_tiny_source(tmp_path):
+    out = tmp_path / "budget.json"
+    stdout = _run("bench_retention.py", "--tiny", "--sources", "moefied", "--budgets", "0.25", "--fisher-sequences", "2",
+                  "--refit-sequences", "2", "--seq-len", "16", "--num-windows", "2", "--retention-seq-len", "16",
+                  "--distill-steps", "2", "--cost", "--json", str(out), tmp_path=tmp_path)
+    runs = json.loads(out.read_text())["runs"]
+    variants = {r["variant"] for r in runs if "error" not in r}
+    assert variants == {"paper@budget", "hidden+ridge", "concat", "concat+ridge", "concat+ridge+seq", "concat+distill",
+                        "control:random+ridge", "control:linear", "cost"}
+    grid = [r for r in runs if r["variant"] not in ("cost", "control:linear")]
+    # a budget is a ceiling on what the grown target's FFN holds
+    assert all(0 < r["ffn_parameter_fraction"] <= 0.25 for r in grid)
+    assert "| moefied | concat+ridge | 0.25 |" in stdout and "margin over random" in stdout
+
+
+@needs_data
 def test_lm_probe_runs_and_reports_the_separation(tmp_path):
     out = tmp_path / "probe.json"
     stdout = _run("bench_lm_probe.py", "--tiny", "--seeds", "0", "1", "--steps", "2", "--eval-every", "1", "--rank", "8",
