@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import warnings
 from pathlib import Path
@@ -155,7 +157,11 @@ def test_text_file_exact(tok, tmp_path):
     T = len(stream) - 1
     with pytest.warns(UserWarning, match="overlap"):
         cs = load_calibration(str(f), tok, num_sequences=5, seq_len=T, seed=3, show_progress=False)
-    assert cs.name == str(f.resolve())
+    # the file's name, its documents and their hash: never its folder (genes publish this name; issue 22)
+    docs = ["Hello world.\nSecond line.", "Another document here."]
+    digest = hashlib.sha256(json.dumps(docs, ensure_ascii=False).encode("utf-8")).hexdigest()
+    assert cs.name == f"corpus.txt (local file, 2 documents, sha256 {digest})"
+    assert str(tmp_path) not in cs.name
     # L = T + 1 -> only offset 0 is possible: every row is exactly stream[:T]
     expected = torch.tensor([stream[:T]] * 5)
     assert torch.equal(cs.input_ids, expected)
@@ -232,7 +238,9 @@ def test_list_of_strings_exact(tok):
     T = len(stream) - 1
     with pytest.warns(UserWarning, match="overlap"):
         cs = load_calibration(docs, tok, num_sequences=2, seq_len=T, show_progress=False)
-    assert cs.name == "list of 4 strings"
+    # the documents as read (stripped, empties dropped), by number and hash: never their text (issue 22)
+    digest = hashlib.sha256(json.dumps(["The cat sat.", "A dog ran far away."]).encode("utf-8")).hexdigest()
+    assert cs.name == f"list of 4 strings (2 documents, sha256 {digest})"
     assert torch.equal(cs.input_ids, torch.tensor([stream[:T]] * 2))
 
 

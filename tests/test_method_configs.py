@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 from conftest import needs_data, run_cli, save_with_tokenizer
+from hub_server import local_hub  # noqa: F401
 from tiny_models import COMMON, VOCAB, tiny_moe
 
 import unite_hf_cli
@@ -165,8 +166,12 @@ def test_a_recipe_file_with_flags_overriding_it(tmp_path):
 def test_a_gene_keeps_its_recipe_and_the_recipe_runs_again(tmp_path):
     gene = extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, rank=(2, 4, 4), n_iter_max=3,
                                        fusion="uniform", seed=7, show_progress=False)
-    expected = UniteExtractionConfig(calibration=None, rank=(2, 4, 4), n_iter_max=3, fusion="uniform", seed=7)
-    assert gene.recipe == expected  # the token tensor is not recorded: None
+    # the token tensor is not recorded (None), but the windows it gave are: 4 x 12, not the unread defaults
+    # 128 x 512 (issue 22, item 6: replaying that recipe calibrated on other windows than the provenance says)
+    expected = UniteExtractionConfig(calibration=None, num_sequences=4, seq_len=12, rank=(2, 4, 4), n_iter_max=3,
+                                     fusion="uniform", seed=7)
+    assert gene.recipe == expected
+    assert (gene.config.num_sequences, gene.config.seq_len) == (4, 12)  # the provenance says the same
     gene.save_pretrained(tmp_path / "gene")
     loaded = load_gene(tmp_path / "gene")
     assert loaded.recipe == expected
@@ -207,6 +212,89 @@ def test_calibration_settings_a_run_does_not_read_are_named(tmp_path):
     analysis = analyze_experts(model, {"a": CALIBRATION, "b": CALIBRATION.flip(1)}, num_sequences=4, seq_len=12, show_progress=False)
     with pytest.warns(UserWarning, match=r"seq_len has no effect: the analysis is precomputed"):
         extract_xpert_gene(model, analysis=analysis, k=2, rank=(2, 4, 4), seq_len=12, n_iter_max=2, show_progress=False)
+
+
+def _word_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary (w2 .. w95), built here; unknown words are [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[EOS]": 1, **{f"w{i}": i for i in range(2, VOCAB)}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="[EOS]")
+
+
+MARKER = "confidential-draft-7Q"
+"""A string in every calibration document: a published file holding it published the text."""
+
+
+def _documents() -> list[str]:
+    return [f"  {MARKER} " + " ".join(f"w{(7 * i + j) % 90 + 2}" for j in range(60)) + "\n" for i in range(30)]
+
+
+def _published_files(folder) -> dict[str, bytes]:
+    from pathlib import Path
+
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def test_a_gene_publishes_neither_its_calibration_text_nor_local_paths(tmp_path, local_hub, monkeypatch):  # noqa: F811
+    """Issue 22, item 7: a list of strings went into gene_config.json's recipe whole (and push_to_hub uploaded
+    it); a file put its absolute path into the card and the config. Now: the number of documents, their
+    SHA-256 (of the JSON array of the documents as read) and a file's name; the recipe replays a file from
+    the folder holding it."""
+    import hashlib
+
+    tokenizer, model = _word_tokenizer(), tiny_moe("mixtral")
+    docs = _documents()
+    digest = hashlib.sha256(json.dumps([d.strip() for d in docs], ensure_ascii=False).encode("utf-8")).hexdigest()
+    settings = dict(num_sequences=4, seq_len=16, rank=(2, 4, 4), n_iter_max=2, show_progress=False)
+    private = tmp_path / "private-folder"
+    private.mkdir()
+    (private / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
+
+    listed = extract_universal_knowledge(model, tokenizer, calibration=docs, **settings)
+    assert listed.config.calibration == f"list of 30 strings (30 documents, sha256 {digest})"
+    assert listed.recipe.calibration is None  # the text is not published, so this recipe cannot replay it
+    listed.push_to_hub("me/listed-gene")
+    filed = extract_universal_knowledge(model, tokenizer, calibration=str(private / "corpus.txt"), **settings)
+    # the same documents, the same hash, whichever way they came
+    assert filed.config.calibration == f"corpus.txt (local file, 30 documents, sha256 {digest})"
+    assert filed.recipe.calibration == "corpus.txt"
+    filed.save_pretrained(tmp_path / "filed")
+
+    published = {**{f"hub:{k}": v for k, v in local_hub.files("me/listed-gene").items()},
+                 **_published_files(tmp_path / "filed")}
+    for name, data in published.items():
+        assert MARKER.encode() not in data and str(tmp_path).encode() not in data and b"private-folder" not in data, name
+    assert len(published["hub:gene_config.json"]) < 20_000  # the config, not the corpus (30 x ~250 characters)
+
+    monkeypatch.chdir(private)  # the recipe replays the file from the folder holding it: the same gene
+    again = get_method("unite").extract(filed.recipe, model, tokenizer, show_progress=False)
+    for proj in ("gate", "up", "down"):
+        torch.testing.assert_close(again.fused_weight(0, proj), filed.fused_weight(0, proj), rtol=0, atol=0)
+
+
+def test_masa_and_xpert_recipes_publish_no_text_nor_paths(tmp_path):
+    from tiny_models import tiny_dense
+
+    tokenizer, docs = _word_tokenizer(), _documents()
+    private = tmp_path / "private-folder"
+    private.mkdir()
+    (private / "corpus.txt").write_text("\n\n".join(docs), encoding="utf-8")
+    masa_settings = dict(rank=4, tokens=48, seq_len=12, batch_size=2, show_progress=False)
+    listed = extract_masa_gene(tiny_dense(), tokenizer, corpora=docs, **masa_settings)
+    assert listed.recipe.corpora is None and listed.config.calibration.startswith("list of 30 strings (30 documents")
+    filed = extract_masa_gene(tiny_dense(), tokenizer, corpora=[str(private / "corpus.txt")], **masa_settings)
+    assert filed.recipe.corpora == ("corpus.txt",) and filed.config.calibration.startswith("corpus.txt (local file")
+    xpert = extract_xpert_gene(tiny_moe("mixtral"), tokenizer, domains={"a": docs, "b": str(private / "corpus.txt")},
+                               num_sequences=3, seq_len=12, k=2, rank=(2, 4, 4), n_iter_max=2, show_progress=False)
+    assert xpert.recipe.domains == {"a": None, "b": "corpus.txt"}
+    for name, gene in (("listed", listed), ("filed", filed), ("xpert", xpert)):
+        gene.save_pretrained(tmp_path / name)
+        for file, data in _published_files(tmp_path / name).items():
+            assert MARKER.encode() not in data and b"private-folder" not in data, (name, file)
 
 
 def test_masa_and_xpert_genes_keep_their_recipes(tmp_path):

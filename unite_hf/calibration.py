@@ -45,7 +45,9 @@ __all__ = [
     "CorpusAlias",
     "find_local_data_dir",
     "load_calibration",
+    "documents_sha256",
     "no_data_dir_message",
+    "published_calibration",
     "split_text_documents",
 ]
 
@@ -106,8 +108,10 @@ class CalibrationSet:
     Attributes:
         input_ids: ``LongTensor [N, T]`` of token ids.
         name: provenance, e.g. ``"wikitext2 (local: wikitext2/wikitext2_raw_test_hf_joined.txt)"``,
-            ``"Salesforce/wikitext:wikitext-2-raw-v1[train]"``, ``"input_ids tensor"``,
-            ``"list of 12 strings"`` or a file path.
+            ``"Salesforce/wikitext:wikitext-2-raw-v1[train]"``, ``"input_ids tensor"``; text given as
+            a list, a local file or a ``Dataset`` is named by what it holds, never by its text or its
+            folder: ``"list of 12 strings (12 documents, sha256 <hex>)"``, ``"corpus.txt (local file,
+            40 documents, sha256 <hex>)"`` (see :func:`documents_sha256`). Genes publish it.
         seed: the seed the window offsets were drawn with.
     """
 
@@ -258,6 +262,39 @@ def split_text_documents(text: str) -> list[str]:
     if _BLANK_LINE.search(text):
         return _clean_documents(_BLANK_LINE.split(text))
     return _clean_documents(text.splitlines())
+
+
+def documents_sha256(documents: list[str]) -> str:
+    """The content hash a calibration set records of the documents it was cut from (as read: stripped,
+    empty ones dropped): SHA-256 of their JSON array, ``json.dumps(documents, ensure_ascii=False)`` in UTF-8.
+    The same documents hash the same however they were given (a list, a text file of them one per line
+    or blank-line separated, a ``Dataset``), and documents that differ hash differently."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(documents, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def _described(what: str, documents: list[str]) -> str:
+    return f"{what}{len(documents)} documents, sha256 {documents_sha256(documents)})"
+
+
+def published_calibration(calibration: Any) -> Any:
+    """What a gene's recipe records of a calibration input, with neither the user's text nor their local
+    paths: a corpus alias or a Hub dataset id as given; a local file by its name (``corpus.txt``, which
+    the recipe replays from the folder holding it); ``None`` for a list of documents, a ``Dataset``, a token
+    tensor or a :class:`CalibrationSet` (the recipe cannot replay those, and their text is not published).
+    The gene's provenance (the :class:`CalibrationSet` name) describes each by its number of documents
+    and :func:`documents_sha256`."""
+    if isinstance(calibration, os.PathLike):
+        return Path(os.fspath(calibration)).name
+    if isinstance(calibration, str):
+        if calibration.lower() in CORPUS_ALIASES:
+            return calibration
+        if Path(calibration).expanduser().is_file() or _looks_like_path(calibration):
+            return Path(calibration).name
+        return calibration  # a Hub dataset id
+    return None
 
 
 def _read_text_file(path: Path) -> list[str]:
@@ -540,7 +577,8 @@ def _resolve_documents(
         path = Path(s).expanduser()
         if path.is_file():
             _require_tokenizer(tokenizer, f"calibration file {s!r}")
-            return _documents_from_file(path, text_column), str(path.resolve())
+            docs = _documents_from_file(path, text_column)  # named by file name and content: no local folder
+            return docs, _described(f"{path.name} (local file, ", docs)
         if path.is_dir():
             raise ValueError(f"calibration path {s!r} is a directory; pass a text or json(l) file")
         if is_pathlike or _looks_like_path(s):
@@ -555,7 +593,7 @@ def _resolve_documents(
             raise ValueError("calibration list is empty")
         _require_tokenizer(tokenizer, "a list of strings")
         docs = _clean_documents(calibration)
-        return docs, f"list of {len(calibration)} strings"
+        return docs, _described(f"list of {len(calibration)} strings (", docs)
 
     import datasets
 
@@ -564,7 +602,8 @@ def _resolve_documents(
             raise ValueError("calibration dataset is empty (0 rows)")
         texts, column = _dataset_texts(calibration, text_column, "the calibration dataset")
         _require_tokenizer(tokenizer, "a datasets.Dataset")
-        return _clean_documents(texts), f"datasets.Dataset[{column}] ({len(calibration)} rows)"
+        docs = _clean_documents(texts)
+        return docs, _described(f"datasets.Dataset[{column}] ({len(calibration)} rows, ", docs)
 
     raise TypeError(
         f"unsupported calibration input of type {type(calibration).__name__}; expected a corpus alias "

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...calibration import CalibrationSet, load_calibration, load_mixed_calibration
+from ...calibration import CalibrationSet, load_calibration, load_mixed_calibration, published_calibration
 from ...gene import Gene, GeneConfig, register_gene
 from ...sources import FFN_ATTRS, PROJECTIONS, UnsupportedSourceError, find_decoder_layers, get_source
 from ...model_structure import mlp_activation, mlp_linear_names
@@ -483,19 +483,38 @@ def extract_masa_gene(
             "output_error_per_step": [round(v, 6) for v in history],
             "source_widths": {proj: list(units[0].weights[proj].shape) for proj in units[0].weights},
         },
-        recipe=recipe.to_dict(),
+        recipe=_published_recipe(recipe, calib),
     )
     detached = {key: m.detach().cpu() for key, m in matrices.items()}
     return MasaGene(config, detached, spectra, tokenizer=tokenizer)
 
 
+def _is_corpus_list(corpora: Any) -> bool:
+    """Whether ``corpora`` lists corpora to mix (names or paths), not the documents of one corpus."""
+    from ...calibration import CORPUS_ALIASES
+
+    return isinstance(corpora, (list, tuple)) and bool(corpora) and all(
+        isinstance(c, (str, os.PathLike)) and (str(c) in CORPUS_ALIASES or os.path.exists(c)) for c in corpora)
+
+
+def _published_recipe(recipe: MasaExtractionConfig, calib: CalibrationSet) -> dict[str, Any]:
+    """The recipe the gene records (and ``push_to_hub`` publishes): each corpus as
+    :func:`~unite_hf.calibration.published_calibration` records it (a file by its name; never the text of a
+    list of documents nor a local folder), and for token windows given as they are (a tensor) the
+    ``seq_len`` and ``tokens`` they set, so the recipe says what the provenance says."""
+    data = recipe.to_dict()
+    corpora = recipe.corpora
+    data["corpora"] = ([published_calibration(c) for c in corpora] if _is_corpus_list(corpora)
+                       else published_calibration(corpora))
+    if isinstance(corpora, (torch.Tensor, CalibrationSet)):
+        data["seq_len"], data["tokens"] = calib.seq_len, int(calib.input_ids.numel())
+    return data
+
+
 def _alignment_text(corpora: Any, tokenizer, num_sequences: int, seq_len: int, seed: int,
                     show_progress: bool) -> CalibrationSet:
     """A list of corpus names or paths is mixed in equal shares; anything else is one corpus."""
-    from ...calibration import CORPUS_ALIASES
-
-    if isinstance(corpora, (list, tuple)) and corpora and all(
-            isinstance(c, (str, os.PathLike)) and (str(c) in CORPUS_ALIASES or os.path.exists(c)) for c in corpora):
+    if _is_corpus_list(corpora):
         if len(corpora) > 1:
             return load_mixed_calibration(list(corpora), tokenizer, num_sequences=num_sequences, seq_len=seq_len,
                                           seed=seed, show_progress=show_progress)

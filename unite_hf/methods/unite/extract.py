@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration
+from ...calibration import DEFAULT_CALIBRATION, CalibrationSet, load_calibration, published_calibration
 from ...decomposition import (
     DECOMPOSITIONS,
     NEEDS_HIDDEN_MODE,
@@ -207,7 +207,7 @@ def extract_from_config(
         return _extract_from_checkpoint(
             model, rank=rank, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max, importance=importance,
             source_id=source_id, source_revision=source_revision, show_progress=show_progress,
-            trust_remote_code=trust_remote_code, spill_dir=spill_dir, recipe=config.to_dict(),
+            trust_remote_code=trust_remote_code, spill_dir=spill_dir, recipe=published_recipe(config, None),
         )
     if isinstance(model, (str, os.PathLike)):
         raise ValueError(f"{model} is not a checkpoint folder; pass a loaded model or a folder with config.json "
@@ -289,9 +289,22 @@ def extract_from_config(
     gene = make_gene(source, provenance, decompositions, fused_biases, importance, source_weights,
                      calibration=calibration_name, num_sequences=num_sequences, seq_len=seq_len, seed=seed,
                      fisher_labels=fisher_labels, fusion=fusion, decomposition=decomposition, n_iter_max=n_iter_max,
-                     recipe=config.to_dict(), **({"method_config": method_config} if method_config else {}))
+                     recipe=published_recipe(config, calib), **({"method_config": method_config} if method_config else {}))
     gene.tokenizer = tokenizer  # travels with the gene, so targets grown from it can be fine-tuned right away
     return gene
+
+
+def published_recipe(config: UniteExtractionConfig, calib: CalibrationSet | None) -> dict[str, Any]:
+    """The recipe a gene records (and ``push_to_hub`` publishes): the settings, with the calibration as
+    :func:`~unite_hf.calibration.published_calibration` records it (a file by its name; never the text of a
+    list of documents nor a local folder) and, where windows were cut, their real shape: a token tensor
+    sets ``N x T``, not the ``num_sequences`` / ``seq_len`` it leaves unread, so the recipe says what the
+    provenance says."""
+    recipe = config.to_dict()
+    recipe["calibration"] = published_calibration(config.calibration)
+    if calib is not None:
+        recipe["num_sequences"], recipe["seq_len"] = calib.num_sequences, calib.seq_len
+    return recipe
 
 
 def _extract_from_checkpoint(path, *, rank, fusion: str, decomposition: str, n_iter_max: int,

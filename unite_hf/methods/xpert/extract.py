@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .analysis import DEFAULT_DOMAINS, ExpertAnalysis, analyze_experts, select_experts
+from ...calibration import published_calibration
 from ...decomposition import Decomposition, decompose, resolve_ranks
 from ...gene import GeneConfig, UniteGene, register_gene
 from ...sources import get_source
@@ -266,7 +267,19 @@ def extract_from_config(
         method="xpert",
         method_config={"strategy": strategy, "k": k, "selected_experts": selected, "mix_weights": mix.tolist(),
                        "analysis": analysis.to_dict()},
-        recipe=config.to_dict(),
+        recipe=_published_recipe(config),
     )
     gene.tokenizer = tokenizer
     return gene
+
+
+def _published_recipe(config: XpertExtractionConfig) -> dict[str, Any]:
+    """The recipe the gene records (and ``push_to_hub`` publishes): each domain's corpus as
+    :func:`~unite_hf.calibration.published_calibration` records it (a file by its name; never the text of a
+    list of documents nor a local folder)."""
+    data = config.to_dict()
+    if isinstance(config.domains, dict):
+        data["domains"] = {name: published_calibration(corpus) for name, corpus in config.domains.items()}
+    elif isinstance(config.domains, (list, tuple)):
+        data["domains"] = [published_calibration(corpus) for corpus in config.domains]
+    return data
