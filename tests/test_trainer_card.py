@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import torch
 import transformers
@@ -44,7 +45,11 @@ def _assert_unite_card(text: str, repo_id: str, gene_id: str) -> ModelCard:
     card = ModelCard(text)
     assert card.text.lstrip().startswith(f"# {repo_id}\n"), card.text[:300]
     assert f"A dense model grown with [UNITE]({PAPER_URL})" in card.text
-    assert f"from the gene\n`{gene_id}`, which was extracted from" in card.text
+    # the gene and the commit of its repo it was grown from (issue 22, item 5), with the line that loads it there
+    grown = re.search(rf"from the gene\n`{re.escape(gene_id)}` at revision `([0-9a-f]{{40}})`, which was extracted from",
+                      card.text)
+    assert grown, card.text[:600]
+    assert f'UniteGene.from_pretrained("{gene_id}", revision="{grown.group(1)}")' in card.text
     assert "| ranks (r_out, r_in) |" in card.text and "| UNITE FFN layers |" in card.text
     assert f'AutoModelForSequenceClassification.from_pretrained("{repo_id}")' in card.text
     assert card.data.base_model == gene_id
