@@ -556,6 +556,16 @@ _CHECKPOINT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\
                                r"|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
 
 
+#: how the files a tokenizer's ``save_pretrained`` writes begin (tokenizer.json, tokenizer_config.json,
+#: special_tokens_map.json, vocab.json, merges.txt, added_tokens.json, chat_template.jinja, ...)
+TOKENIZER_FILE_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template")
+
+
+def is_tokenizer_file(name: str) -> bool:
+    """Whether ``name`` (a path relative to a model folder) is a tokenizer's file."""
+    return "/" not in name and name.startswith(TOKENIZER_FILE_PREFIXES)
+
+
 def _recorded_names(manifest: Path) -> set[str]:
     """The paths a checksum record (``{"files": {path: record}}``) lists; empty where it is absent or unreadable."""
     try:
@@ -581,18 +591,22 @@ def target_owner(directory: str | os.PathLike, also: Callable[[str], bool] | Non
     return owned
 
 
-def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path], T]) -> T:
+def save_target_folder(save_directory: str | os.PathLike, save: Callable[[Path], T], *, tokenizer: bool = False) -> T:
     """Replace ``save_directory`` atomically with what ``save(staging)`` writes, plus
-    :data:`TARGET_CHECKSUMS_NAME`. Files of the folder that the save neither writes nor owns (see
-    :func:`target_owner`) are kept; a folder holding a gene or a peft adapter (:data:`TARGET_REFUSES`)
-    is refused with :class:`ArtifactWriteError` before ``save`` runs."""
+    :data:`TARGET_CHECKSUMS_NAME` (which records every file the save wrote, a tokenizer included). Files of
+    the folder that the save neither writes nor owns (see :func:`target_owner`) are kept; a folder holding a
+    gene or a peft adapter (:data:`TARGET_REFUSES`) is refused with :class:`ArtifactWriteError` before
+    ``save`` runs. ``tokenizer``: the save writes a tokenizer, so the folder's tokenizer files are its own
+    (those a previous save recorded and this one lacks go); otherwise they stay as they are, as
+    transformers' save leaves a tokenizer saved beside the model."""
     def write(staging: Path) -> T:
         result = save(staging)
         record_target_checksums(staging)
         return result
 
-    return write_folder_atomically(save_directory, write, owned=target_owner(save_directory), keep_foreign=True,
-                                   refuse=TARGET_REFUSES)
+    owner = target_owner(save_directory)
+    owned = owner if tokenizer else (lambda name: owner(name) and not is_tokenizer_file(name))
+    return write_folder_atomically(save_directory, write, owned=owned, keep_foreign=True, refuse=TARGET_REFUSES)
 
 
 def save_model_folder(path: str | os.PathLike, model: Any, tokenizer: Any = None) -> None:
@@ -650,7 +664,10 @@ def verify_target_folder(directory: str | os.PathLike, present_only: bool = Fals
         return False
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-        records = {name: record for name, record in files.items() if name != "README.md"}
+        # the card may be edited on the Hub; a tokenizer is recorded (a save owns and pushes what it wrote) but
+        # not checked: from_pretrained does not read it, and Trainer (or any `tokenizer.save_pretrained(folder)`
+        # after the model's save) writes its own tokenizer over the target's
+        records = {name: record for name, record in files.items() if name != "README.md" and not is_tokenizer_file(name)}
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptedFileError(f"{manifest} is not a valid checksum record: {err!r}") from err
     malformed = [name for name, record in records.items() if not (isinstance(record, dict) and {"size", "sha256"} <= set(record))]
@@ -686,11 +703,13 @@ def hub_push_base(api: Any, repo_id: str, *, revision: str | None = None, refuse
     return HubBase(repo_id, commit, files)
 
 
-def hub_target_owner(api: Any, base: HubBase) -> Callable[[str], bool]:
+def hub_target_owner(api: Any, base: HubBase, tokenizer: bool = False) -> Callable[[str], bool]:
     """``owned(path)`` of a target push: the files the repo's previous :data:`TARGET_CHECKSUMS_NAME`
     records (the previous push's) and top-level files under transformers' checkpoint names. A target push
     deletes those the new target lacks and keeps every other file of the repo (a tokenizer, Trainer's
-    training_args.bin, the user's files), as a target save keeps them in its folder."""
+    training_args.bin, the user's files), as a target save keeps them in its folder. ``tokenizer``: the push
+    uploads a tokenizer, so the recorded tokenizer files of the previous push are its own too (otherwise the
+    repo's tokenizer stays, as in :func:`save_target_folder`)."""
     recorded: set[str] = set()
     if TARGET_CHECKSUMS_NAME in base.files:
         try:
@@ -698,7 +717,8 @@ def hub_target_owner(api: Any, base: HubBase) -> Callable[[str], bool]:
             recorded = _recorded_names(Path(manifest))
         except Exception:  # noqa: BLE001 - an unreadable record: the checkpoint names still go
             pass
-    return lambda path: path in recorded or ("/" not in path and bool(_CHECKPOINT_NAMES.match(path)))
+    return lambda path: ((path in recorded and (tokenizer or not is_tokenizer_file(path)))
+                         or ("/" not in path and bool(_CHECKPOINT_NAMES.match(path))))
 
 
 def hub_commit_artifact(api: Any, base: HubBase, folder: str | os.PathLike, *, files: Iterable[str] | None = None,

@@ -211,6 +211,9 @@ class UnitePreTrainedModel(PreTrainedModel):
         super().__init__(config, *inputs, **kwargs)
         # per instance: transformers' push_to_hub appends to this list; Trainer's card reads it
         self.model_tags = list(UNITE_MODEL_TAGS)
+        # the gene's tokenizer (from_gene sets it): saved and pushed with the target, so that its folder or repo
+        # is a complete model (pipeline("text-generation", model=folder)); None: no tokenizer is written
+        self.tokenizer = None
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, nn.Linear):  # heads; the backbone's layers use the family's own init
@@ -304,13 +307,17 @@ class UnitePreTrainedModel(PreTrainedModel):
         def save(folder):
             saved = super(UnitePreTrainedModel, self).save_pretrained(folder, is_main_process, *args, **kwargs)
             self._write_card(folder, repo_id, hub.get("tags"))
+            if self.tokenizer is not None:  # recorded with the rest, so pushed and replaced with the target
+                self.tokenizer.save_pretrained(folder)
             return saved
 
         # with unite_hf: the folder is replaced atomically and records every file's SHA-256
-        result = io.save_target_folder(save_directory, save) if io else save(save_directory)
+        writes_tokenizer = self.tokenizer is not None
+        result = io.save_target_folder(save_directory, save, tokenizer=writes_tokenizer) if io else save(save_directory)
         if base is not None:  # the files this save wrote; the repo's others as in push_to_hub
             io.hub_commit_artifact(api, base, save_directory, files=io.target_record_files(save_directory),
-                                   owned=io.hub_target_owner(api, base), revision=hub.get("revision"),
+                                   owned=io.hub_target_owner(api, base, tokenizer=writes_tokenizer),
+                                   revision=hub.get("revision"),
                                    create_pr=hub.get("create_pr", False),
                                    commit_message=hub.get("commit_message") or "Upload UNITE target",
                                    commit_description=hub.get("commit_description"))
@@ -363,9 +370,12 @@ class UnitePreTrainedModel(PreTrainedModel):
             kwargs.setdefault("save_original_format", False)  # in-memory names, as save_pretrained
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)
+            if self.tokenizer is not None:  # the gene's tokenizer goes with the target
+                self.tokenizer.save_pretrained(work_dir)
             if base is not None:
                 io.record_target_checksums(work_dir)  # verified by from_pretrained after download
-                info = io.hub_commit_artifact(api, base, work_dir, owned=io.hub_target_owner(api, base),
+                owned = io.hub_target_owner(api, base, tokenizer=self.tokenizer is not None)
+                info = io.hub_commit_artifact(api, base, work_dir, owned=owned,
                                               commit_message=commit_message or "Upload UNITE target",
                                               commit_description=commit_description, revision=revision,
                                               create_pr=create_pr)

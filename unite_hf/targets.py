@@ -363,7 +363,8 @@ def grow_from_gene(
     ``device_map`` (one device: ``"cpu"``, ``"cuda:0"``, an index, or ``"auto"`` for the first
     accelerator if any). Every other keyword argument must be a config field (``num_labels``,
     ``id2label``, ``pad_token_id``, ...); anything else is an error, so a typo is not silently kept.
-    Classifiers require ``num_labels`` (or ``id2label``).
+    Classifiers require ``num_labels`` (or ``id2label``). The gene's tokenizer, if it holds one, becomes
+    ``model.tokenizer``, which the target's ``save_pretrained`` and ``push_to_hub`` write beside it.
     """
     if "torch_dtype" in config_kwargs:
         warnings.warn("torch_dtype is deprecated, use dtype", FutureWarning, stacklevel=3)
@@ -406,6 +407,7 @@ def grow_from_gene(
         model.config.dtype = dtype  # in memory too, not only in the saved file
     if device is not None:
         model = model.to(device)
+    model.tokenizer = gene.tokenizer  # saved and pushed with the target (a gene made with a tokenizer holds one)
     return model
 
 
