@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hub_server import local_hub  # noqa: F401
 from tiny_models import tiny_moe
 
 from unite_hf import UniteGene, extract_universal_knowledge
@@ -228,6 +229,277 @@ def test_disk_full_keeps_the_old_gene(refs, tmp_path):
         assert which_gene(mount / "gene", refs) == "B" and leftovers(mount, "gene") == []
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+# -- read-only file systems and names too long (issue 21, item 13) ----------------------------------------
+
+def test_a_read_only_file_system_gives_one_clear_error_for_genes_and_targets(refs, tmp_path):
+    """Regression: on a read-only file system the cleanup of the staging folder failed too (unlinking even a
+    missing name gives EROFS), and its bare OSError, naming the hidden staging folder, replaced the
+    ArtifactWriteError. A tmpfs holding gene B and a target is remounted read-only: both saves fail with one
+    line that names the destination, and both folders keep their content."""
+    from unite_hf import UniteForCausalLM
+
+    gene_a, gene_b = refs["genes"]
+    mount = tmp_path / "ro"
+    if not _mount_tiny_tmpfs(mount, "8m"):
+        pytest.skip("cannot mount a tmpfs here (the name-too-long test covers the same cleanup path)")
+    try:
+        target = UniteForCausalLM.from_gene(gene_b, num_hidden_layers=1, rank=4)
+        gene_b.save_pretrained(mount / "gene")
+        target.save_pretrained(mount / "target")
+        before = folder_hashes(mount / "target")
+        assert subprocess.run(["mount", "-o", "remount,ro", str(mount)], capture_output=True).returncode == 0
+        for save, path in ((gene_a.save_pretrained, mount / "gene"), (target.save_pretrained, mount / "target")):
+            with pytest.raises(ArtifactWriteError) as caught:
+                save(path)
+            message = str(caught.value)
+            assert caught.value.errno == errno.EROFS and "Read-only file system" in message, message
+            assert str(path) in message and ".tmp-" not in message and "\n" not in message
+        assert which_gene(mount / "gene", refs) == "B" and folder_hashes(mount / "target") == before
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_name_too_long_for_the_staged_sibling_is_refused_before_anything_is_written(refs, tmp_path):
+    """Regression: a 245-byte name passed check_gene_destination, so `unite-hf extract` failed only after the
+    whole extraction, with a bare OSError that named the staging folder .{name}.tmp-{pid}-{token} (22 bytes
+    longer than the name, past the file system's 255). Names are checked before anything is looked up or
+    written, by the CLI before the source is looked at."""
+    from unite_hf import UniteForCausalLM
+    from unite_hf.gene import check_gene_destination
+
+    gene_a, _ = refs["genes"]
+    target = UniteForCausalLM.from_gene(gene_a, num_hidden_layers=1, rank=4)
+    work = tmp_path / "work"
+    work.mkdir()
+    for path in (work / ("g" * 245), work / ("d" * 300) / "gene"):
+        for attempt in (check_gene_destination, gene_a.save_pretrained, target.save_pretrained):
+            with pytest.raises(ArtifactWriteError, match="bytes") as caught:
+                attempt(path)
+            message = str(caught.value)
+            assert caught.value.errno == errno.ENAMETOOLONG and "\n" not in message and ".tmp-" not in message
+    assert list(work.iterdir()) == []
+    result = subprocess.run(
+        [sys.executable, "-m", "unite_hf.cli", "extract", "--source", str(tmp_path / "no-such-model"),
+         "--out", str(work / ("g" * 245))], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "names of up to" in result.stderr and "no-such-model" not in result.stderr
+
+
+# -- a Trainer killed while it swaps a checkpoint in (issue 21, item 14) ------------------------------------
+
+TRAINER_STEPS, TRAINER_SAVE_EVERY = 6, 2
+
+# trains a saved target with UniteTrainer, saving every 2 steps; the fault: a SIGKILL of this process at
+# the moment a UNITE target swaps the staged folder of checkpoint-{kill_at} in (Trainer made the empty
+# checkpoint-N folder before the model's save, and the staged copy lies beside it)
+TRAINER_KILLED = r'''
+import os, signal, sys, torch
+torch.set_num_threads(1)
+import unite_hf.io as io
+from unite_hf import UniteForCausalLM
+from unite_hf.training import UniteTrainer
+from transformers import TrainingArguments
+target, output_dir, kill_at, steps, every = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+swap = io._swap_in
+
+def swap_or_die(staging, path):
+    if path.name == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    swap(staging, path)
+
+io._swap_in = swap_or_die
+g = torch.Generator().manual_seed(0)
+ids = (torch.randint(3, 90, (32, 1), generator=g) + torch.arange(8)) % 93 + 3
+rows = [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+args = TrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+                         save_strategy="steps", save_steps=every, report_to="none", use_cpu=True, disable_tqdm=True,
+                         logging_strategy="no", seed=0, dataloader_num_workers=0)
+UniteTrainer(model=UniteForCausalLM.from_pretrained(target), args=args, train_dataset=rows).train()
+'''
+
+
+def _counting_rows() -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = (torch.randint(3, 90, (32, 1), generator=g) + torch.arange(8)) % 93 + 3
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i), "labels": i.clone()} for i in ids]
+
+
+def test_a_trainer_killed_while_swapping_a_checkpoint_in_resumes_from_the_last_complete_one(refs, tmp_path):
+    """Regression: a SIGKILL of Trainer mid-checkpoint left an empty checkpoint-N/ beside the staged
+    .checkpoint-N.tmp-... (1 kill in 4 at random points), and resume_from_checkpoint=True then picked it and
+    failed ("Can't find a valid checkpoint"). A real Trainer process is killed as checkpoint-4 is swapped in;
+    UniteTrainer resumes from checkpoint-2, the last complete one, and trains to the end (a plain Trainer,
+    the control, still picks the empty folder); the next save of checkpoint-4 removes the staged leftover."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from unite_hf import UniteForCausalLM
+    from unite_hf.training import UniteTrainer
+
+    target = UniteForCausalLM.from_gene(refs["genes"][1], num_hidden_layers=1, rank=4)
+    target.save_pretrained(tmp_path / "target")
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", TRAINER_KILLED, str(tmp_path / "target"), str(out), "checkpoint-4",
+                             str(TRAINER_STEPS), str(TRAINER_SAVE_EVERY)], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (out / "checkpoint-2" / "trainer_state.json").is_file() and list((out / "checkpoint-4").iterdir()) == []
+    assert leftovers(out, "checkpoint-4"), sorted(p.name for p in out.iterdir())  # the staged copy, never swapped
+    assert get_last_checkpoint(str(out)) == str(out / "checkpoint-4")  # what Trainer resumes from
+
+    class Steps(TrainerCallback):
+        def __init__(self):
+            self.seen = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.seen.append(state.global_step)
+
+    def trainer(cls, steps):
+        args = TrainingArguments(output_dir=str(out), max_steps=TRAINER_STEPS, per_device_train_batch_size=4,
+                                 learning_rate=1e-3, save_strategy="steps", save_steps=TRAINER_SAVE_EVERY,
+                                 report_to="none", use_cpu=True, disable_tqdm=True, logging_strategy="no", seed=0,
+                                 dataloader_num_workers=0)
+        return cls(model=UniteForCausalLM.from_pretrained(tmp_path / "target"), args=args,
+                   train_dataset=_counting_rows(), callbacks=[steps])
+
+    with pytest.raises(Exception, match="checkpoint"):  # the control: Trainer resumes from the empty folder
+        trainer(Trainer, Steps()).train(resume_from_checkpoint=True)
+    steps = Steps()
+    resumed = trainer(UniteTrainer, steps)
+    resumed.train(resume_from_checkpoint=True)
+    assert steps.seen == [3, 4, 5, 6] and resumed.state.global_step == TRAINER_STEPS
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file() and leftovers(out, "checkpoint-4") == []
+    assert UniteForCausalLM.from_pretrained(out / "checkpoint-6").config.num_hidden_layers == 1
+
+
+# -- pushes killed mid-way (issue 21, item 16) --------------------------------------------------------------
+
+PUSH_KILLS = 10
+
+# loads the genes once, then forks a pusher per command (a SIGKILL of it is a real kill -9 mid-push)
+PUSHER = r'''
+import json, os, signal, sys, time
+import torch
+torch.set_num_threads(1)
+from unite_hf import UniteGene
+import huggingface_hub  # imported here, not in every pusher
+genes = {name: UniteGene.from_pretrained(path) for name, path in json.loads(sys.argv[1]).items()}
+genes["A"].save_pretrained(sys.argv[2])  # the save path's lazy imports, done once
+print("ready", flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    start = time.perf_counter()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            genes[cmd["gene"]].push_to_hub(cmd["repo"])
+        except BaseException as err:
+            os.write(2, repr(err).encode()[:2000])
+            code = 4
+        os._exit(code)
+    if cmd.get("delay") is not None:
+        time.sleep(cmd["delay"])
+        os.kill(pid, signal.SIGKILL)  # a no-op on a finished pusher (not reaped yet)
+    _, status = os.waitpid(pid, 0)
+    killed = os.WIFSIGNALED(status)
+    print(json.dumps({"killed": killed, "exit": None if killed else os.WEXITSTATUS(status), "pid": pid,
+                      "elapsed": time.perf_counter() - start}), flush=True)
+'''
+
+
+def _staged_files(temp: Path) -> list[str]:
+    return sorted(p.relative_to(temp).as_posix() for p in temp.rglob("*") if p.is_file())
+
+
+def test_kills_during_pushes_leave_one_whole_gene_on_the_repo_and_no_copy_behind(refs, local_hub, tmp_path):
+    """Regression: a SIGKILL during push_to_hub left the whole saved gene in $TMPDIR (8 kills in 10), never
+    removed. Pushes stage in $TMPDIR/unite_hf-pushes-<uid>/.push.tmp-<pid>-<token>: what a killed push
+    leaves, the next push (or save) removes. Each kill leaves the repo holding the old or the new gene,
+    whole (one commit per push)."""
+    import hashlib as _hashlib
+
+    gene_a, gene_b = refs["genes"]
+    paths = {"A": str(tmp_path / "A" / "gene"), "B": str(tmp_path / "B" / "gene")}
+    gene_a.save_pretrained(paths["A"])
+    gene_b.save_pretrained(paths["B"])
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    pusher = subprocess.Popen([sys.executable, "-c", PUSHER, json.dumps(paths), str(tmp_path / "scratch" / "gene")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+
+    def push(gene: str, delay: float | None = None) -> dict:
+        pusher.stdin.write(json.dumps({"gene": gene, "repo": "me/gene", "delay": delay}) + "\n")
+        pusher.stdin.flush()
+        line = pusher.stdout.readline()
+        assert line, "the pusher process died"
+        return json.loads(line)
+
+    def repo() -> dict[str, str]:
+        return {name: _hashlib.sha256(data).hexdigest() for name, data in local_hub.files("me/gene").items()}
+
+    try:
+        assert pusher.stdout.readline().strip() == "ready"
+        assert push("A")["exit"] == 0
+        refs_on_hub = {"A": repo()}
+        timing = push("B")
+        assert timing["exit"] == 0
+        refs_on_hub["B"] = repo()
+        assert _staged_files(temp) == []
+        span = 1.5 * timing["elapsed"]
+        schedule, outcomes, copies_left, current = random.Random(21), {"old": 0, "new": 0}, 0, "B"
+        for _ in range(PUSH_KILLS):
+            new = "A" if current == "B" else "B"
+            reply = push(new, delay=schedule.uniform(0, span))
+            held = [name for name, files in refs_on_hub.items() if files == repo()]
+            assert held in (["A"], ["B"]), sorted(local_hub.files("me/gene"))  # one gene, whole
+            assert reply["killed"] or held == [new]
+            outcomes["old" if held == [current] else "new"] += 1
+            current = held[0]
+            copies_left += bool(_staged_files(temp))  # what this kill left, until the next push
+        assert push(current)["exit"] == 0  # the next push removes what the killed ones left
+        assert _staged_files(temp) == [], _staged_files(temp)[:10]
+    finally:
+        pusher.stdin.close()
+        pusher.wait(timeout=60)
+    print(f"\n{PUSH_KILLS} kills during pushes: repo kept the old gene {outcomes['old']}, got the new one "
+          f"{outcomes['new']}; a killed push left its staged copy {copies_left} times, removed by the next push")
+
+
+def test_a_target_push_and_a_folder_save_remove_what_killed_pushes_left(refs, local_hub, tmp_path, monkeypatch):
+    import tempfile
+
+    from unite_hf import UniteForCausalLM
+
+    gene_a, gene_b = refs["genes"]
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # tempfile reads TMPDIR again
+    pushes = tmp_path / "tmp" / f"unite_hf-pushes-{os.getuid()}"
+    pushes.mkdir(parents=True, mode=0o700)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+
+    def left_by(pid: int) -> Path:
+        folder = pushes / f".push.tmp-{pid}-0a1b2c3d"
+        (folder / "gene").mkdir(parents=True)
+        (folder / "gene" / "gene.safetensors").write_bytes(b"\0" * 1000)
+        return folder
+
+    try:
+        dead_copy, live_copy = left_by(dead), left_by(sleeper.pid)
+        UniteForCausalLM.from_gene(gene_a, num_hidden_layers=1, rank=4).push_to_hub("me/target")
+        assert not dead_copy.exists() and sorted(pushes.iterdir()) == [live_copy]  # its own staging went too
+        dead_copy = left_by(dead)
+        gene_b.save_pretrained(tmp_path / "gene")
+        assert not dead_copy.exists() and live_copy.exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
 
 
 def test_concurrent_writers_leave_one_complete_gene_and_readers_never_see_a_mix(refs, tmp_path):

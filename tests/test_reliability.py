@@ -13,6 +13,7 @@ import os
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,12 +86,18 @@ def _inf_source_weight(t):
     t["model.embed_tokens.weight"][0, 0] = float("inf")
 
 
+def _stowaways(t):
+    t["ffn.up.extra"] = torch.zeros(2)
+    t["stowaway"] = torch.ones(3)
+
+
 TENSOR_CASES = {
     "NaN in a core": (_nan_core, "NaN"),
     "int64 core": (_int_core, "torch.int64"),
     "layer_factor shape": (_short_layer_factor, "layer_factor"),
     "fisher shape": (_wide_fisher, "importance.fisher"),
     "out_factor shape": (_narrow_out_factor, "out_factor"),
+    "unknown tensors": (_stowaways, r"does not have: \['ffn.up.extra', 'stowaway'\]"),  # issue 21, item 11
 }
 
 
@@ -122,7 +129,19 @@ CONFIG_CASES = {
     "ranks disagree with the core": (lambda c: {**c, "ranks": {**c["ranks"], "up": [2, 24, 32]}}, "ffn.up.core"),
     "has_bias as a string": (lambda c: {**c, "has_bias": "no"}, "'has_bias' must be true or false"),
     "files as a list": (lambda c: {**c, "files": list(c["files"])}, "'files' must be a JSON object"),
+    # issue 21, item 12: source_config against the gene and its weights (from_gene allocated by it)
+    "source vocab_size past the embedding": (lambda c: _source(c, vocab_size=200_000_000), "embedding"),
+    "source num_hidden_layers 1e7": (lambda c: _source(c, num_hidden_layers=10_000_000), "num_layers is 3"),
+    "source layers beyond the weights": (lambda c: {**_source(c, num_hidden_layers=4), "num_layers": 4},
+                                         "holds the weights of layers 0..2"),
+    "negative source hidden_size": (lambda c: _source(c, hidden_size=-32), r"'hidden_size'\] must be a positive"),
+    "source hidden_size off the gene's": (lambda c: _source(c, hidden_size=64), "gene's hidden_size is 32"),
+    "no projections": (lambda c: {**c, "projections": []}, "projections must name"),  # issue 21, item 17
 }
+
+
+def _source(config: dict, **changes) -> dict:
+    return {**config, "source_config": {**config["source_config"], **changes}}
 
 
 @pytest.mark.parametrize("case", sorted(CONFIG_CASES))
@@ -680,3 +699,169 @@ def test_a_mixed_gene_names_the_fix_that_works(gene, saved, local_hub):  # noqa:
     gene.push_to_hub("me/mixed")
     assert "tokenizer.json" not in local_hub.files("me/mixed")
     assert UniteGene.from_pretrained("me/mixed").tokenizer is None
+
+
+# -- hostile records, configs and documents (issue 21, items 9-17) --------------------------------------------
+
+def _outside_record(folder: Path, how: str, secret: Path) -> str:
+    """A record name that reaches ``secret``, a file outside ``folder``."""
+    if how == "absolute":
+        return str(secret)
+    if how == "dot-dot":
+        return os.path.relpath(secret, folder)
+    (folder / "notes.txt").symlink_to(secret)  # a link inside the folder to a file outside it
+    return "notes.txt"
+
+
+def _answers_about_outside_file(folder: Path, secret: Path, record_it, load) -> set[str]:
+    """The errors of ``load()`` with the outside file recorded with its true record, with a wrong size, and
+    once it is gone: the same refusal each time, saying nothing about the file (issue 21, item 9)."""
+    messages = set()
+    for record in (file_record(secret), {**file_record(secret), "size": 5}, None):
+        if record is None:
+            secret.unlink()
+            record = {"size": 5, "sha256": "0" * 64}
+        record_it(record)
+        with pytest.raises((GeneFormatError, CorruptedFileError), match="names a file inside the") as caught:
+            load()
+        messages.add(str(caught.value))
+    return messages
+
+
+@pytest.mark.parametrize("how", ["absolute", "dot-dot", "symlink"])
+def test_a_gene_record_of_a_file_outside_the_folder_is_refused_without_reading_it(saved, tmp_path, how):
+    """Regression: a record of /etc/passwd with its SHA-256 loaded, and a wrong size made the error a file-size
+    oracle (/etc/shadow is 631 bytes). A record names a plain file inside the folder; anything else is refused
+    from the name (or the link) alone, with one answer whatever lies at the path."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret\n")
+    name, config = _outside_record(saved, how, secret), _config(saved)
+
+    def record_it(record):
+        config["files"][name] = record
+        _write_config(saved, config)
+
+    messages = _answers_about_outside_file(saved, secret, record_it, lambda: UniteGene.from_pretrained(saved))
+    (message,) = messages
+    assert not any(word in message for word in ("bytes", "missing", "SHA-256")), message
+
+
+@pytest.mark.parametrize("how", ["absolute", "dot-dot", "symlink"])
+def test_a_target_record_of_a_file_outside_the_folder_is_refused_without_reading_it(target, tmp_path, how):
+    _, path = target
+    secret = tmp_path / "secret.txt"
+    secret.write_text("the secret\n")
+    name, manifest = _outside_record(path, how, secret), path / TARGET_CHECKSUMS_NAME
+    records = json.loads(manifest.read_text())
+
+    def record_it(record):
+        records["files"][name] = record
+        manifest.write_text(json.dumps(records))
+
+    messages = _answers_about_outside_file(path, secret, record_it, lambda: UniteForCausalLM.from_pretrained(path))
+    (message,) = messages
+    assert not any(word in message for word in ("bytes", "missing", "SHA-256")), message
+
+
+def test_a_gene_that_records_its_files_but_the_card_is_not_read_as_a_legacy_gene(saved_with_tokenizer):
+    """Regression: dropping README.md from the ``files`` record switched the legacy mode on, which checks only
+    the weights, and an unrecorded tokenizer file then loaded unchecked. Legacy is only a gene recording its
+    two weight files and nothing else (what unite_hf wrote before it recorded every file)."""
+    path = saved_with_tokenizer
+    config = _config(path)
+    del config["files"]["README.md"], config["files"]["tokenizer_config.json"]
+    _write_config(path, config)
+    tokenizer_config = path / "tokenizer_config.json"
+    tokenizer_config.write_text(tokenizer_config.read_text().replace("[UNK]", "[UNX]"))
+    with pytest.raises(GeneFormatError, match=r"does not record: \['README.md', 'tokenizer_config.json'\]"):
+        UniteGene.from_pretrained(path)
+
+
+def test_a_legacy_gene_loads_and_says_that_its_tokenizer_is_unchecked(saved_with_tokenizer):
+    path = saved_with_tokenizer
+    config = _config(path)
+    config["files"] = {name: config["files"][name] for name in ("gene.safetensors", "source_weights.safetensors")}
+    _write_config(path, config)
+    with pytest.warns(UserWarning, match=r"tokenizer files \[.*'tokenizer_config.json'.*\] are loaded unchecked"):
+        loaded = UniteGene.from_pretrained(path)
+    assert loaded.tokenizer is not None
+
+
+@pytest.mark.parametrize("key, value", [("vocab_size", 200_000_000), ("num_hidden_layers", 10_000_000),
+                                        ("hidden_size", -32)])
+def test_from_gene_refuses_a_source_config_the_weights_disagree_with_before_allocating(saved, key, value):
+    """Regression: vocab_size 2e8 made from_gene allocate 25.6 GB, num_hidden_layers 1e7 ran 342 s into
+    std::bad_alloc, a negative hidden_size gave a raw torch error. The gene's load compares source_config
+    with the gene and source_weights.safetensors: from_gene fails with that one line, at once."""
+    config = _config(saved)
+    config["source_config"][key] = value
+    _write_config(saved, config)
+    start = time.perf_counter()
+    with pytest.raises(GeneFormatError, match=f"source_config.*{key}") as caught:
+        UniteForCausalLM.from_gene(saved, num_hidden_layers=1, rank=4)
+    assert time.perf_counter() - start < 30 and "\n" not in str(caught.value)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def test_deeply_nested_configs_and_checksum_records_are_one_line_errors(saved, target, tmp_path):
+    """Regression: RecursionError tracebacks. Nested past what json's parser takes (100k levels) or past what
+    unite_hf reads (100 levels, below what transformers' config copies recurse into): one error each."""
+    original = (saved / "gene_config.json").read_text()
+    for depth, message in ((100_000, "too deeply to read"), (500, "more than 100 levels")):
+        (saved / "gene_config.json").write_text(original.replace('"source_config": {', '"deep": ' + _nested(depth)
+                                                                 + ', "source_config": {', 1))
+        with pytest.raises(GeneFormatError, match=message) as caught:
+            UniteGene.from_pretrained(saved)
+        assert "\n" not in str(caught.value)
+        try:  # the save's check reads the config too: a gene to replace, or not a gene, never a RecursionError
+            check_gene_destination(saved)
+        except ArtifactWriteError as err:
+            assert "not part of this artifact" in str(err)
+    _, path = target
+    (path / TARGET_CHECKSUMS_NAME).write_text('{"format_version": 1, "files": ' + _nested(100_000) + "}")
+    with pytest.raises(CorruptedFileError, match="not a valid checksum record"):
+        UniteForCausalLM.from_pretrained(path)
+
+
+def _one_line_exit_2(result: subprocess.CompletedProcess, *expected: str) -> str:
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and all(text in errors[0] for text in expected), result.stderr[-3000:]
+    return errors[0]
+
+
+def test_hostile_recipes_are_one_line_exit_2_before_the_source_is_looked_at(tmp_path):
+    """Regression: a deeply nested recipe gave a RecursionError traceback, a list-of-lists calibration a
+    TypeError traceback once the source had loaded. The source here does not exist: the recipe's error comes first."""
+    recipes = {
+        "deep.yaml": ("calibration: " + _nested(100_000) + "\n", "too deeply"),
+        "nested.yaml": ("calibration: " + "[" * 150 + "a" + "]" * 150 + "\n", "more than 100 levels"),
+        "lists.yaml": ("calibration: [[1, 2, 3], [4, 5, 6]]\n", "calibration is a list holding a list"),
+        "aliases.yaml": ("a: &a [x, x]\nb: &b [*a, *a]\ncalibration: [*b, *b]\n", "repeats a list"),
+    }
+    for name, (text, message) in recipes.items():
+        (tmp_path / name).write_text(text)
+        result = _cli("extract", "--config", str(tmp_path / name), "--source", str(tmp_path / "no-such-model"),
+                      "--out", str(tmp_path / "gene"), cwd=tmp_path)
+        line = _one_line_exit_2(result, message)
+        assert "no-such-model" not in line, (name, line)
+
+
+def test_unite_hf_info_on_a_hostile_gene_is_one_line_exit_2(saved, tmp_path):
+    """Regression: a safetensors header length of 2**62 gave a MemoryError, a header that is a JSON list an
+    AttributeError, both with exit code 1."""
+    original = (saved / "gene.safetensors").read_bytes()
+    for header, message in ((struct.pack("<Q", 2 ** 62) + b"{}", "header length"),
+                            (struct.pack("<Q", 2) + b"[]", "not an object"),
+                            (struct.pack("<Q", 21) + b'{"a": {"shape": "x"}}', "no shape")):
+        (saved / "gene.safetensors").write_bytes(header)
+        _one_line_exit_2(_cli("info", str(saved), cwd=tmp_path), "gene.safetensors", message)
+    (saved / "gene.safetensors").write_bytes(original)
+    for config, message in (("[]", "must hold a JSON object"), (_nested(100_000), "too deeply"),
+                            ('{"files": [1, 2]}', "does not hold a readable gene")):
+        (saved / "gene_config.json").write_text(config)
+        _one_line_exit_2(_cli("info", str(saved), cwd=tmp_path), message)

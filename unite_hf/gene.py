@@ -34,7 +34,6 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 import types
 import typing
 import warnings
@@ -48,7 +47,7 @@ from ._version import __version__
 from .decomposition import Decomposition
 from .io import (
     CorruptedFileError, atomic_write_json, atomic_write_text, check_finite, check_writable_folder, file_records,
-    load_safetensors_checked, save_safetensors, verify_file, write_folder_atomically,
+    load_safetensors_checked, record_name_problem, record_path, save_safetensors, verify_file, write_folder_atomically,
 )
 from .sources import PROJECTIONS
 
@@ -153,6 +152,10 @@ class GeneConfig:
             if problem:
                 raise GeneFormatError(f"{CONFIG_NAME}: {key!r} {problem}, got {data[key]!r:.80}")
         for name, record in data["files"].items():
+            problem = record_name_problem(name)
+            if problem:  # refused from the name alone: the named path is never looked at
+                raise GeneFormatError(f"{CONFIG_NAME}: the record of {name[:200]!r} {problem}; a record names a file "
+                                      "inside the gene folder")
             if not (isinstance(record, dict) and type(record.get("size")) is int and record["size"] >= 0
                     and isinstance(record.get("sha256"), str) and _SHA256.fullmatch(record["sha256"])):
                 raise GeneFormatError(f"{CONFIG_NAME}: the record of {name!r} needs an int 'size' and a hex "
@@ -362,10 +365,17 @@ class Gene:
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():
             raise GeneFormatError(f"{directory} is not a unite_hf gene: {CONFIG_NAME} is missing.")
+        from .methods.config import check_nesting
+
         try:
-            config = GeneConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
+            data = json.loads(config_path.read_text(encoding="utf-8"))
+            check_nesting(data, str(config_path))  # source_config feeds transformers' configs, which recurse
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise CorruptedFileError(f"{config_path} is not valid JSON: {err}") from err
+        except (RecursionError, ValueError) as err:  # json's parser recurses: ~1000 nested lists are enough
+            raise GeneFormatError(str(err) if isinstance(err, ValueError) else
+                                  f"{config_path} nests lists or mappings too deeply to read; refusing it") from None
+        config = GeneConfig.from_dict(data)
         gene_class = _gene_class(config.method)
         if not issubclass(gene_class, cls):
             raise GeneFormatError(f"{directory} holds a {config.method!r} gene ({gene_class.__name__}), not a "
@@ -377,14 +387,22 @@ class Gene:
             directory = _download(**download, patterns=[CONFIG_NAME, *config.files])  # files beyond the defaults
         gene_class.validate_config(config)
         _verify_gene_files(directory, config, verify_checksums, download["repo_id"] if download else None)
-        gene_tensors = load_safetensors_checked(directory / GENE_WEIGHTS_NAME, config.files[GENE_WEIGHTS_NAME], verify_checksums)
-        source_tensors = load_safetensors_checked(directory / SOURCE_WEIGHTS_NAME, config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
+        gene_tensors = load_safetensors_checked(record_path(directory, GENE_WEIGHTS_NAME),
+                                                config.files[GENE_WEIGHTS_NAME], verify_checksums)
+        source_tensors = load_safetensors_checked(record_path(directory, SOURCE_WEIGHTS_NAME),
+                                                  config.files[SOURCE_WEIGHTS_NAME], verify_checksums)
         gene_class.validate_tensors(config, gene_tensors, source_tensors)
+        check_source_config(config, source_tensors)
+        known = gene_class.known_tensors(config)
+        if known is not None:
+            _refuse_unknown_tensors(set(gene_tensors) - known, config)
         try:
             gene = gene_class._from_tensors(config, gene_tensors, source_tensors)
         except (KeyError, ValueError) as err:
             raise GeneFormatError(f"{directory / GENE_WEIGHTS_NAME} does not hold a complete {config.method} gene: "
                                   f"{err}") from err
+        if known is None:  # a class that names no tensors: what it would save again is what it knows
+            _refuse_unknown_tensors(set(gene_tensors) - set(gene.gene_state_dict()), config)
         if (directory / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
@@ -405,6 +423,16 @@ class Gene:
         for key in ("hidden_size", "num_experts", "expert_intermediate_size"):
             if getattr(config, key) < 0:
                 raise GeneFormatError(f"{CONFIG_NAME}: {key} must not be negative, got {getattr(config, key)}")
+        if not config.projections or len(set(config.projections)) != len(config.projections):
+            raise GeneFormatError(f"{CONFIG_NAME}: projections must name each FFN projection the gene holds once "
+                                  f"(at least one), got {config.projections}")
+
+    @classmethod
+    def known_tensors(cls, config: GeneConfig) -> set[str] | None:
+        """Every name ``gene.safetensors`` may hold for ``config``; a load refuses any other tensor
+        (:class:`GeneFormatError`). ``None`` (the default, for a method that does not list them): the names
+        the rebuilt gene would save again (:meth:`gene_state_dict`)."""
+        return None
 
     @classmethod
     def validate_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
@@ -439,15 +467,15 @@ class Gene:
         gene is saved; so is the commit, by the Hub, if another commit lands on the revision meanwhile."""
         from huggingface_hub import HfApi
 
-        from .io import hub_commit_artifact, hub_push_base
+        from .io import hub_commit_artifact, hub_push_base, push_staging
 
         api = HfApi(token=token)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         base = hub_push_base(api, repo_id, revision=revision, refuse=("config.json", "adapter_config.json"))
         self._card_repo_id = repo_id
         try:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = self.save_pretrained(Path(tmp) / "gene")  # a subfolder: its lock file goes with tmp
+            with push_staging() as tmp:  # a push killed mid-way leaves it for the next push or save to remove
+                folder = self.save_pretrained(Path(tmp) / "gene")
                 info = hub_commit_artifact(api, base, folder, revision=revision, create_pr=create_pr,
                                            commit_message=commit_message or f"Upload {self.method.upper()} gene")
         finally:
@@ -626,6 +654,14 @@ class UniteGene(Gene):
         """The per-expert statistics every gene of this class and format holds in ``gene.safetensors``."""
         return "importance.fisher", "importance.frequency"
 
+    @classmethod
+    def known_tensors(cls, config: GeneConfig) -> set[str]:
+        """The decomposition, spectral energies and fused bias of each projection, and the per-expert statistics."""
+        parts = ("core", "layer_factor", "out_factor", "in_factor", "fused_bias",
+                 *(f"spectral_energy.{mode}" for mode in ("layer", "out", "in")))
+        return ({f"ffn.{proj}.{part}" for proj in config.projections for part in parts}
+                | {f"importance.{name}" for name in ("fisher", "frequency", "routed", "routing_mass")})
+
     # -- serialisation ---------------------------------------------------------------------------
     def gene_state_dict(self) -> dict[str, torch.Tensor]:
         """The tensors of ``gene.safetensors`` (see the module docstring for the keys)."""
@@ -708,7 +744,7 @@ def _gene_owner(directory: Path):
         config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
         if isinstance(config, dict) and type(config.get("format_version")) is int and isinstance(config.get("files"), dict):
             recorded = {str(name).split("/")[0] for name in config["files"]}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         pass  # no readable config: not a gene
 
     def owned(name: str) -> bool:
@@ -733,9 +769,17 @@ def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bo
     load as part of this one. The weights are checked as they are read; the card is not checked.
     ``repo_id``: the folder is a download of that Hub repo (the error's advice is then a push)."""
     for name, record in config.files.items():
+        path = record_path(directory, name)  # a record cannot name a file outside the folder, nor a link out of it
         if name not in (GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME, CARD_NAME):
-            verify_file(directory / name, record, verify_checksums)
-    if CARD_NAME not in config.files:  # written before every file was recorded: weights only
+            verify_file(path, record, verify_checksums)
+    if set(config.files) == {GENE_WEIGHTS_NAME, SOURCE_WEIGHTS_NAME}:  # written before every file was recorded
+        unchecked = sorted(name for name in TOKENIZER_FILES if (directory / name).is_file())
+        for name in unchecked:
+            record_path(directory, name)  # no link out of the folder, even unrecorded
+        if unchecked:
+            warnings.warn(f"{directory} is a gene saved before genes recorded every file: its tokenizer files "
+                          f"{unchecked} are loaded unchecked; save the gene again to record them", UserWarning,
+                          stacklevel=4)
         return
     unrecorded = sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*")
                         if path.is_file() and not any(part.startswith(".") for part in path.relative_to(directory).parts)
@@ -754,6 +798,66 @@ def _verify_gene_files(directory: Path, config: GeneConfig, verify_checksums: bo
               "refuses a folder holding files that are not the gene's).")
     raise GeneFormatError(f"{directory} holds files that {CONFIG_NAME} does not record: {unrecorded}; they belong to "
                           f"another save (a mixed gene) or to someone else. {advice}")
+
+
+def _refuse_unknown_tensors(unknown: set[str], config: GeneConfig) -> None:
+    if unknown:
+        names = sorted(unknown)
+        raise GeneFormatError(f"{GENE_WEIGHTS_NAME} holds tensors a {config.method} gene does not have: "
+                              f"{names[:5]}{' ...' if len(names) > 5 else ''}; it was written by another tool or "
+                              "another version, or is damaged")
+
+
+# sizes in a source config that a target allocates by (each must be a positive int where it is set)
+_SOURCE_SIZES = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size", "moe_intermediate_size",
+                 "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+                 "num_local_experts", "num_experts", "n_routed_experts", "num_experts_per_tok")
+_LAYER_KEY = re.compile(r"^(.*?\blayers)\.(\d+)\.")
+_EMBEDDING_SUFFIXES = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "tok_embeddings.weight",
+                       "embed_in.weight")
+
+
+def check_source_config(config: GeneConfig, source_tensors: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`GeneFormatError` where ``source_config`` disagrees with the gene, before a target is built
+    from it (its sizes decide what ``from_gene`` allocates): every size it sets is a positive int, its
+    ``num_hidden_layers`` and ``hidden_size`` are the gene's ``num_layers`` and ``hidden_size``, and, as far as
+    ``source_weights.safetensors`` shows them, the embedding is ``(vocab_size, hidden_size)`` and the decoder
+    layers present are exactly ``0 .. num_hidden_layers - 1``."""
+    source = config.source_config
+    text = source.get("text_config") if isinstance(source.get("text_config"), dict) and \
+        "num_hidden_layers" not in source else source  # a composite config keeps the language model's inside
+    where = f"{CONFIG_NAME}: source_config" + ("['text_config']" if text is not source else "")
+    for key in _SOURCE_SIZES:
+        value = text.get(key)
+        per_layer = key not in ("vocab_size", "hidden_size", "num_hidden_layers") and isinstance(value, list)
+        if value is not None and not all(type(v) is int and v >= 1 for v in (value if per_layer else [value])):
+            raise GeneFormatError(f"{where}[{key!r}] must be a positive integer, got {value!r:.40}")
+    layers, hidden, vocab = text.get("num_hidden_layers"), text.get("hidden_size"), text.get("vocab_size")
+    if layers is not None and layers != config.num_layers:
+        raise GeneFormatError(f"{where}['num_hidden_layers'] is {layers}, but the gene's num_layers is {config.num_layers}")
+    if hidden is not None and config.hidden_size and hidden != config.hidden_size:
+        raise GeneFormatError(f"{where}['hidden_size'] is {hidden}, but the gene's hidden_size is {config.hidden_size}")
+    if not source_tensors:  # a method that copies no source weights (MASA): nothing more to compare with
+        return
+    embeddings = {name: tuple(t.shape) for name, t in source_tensors.items() if name.endswith(_EMBEDDING_SUFFIXES)}
+    if vocab is not None and hidden is not None:
+        if embeddings:
+            name, shape = min(embeddings.items())
+            if shape != (vocab, hidden):
+                raise GeneFormatError(f"{where} says vocab_size {vocab} and hidden_size {hidden}, but the embedding "
+                                      f"{name!r} in {SOURCE_WEIGHTS_NAME} is {shape}")
+        elif not any(tuple(t.shape) == (vocab, hidden) for t in source_tensors.values()):
+            raise GeneFormatError(f"{where} says vocab_size {vocab} and hidden_size {hidden}, but {SOURCE_WEIGHTS_NAME} "
+                                  f"holds no ({vocab}, {hidden}) embedding")
+    stacks: dict[str, set[int]] = {}
+    for name in source_tensors:
+        match = _LAYER_KEY.match(name)
+        if match:
+            stacks.setdefault(match.group(1), set()).add(int(match.group(2)))
+    if layers is not None and stacks and not any(found == set(range(layers)) for found in stacks.values()):
+        found = max(stacks.values(), key=len)
+        raise GeneFormatError(f"{where} says num_hidden_layers {layers}, but {SOURCE_WEIGHTS_NAME} holds the weights "
+                              f"of layers {min(found)}..{max(found)} ({len(found)} layers)")
 
 
 def _shape_fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:

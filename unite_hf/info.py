@@ -6,7 +6,6 @@ or the Hub's safetensors metadata (a Hub repo id: only the small JSON files are 
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 from pathlib import Path
@@ -17,12 +16,37 @@ TARGET_CONFIG = "config.json"
 _SMALL_FILES = [GENE_CONFIG, TARGET_CONFIG, "README.md"]
 
 
+# safetensors' own limit on a header (safetensors.tensor.MAX_HEADER_SIZE)
+MAX_HEADER_BYTES = 100_000_000
+
+
 def safetensors_parameters(path: str | os.PathLike) -> dict[str, int]:
-    """``tensor name -> element count`` from a safetensors file's header (nothing else is read)."""
+    """``tensor name -> element count`` from a safetensors file's header (nothing else is read). A header
+    that is not one (longer than the file or than safetensors allows, not a JSON object of entries with a
+    ``shape`` of non-negative ints) raises ``ValueError`` before anything of its size is read."""
+    from .methods.config import parse_json
+
+    size = os.path.getsize(path)
     with open(path, "rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: _count(entry["shape"]) for name, entry in header.items() if name != "__metadata__"}
+        head = handle.read(8)
+        (length,) = struct.unpack("<Q", head) if len(head) == 8 else (None,)
+        if length is None or length > min(size - 8, MAX_HEADER_BYTES):
+            raise ValueError(f"{path} is not a safetensors file: its header length "
+                             f"{'is missing' if length is None else f'{length} exceeds the file or the 100 MB limit'} "
+                             f"({size} bytes)")
+        header = parse_json(handle.read(length), f"the header of {path}")
+    if not isinstance(header, dict):
+        raise ValueError(f"{path} is not a safetensors file: its header is a JSON {type(header).__name__}, not an object")
+    counts = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        shape = entry.get("shape") if isinstance(entry, dict) else None
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{path} is not a safetensors file: the entry of {name[:80]!r} has no shape of "
+                             "non-negative integers")
+        counts[name] = _count(shape)
+    return counts
 
 
 def _folder(path_or_repo_id: str, revision: str | None) -> tuple[Path, bool]:
@@ -94,8 +118,25 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
     """
     folder, from_hub = _folder(str(path_or_repo_id), revision)
     repo_id = str(path_or_repo_id) if from_hub else None
+    try:
+        return _describe(path_or_repo_id, folder, from_hub, repo_id, revision)
+    except (AttributeError, TypeError, KeyError) as err:  # a value of the wrong kind: one line, not a traceback
+        raise ValueError(f"{path_or_repo_id} does not hold a readable gene or target config: "
+                         f"{type(err).__name__}: {err}") from None
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    from .methods.config import parse_json
+
+    data = parse_json(path.read_text(encoding="utf-8"), str(path))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, not a {type(data).__name__}")
+    return data
+
+
+def _describe(path_or_repo_id, folder: Path, from_hub: bool, repo_id: str | None, revision: str | None) -> dict[str, Any]:
     if (folder / GENE_CONFIG).is_file():
-        config = json.loads((folder / GENE_CONFIG).read_text(encoding="utf-8"))
+        config = _json_object(folder / GENE_CONFIG)
         files = {name: record.get("size") for name, record in config.get("files", {}).items()}
         files.setdefault(GENE_CONFIG, (folder / GENE_CONFIG).stat().st_size)
         tensors = _tensor_sizes(folder, repo_id, revision)
@@ -126,7 +167,7 @@ def describe(path_or_repo_id: str | os.PathLike, revision: str | None = None) ->
             "parameters": {name: sum(sizes.values()) for name, sizes in tensors.items()}, "files": files,
         }
     if (folder / TARGET_CONFIG).is_file():
-        config = json.loads((folder / TARGET_CONFIG).read_text(encoding="utf-8"))
+        config = _json_object(folder / TARGET_CONFIG)
         if config.get("model_type") != "unite":
             raise ValueError(f"{path_or_repo_id} holds a {config.get('model_type')!r} model, not a UNITE gene or target")
         text = config.get("text_config") or {}

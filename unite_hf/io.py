@@ -10,7 +10,11 @@
   would travel with the parent folder (Trainer uploads ``output_dir``, which holds its checkpoints).
 - **Single files** go to a temporary ``.{name}.{pid}.{token}.tmp`` beside them and are renamed into place.
 - **Leftovers are cleaned.** Temporary names carry the writer's pid; the next write of the same path
-  removes those whose process is gone, never a live writer's.
+  removes those whose process is gone, never a live writer's. Hub pushes stage their copy the same way
+  (:func:`push_staging`), so the next push or save removes what a killed push left in the temp folder.
+- **Records name files inside the folder** (:func:`record_path`): no absolute path, ``..`` or link out.
+- **Names are checked first** (:func:`check_name_length`): a name too long for the staged sibling is one
+  clear error before anything is written, and a failed write's cleanup never masks its error.
 - **Checksums.** :func:`file_records` records the size and SHA-256 of every file of a folder; the
   artifact's config (written last, inside the staged folder) holds them, and loading verifies them.
 - **Reproducible bytes.** Safetensors headers (tensor entries and metadata) and JSON files are
@@ -86,6 +90,50 @@ def verify_file(path: Path, record: Any, verify_checksum: bool = True) -> None:
         raise CorruptedFileError(f"{path} does not match its recorded SHA-256: the file is corrupted.")
 
 
+def record_name_problem(name: Any) -> str | None:
+    """Why ``name`` is not the name of a file inside a folder (None when it is): a checksum record names a
+    relative posix path with no empty, ``.`` or ``..`` part, no backslash and no NUL. Decided from the name
+    alone, so a record can never make a load look at another path (``/etc/passwd``, ``../x``)."""
+    if not isinstance(name, str) or not name:
+        return "is not a file name"
+    if name.startswith("/") or "\\" in name or "\0" in name:
+        return "is an absolute path or holds a backslash or NUL"
+    if any(part in ("", ".", "..") for part in name.split("/")):
+        return "has an empty, '.' or '..' part"
+    return None
+
+
+def _allowed_roots(directory: Path) -> list[str]:
+    """Where the files of ``directory`` may really lie: inside it, and for a Hub cache snapshot
+    (``.../snapshots/<commit>``, whose files link to ``../../blobs/<hash>``) in its repo's ``blobs``."""
+    roots = [os.path.realpath(directory)]
+    if directory.parent.name == "snapshots":
+        roots.append(os.path.realpath(directory.parent.parent / "blobs"))
+    return roots
+
+
+def record_path(directory: str | os.PathLike, name: Any) -> Path:
+    """``directory / name`` for a checksum record's ``name``, or :class:`CorruptedFileError` when the name is
+    not a file inside the folder (:func:`record_name_problem`) or leads out of it through a symbolic link.
+    Checked before the named file is touched (only links inside the folder are read), and the error is the
+    same whatever lies at the named path, so a record cannot be used to learn about other files."""
+    directory = Path(directory)
+    problem = record_name_problem(name)
+    if problem is None:
+        roots, current = _allowed_roots(directory), directory
+        for part in name.split("/"):
+            current = current / part
+            if current.is_symlink():
+                real = os.path.realpath(current)
+                if not any(real == root or real.startswith(root + os.sep) for root in roots):
+                    problem = "is a symbolic link to a file outside the folder"
+                    break
+    if problem is not None:
+        raise CorruptedFileError(f"{directory}: the checksum record of {str(name)[:200]!r} {problem}; a record names "
+                                 "a file inside the folder, so it was refused without reading the path it names")
+    return directory / name
+
+
 # -- temporary names and stale leftovers ---------------------------------------------------------------
 
 def _pid_alive(pid: int) -> bool:
@@ -123,6 +171,16 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
     else:
         path.unlink(missing_ok=True)
+
+
+def _discard(path: Path) -> None:
+    """:func:`_remove`, best effort: the cleanup after a failed write must not replace its error with its own
+    (on a read-only file system even unlinking a missing name fails, with EROFS; a name too long, with
+    ENAMETOOLONG)."""
+    try:
+        _remove(path)
+    except OSError:
+        pass
 
 
 def clean_stale(path: str | os.PathLike) -> list[Path]:
@@ -196,7 +254,7 @@ def _atomic_file(path: Path, write: Callable[[Path], None]) -> None:
             os.chmod(tmp, _default_mode())  # genes and reports are meant to be shared
             os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
         raise
 
 
@@ -366,11 +424,55 @@ def _check_no_other_artifact(where: str, names: Iterable[str], refuse: Iterable[
             f"({found[0]}), not this kind of artifact; choose an empty or new {choose}")
 
 
+#: what the hidden siblings of a write add to the folder's name: ``.{name}.old-{pid}-{8 hex}`` (and
+#: ``.{name}.{pid}.{8 hex}.tmp``), with a pid of up to 7 digits (Linux's largest pid_max, 4194304)
+_SIBLING_EXTRA = len("..old--") + 7 + 8
+_PATH_MAX = 4096  # Linux; the staged folder's files add their own names below it
+_INNER_NAME_ROOM = 64
+
+
+def _name_max(path: Path) -> int:
+    """The longest file name (bytes) the file system of ``path``'s nearest existing ancestor takes."""
+    for ancestor in path.parents:
+        try:
+            if ancestor.is_dir():
+                return os.pathconf(ancestor, "PC_NAME_MAX")
+        except (OSError, ValueError, AttributeError):  # a name too long itself; no pathconf (Windows)
+            continue
+    return 255
+
+
+def check_name_length(path: str | os.PathLike) -> None:
+    """Raise :class:`ArtifactWriteError` (``ENAMETOOLONG``) when a folder write could not create ``path``'s
+    hidden siblings (:func:`write_folder_atomically` stages ``.{name}.tmp-{pid}-{token}`` beside it, which is
+    22 bytes longer than the name), a folder above it has a name longer than the file system takes, or the
+    whole path leaves no room below the system's path limit. Decided from the names, before anything is
+    written or even looked up."""
+    path = Path(os.path.abspath(path))
+    limit = _name_max(path)
+    for part in path.parts[1:-1]:
+        if len(os.fsencode(part)) > limit:
+            raise ArtifactWriteError(errno.ENAMETOOLONG, f"cannot write {str(path)[:120]}...: the folder name "
+                                     f"{part[:40]}... is {len(os.fsencode(part))} bytes, more than the {limit} "
+                                     "this file system takes")
+    size = len(os.fsencode(path.name))
+    if size + _SIBLING_EXTRA > limit:
+        raise ArtifactWriteError(errno.ENAMETOOLONG, f"cannot write {path.name[:40]}... in {path.parent}: its name "
+                                 f"is {size} bytes; a save stages the folder beside it under a name "
+                                 f"{_SIBLING_EXTRA} bytes longer, so names of up to {limit - _SIBLING_EXTRA} bytes "
+                                 "can be saved on this file system")
+    if len(os.fsencode(str(path))) + _SIBLING_EXTRA + _INNER_NAME_ROOM > _PATH_MAX:
+        raise ArtifactWriteError(errno.ENAMETOOLONG, f"cannot write {str(path)[:120]}...: the path is "
+                                 f"{len(os.fsencode(str(path)))} bytes, too close to the system's limit of {_PATH_MAX}")
+
+
 def check_writable_folder(path: str | os.PathLike, owned: Callable[[str], bool] | None = None) -> None:
-    """Cheap checks before an expensive job that ends by writing the folder ``path``: it is not an
-    existing file, the nearest existing folder above it takes a new file (probed by creating and
-    removing one, so read-only mounts and permissions are both caught), and an existing folder holds
-    nothing foreign (see :func:`write_folder_atomically`). Raises :class:`ArtifactWriteError`."""
+    """Cheap checks before an expensive job that ends by writing the folder ``path``: its name leaves room
+    for the staged sibling (:func:`check_name_length`), it is not an existing file, the nearest existing
+    folder above it takes a new file (probed by creating and removing one, so read-only mounts and
+    permissions are both caught), and an existing folder holds nothing foreign (see
+    :func:`write_folder_atomically`). Raises :class:`ArtifactWriteError`."""
+    check_name_length(path)
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise ArtifactWriteError(errno.ENOTDIR, f"{path} exists and is not a folder")
@@ -437,6 +539,51 @@ def lock_dir() -> Path:
     return fallback
 
 
+def _pushes_dir(create: bool) -> Path | None:
+    """``{tempdir}/unite_hf-pushes-{uid}``: where pushes stage what they upload (private to the user; None
+    where it cannot be used, or, with ``create=False``, does not exist)."""
+    import tempfile
+
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    folder = Path(tempfile.gettempdir()) / f"unite_hf-pushes-{user}"
+    if not create and not folder.is_dir():
+        return None
+    return _private_dir(folder)
+
+
+def clean_dead_pushes() -> list[Path]:
+    """Remove what pushes killed mid-way left in :func:`push_staging`'s folder (their pid is gone; a live
+    push's folder stays); best effort. Every push and every folder save calls it."""
+    try:
+        folder = _pushes_dir(create=False)
+        return clean_stale(folder / "push") if folder is not None else []
+    except OSError:
+        return []
+
+
+@contextmanager
+def push_staging() -> Iterator[str]:
+    """A fresh folder to save an artifact into before a Hub push uploads it, removed afterwards: a hidden
+    ``.push.tmp-{pid}-{token}`` in ``{tempdir}/unite_hf-pushes-{uid}``, so that a push killed with the copy
+    half uploaded (no ``finally`` runs after ``kill -9``) leaves a folder the next push or save removes,
+    as a killed save's staging folder is (a ``tempfile.TemporaryDirectory`` would stay in the temp folder
+    for good). Where that folder cannot be used (someone else's), a plain temporary folder."""
+    import tempfile
+
+    clean_dead_pushes()
+    folder = _pushes_dir(create=True)
+    if folder is None:
+        with tempfile.TemporaryDirectory() as plain:
+            yield plain
+        return
+    staging = folder / _temp_name("push", "tmp")
+    staging.mkdir()
+    try:
+        yield str(staging)
+    finally:
+        _discard(staging)
+
+
 def lock_path(path: str | os.PathLike) -> Path:
     """The lock file of writes of the folder ``path``: in :func:`lock_dir`, named by the SHA-256 of the
     folder's absolute path with its parent's links resolved (so every name of one folder maps to one
@@ -478,6 +625,8 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
     from filelock import FileLock
 
     path = Path(os.path.abspath(path))  # "." and "x/.." name a folder by a name that cannot be renamed
+    check_name_length(path)  # before any lookup: a name too long fails them all with a bare OSError
+    clean_dead_pushes()  # the copies that pushes killed mid-way left in the temp folder
     if path.is_symlink():
         path = path.resolve()  # replace the folder the link points to, not the link
     if path.exists() and not path.is_dir():
@@ -489,7 +638,8 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
         lock.acquire()
     try:
         _remove_legacy_lock(path)
-        clean_stale(path)
+        with _write_error(path):  # a read-only file system fails here first where dead writers left something
+            clean_stale(path)
         if path.exists():
             _check_no_other_artifact(str(path), (entry.name for entry in path.iterdir()), refuse, "folder")
             _check_replaceable(path, None if keep_foreign else owned)
@@ -509,12 +659,12 @@ def write_folder_atomically(path: str | os.PathLike, write: Callable[[Path], T],
                 if inside is not None:  # the process worked inside the old folder: follow it to the new one
                     os.chdir(path / inside if (path / inside).is_dir() else path)
         except ArtifactWriteError as err:
-            _remove(staging)
+            _discard(staging)
             # one line that names the destination, not the staging folder
             raise ArtifactWriteError(err.errno, f"could not write {path}: {os.strerror(err.errno)}; its previous "
                                      "content is unchanged") from err
         except BaseException:
-            _remove(staging)
+            _discard(staging)
             raise
     finally:
         lock.release()
@@ -570,7 +720,7 @@ def _recorded_names(manifest: Path) -> set[str]:
     """The paths a checksum record (``{"files": {path: record}}``) lists; empty where it is absent or unreadable."""
     try:
         files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return set()
     return {name for name in files if isinstance(name, str)} if isinstance(files, dict) else set()
 
@@ -668,14 +818,15 @@ def verify_target_folder(directory: str | os.PathLike, present_only: bool = Fals
         # not checked: from_pretrained does not read it, and Trainer (or any `tokenizer.save_pretrained(folder)`
         # after the model's save) writes its own tokenizer over the target's
         records = {name: record for name, record in files.items() if name != "README.md" and not is_tokenizer_file(name)}
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # RecursionError: nested deep
         raise CorruptedFileError(f"{manifest} is not a valid checksum record: {err!r}") from err
     malformed = [name for name, record in records.items() if not (isinstance(record, dict) and {"size", "sha256"} <= set(record))]
     if malformed:
         raise CorruptedFileError(f"{manifest}: the records of {malformed} lack a size or a sha256")
     for name, record in records.items():
-        if not (present_only and not (directory / name).exists()):
-            verify_file(directory / name, record)
+        path = record_path(directory, name)  # a name outside the folder is refused before it is looked at
+        if not (present_only and not path.exists()):
+            verify_file(path, record)
     return True
 
 

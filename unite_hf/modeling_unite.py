@@ -366,7 +366,8 @@ class UnitePreTrainedModel(PreTrainedModel):
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         io = _unite_io()
         base = io.hub_push_base(api, repo_id, revision=revision, refuse=io.TARGET_REFUSES) if io else None
-        with tempfile.TemporaryDirectory() as work_dir:
+        # with unite_hf: staged where a push killed mid-way is cleaned up by the next push or save
+        with (io.push_staging() if io else tempfile.TemporaryDirectory()) as work_dir:
             kwargs.setdefault("save_original_format", False)  # in-memory names, as save_pretrained
             super().save_pretrained(work_dir, max_shard_size=max_shard_size, **kwargs)
             self._write_card(work_dir, repo_id)

@@ -207,8 +207,60 @@ def config_from_recipe(data: dict[str, Any]) -> MethodConfig:
     return CONFIG_CLASSES[method].from_dict(data)
 
 
+MAX_NESTING = 100
+"""How deep the documents unite_hf reads (gene configs, checksum records, recipes) may nest: far beyond
+any it writes, far below what would exhaust Python's recursion (a parser's, or a later deep copy's)."""
+
+
+def check_nesting(data: Any, what: str, limit: int = MAX_NESTING) -> None:
+    """Raise ``ValueError`` when the lists and mappings of ``data`` nest deeper than ``limit`` (walked
+    without recursion), or when one of them is reached twice: a YAML alias (``*a``) repeats a list without
+    copying it, so a small file can stand for an exponentially large recipe, or a list that holds itself."""
+    stack, seen = [(data, 1)], set()
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list, tuple)) and value:
+            if id(value) in seen:
+                raise ValueError(f"{what} repeats a list or mapping (a YAML alias, or one that holds itself); "
+                                 "write the values out")
+            seen.add(id(value))
+            if depth > limit:
+                raise ValueError(f"{what} nests lists or mappings more than {limit} levels deep; refusing it")
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+
+
+def parse_json(text: str | bytes, what: str) -> Any:
+    """``json.loads`` for documents from files: one ``ValueError`` line for invalid JSON and for nesting
+    deeper than :data:`MAX_NESTING` (which ``json`` reports with a ``RecursionError`` past ~1000 levels)."""
+    import json
+
+    try:
+        data = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nests lists or mappings too deeply to read; refusing it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{what} is not valid JSON: {err}") from None
+    check_nesting(data, what)
+    return data
+
+
+def corpus_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a calibration corpus as a recipe holds one (None when it can, or when it is
+    an object only Python can pass, a tensor or a Dataset, which the loader checks): a corpus is a name, a
+    path or a Hub id (a string), or a list of text documents (strings)."""
+    if value is None or isinstance(value, (str, os.PathLike)):
+        return None
+    if isinstance(value, (list, tuple)):
+        bad = next((item for item in value if item is not None and not isinstance(item, str)), None)
+        return None if bad is None else f"is a list holding a {type(bad).__name__} ({bad!r:.40}); a list holds text documents (strings)"
+    if isinstance(value, (bool, int, float, dict)):
+        return f"is a {type(value).__name__} ({value!r:.40})"
+    return None
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
-    """A recipe file (YAML, or JSON, which YAML reads too) as a dict; ``{}`` for an empty file."""
+    """A recipe file (YAML, or JSON, which YAML reads too) as a dict; ``{}`` for an empty file. A recipe
+    nested deeper than :data:`MAX_NESTING` is refused with ``ValueError`` (YAML's parser recurses)."""
     import yaml
 
     try:
@@ -216,6 +268,9 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except yaml.YAMLError as err:
         raise ValueError(f"{path} is not valid YAML: {err}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests lists or mappings too deeply to read; refusing it") from None
+    check_nesting(data, str(path))
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -24,6 +24,10 @@ the extension point Trainer subclasses use for their own cards (TRL's trainers d
   ``self.args`` a subclass of its own class whose pickle is the original class with ``hub_token`` (every
   ``*_token`` field, as ``TrainingArguments.to_dict`` redacts them) set to ``None``; in memory the token
   stays, and Trainer passes it to each upload. ``copy.copy`` / ``copy.deepcopy`` keep it;
+- ``train(resume_from_checkpoint=True)`` resumes from the last complete checkpoint
+  (:func:`~unite_hf.training.trainer_utils.last_complete_checkpoint`): a kill during a save leaves the newest
+  ``checkpoint-N`` empty or partial (Trainer creates the folder before the model's staged save), and Trainer
+  would pick it and fail;
 - :class:`UniteTrainer` is ``Trainer`` with the mixin; put the mixin first in your own subclass of
   ``Trainer`` (or of a trainer built on it) to combine them.
 
@@ -58,8 +62,11 @@ from transformers.utils import (
 )
 
 from .. import cards
-from ..io import TARGET_CHECKSUMS_NAME, atomic_write_bytes, atomic_write_text, file_record, json_bytes
+from ..io import (
+    TARGET_CHECKSUMS_NAME, atomic_write_bytes, atomic_write_text, file_record, json_bytes, record_name_problem,
+)
 from ..modeling_unite import UnitePreTrainedModel
+from .trainer_utils import last_complete_checkpoint
 
 
 def _token_fields(state: dict) -> dict:
@@ -127,8 +134,8 @@ def _record_pushed_checksums(output_dir: Path, checkpoint: Path | None) -> None:
     if manifest is not None and manifest.is_file():
         copied = _trainer_copied_files(checkpoint)
         for name, record in json.loads(manifest.read_text(encoding="utf-8"))["files"].items():
-            if name == "README.md":
-                continue  # the card in output_dir is the trainer's, recorded below
+            if name == "README.md" or record_name_problem(name):
+                continue  # the card in output_dir is the trainer's, recorded below; no path outside the folder
             if name in copied or ((output_dir / name).is_file() and file_record(output_dir / name) == record):
                 records[name] = record
     elif not (output_dir / TARGET_CHECKSUMS_NAME).exists():
@@ -184,6 +191,18 @@ class UniteCardMixin:
         pickle_without_tokens(self.args)  # training_args.bin is uploaded with every push
         self._unite_pushing_checkpoint = None
         self.add_callback(_CardBeforeCheckpointPush(self))
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` resumes from the last *complete* checkpoint of
+        ``output_dir`` (:func:`~unite_hf.training.trainer_utils.last_complete_checkpoint`), not from a newer one
+        that a process killed mid-save left empty or partial, which Trainer would pick and fail on."""
+        if resume_from_checkpoint is True:
+            found = last_complete_checkpoint(self.args.output_dir)
+            if found is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir}): no "
+                                 "checkpoint-N folder there holds a trainer_state.json")
+            resume_from_checkpoint = found
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def _push_from_checkpoint(self, checkpoint_folder, *args, **kwargs):
         # Trainer's checkpoint push; the callback's on_push_begin, which it fires, reads the folder

@@ -26,6 +26,9 @@ Example::
 from __future__ import annotations
 
 import functools
+import json
+import os
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -181,6 +184,33 @@ def set_trainable(model: nn.Module, mode: TrainableMode = "all") -> int:
     return count_trainable_parameters(model)
 
 
+# -- resuming --------------------------------------------------------------------------------------
+
+_CHECKPOINT_FOLDER = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The ``checkpoint-N`` folder of ``output_dir`` with the highest ``N`` that Trainer finished saving, or
+    None. ``Trainer._save_checkpoint`` creates the folder, saves the model (a UNITE target stages its files
+    beside it and swaps them in), then the optimizer, scheduler and RNG states, and writes
+    ``trainer_state.json`` last: a checkpoint is complete when that file holds a JSON object. A process
+    killed during a save leaves the newest folder empty or partial, and ``get_last_checkpoint``, which
+    ``resume_from_checkpoint=True`` uses, picks it anyway ("Can't find a valid checkpoint")."""
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        return None
+    steps = sorted(((int(m.group(1)), entry) for entry in folder.iterdir()
+                    if (m := _CHECKPOINT_FOLDER.match(entry.name)) and entry.is_dir()), reverse=True)
+    for _, checkpoint in steps:
+        try:
+            state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(state, dict):
+            return str(checkpoint)
+    return None
+
+
 def count_trainable_parameters(model: nn.Module) -> int:
     """Number of parameters with ``requires_grad`` (shared tensors counted once)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -203,5 +233,5 @@ def attention_projection_names(model: nn.Module) -> list[str]:
 __all__ = [
     "ACCURACY_METRIC_PATH", "IGNORE_INDEX", "TRAINABLE_MODES", "argmax_logits", "attention_projection_names",
     "compute_accuracy", "compute_token_accuracy", "core_parameters", "count_trainable_parameters",
-    "head_parameters", "load_accuracy_metric", "set_trainable",
+    "head_parameters", "last_complete_checkpoint", "load_accuracy_metric", "set_trainable",
 ]

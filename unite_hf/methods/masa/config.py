@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MethodConfig, option
+from ..config import MethodConfig, corpus_problem, option
 
 DEFAULT_CORPORA: tuple[str, ...] = ("wikitext2", "simplebooks")
 """The default alignment text (a local stand-in for the paper's RedPajama)."""
@@ -61,3 +61,8 @@ class MasaExtractionConfig(MethodConfig):
                              f"{self.selection!r}")
         if isinstance(self.corpora, list):
             self.corpora = tuple(self.corpora)
+        corpora = self.corpora if isinstance(self.corpora, tuple) else (self.corpora,)
+        problem = next((f"#{i} {p}" for i, p in enumerate(map(corpus_problem, corpora)) if p), None)
+        if problem:  # a recipe's list of numbers would fail only once the source is loaded
+            raise ValueError(f"masa config: corpus {problem}; each corpus is a name, a text file, a Hub dataset id "
+                             "or a list of strings")

@@ -280,6 +280,16 @@ class MasaGene(Gene):
         return tensors
 
     @classmethod
+    def known_tensors(cls, config: GeneConfig) -> set[str] | None:
+        """A matrix and a spectrum per unit and projection of ``method_config["units"]`` (``None`` where that
+        record is malformed: the rebuild then refuses the gene)."""
+        units = config.method_config.get("units")
+        if not isinstance(units, dict) or not all(isinstance(names, dict) for names in units.values()):
+            return None
+        return {f"{kind}.{layer}.{unit}.{proj}" for kind in ("masa", "spectrum") for layer, names in units.items()
+                for unit in names for proj in config.projections}
+
+    @classmethod
     def _from_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
                       source_tensors: dict[str, torch.Tensor]) -> "MasaGene":
         matrices, spectra = {}, {}

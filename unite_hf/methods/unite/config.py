@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MethodConfig, check_tucker_rank, option, parse_rank
+from ..config import MethodConfig, check_tucker_rank, corpus_problem, option, parse_rank
 
 DEFAULT_CALIBRATION = "wikitext2"
 """The default calibration corpus (``unite_hf.calibration.DEFAULT_CALIBRATION`` is this)."""
@@ -97,6 +97,10 @@ class UniteExtractionConfig(MethodConfig):
         self._check_str("text_column", optional=True)
         self._check_str("dataset_config", optional=True)
         self._check_choice("fisher_labels", LABEL_MODE_NAMES)
+        problem = corpus_problem(self.calibration)
+        if problem:  # a recipe's list of lists would fail only once the source is loaded
+            raise ValueError(f"unite config: calibration {problem}; give a corpus name, a text file, a Hub dataset id "
+                             "or a list of strings")
         check_tucker_rank(self, per_axis=True)
         if self.budget is not None:
             if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)) or not 0 < self.budget <= 1:

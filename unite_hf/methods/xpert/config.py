@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import MethodConfig, check_tucker_rank, option, parse_rank
+from ..config import MethodConfig, check_tucker_rank, corpus_problem, option, parse_rank
 
 DEFAULT_DOMAINS: tuple[str, ...] = ("wikitext2", "simplebooks", "openbookqa", "arc_easy", "sst2")
 """The routing analysis's default domains: general text, simple books, science QA, science questions,
@@ -66,3 +66,8 @@ class XpertExtractionConfig(MethodConfig):
             self.domains = tuple(self.domains)
         if self.domains is not None and not len(self.domains):  # None: given in Python, not recorded in a recipe
             raise ValueError("xpert config: domains must name at least one domain")
+        corpora = self.domains.items() if isinstance(self.domains, dict) else ()
+        problem = next((f"{name!r} {p}" for name, p in ((n, corpus_problem(c)) for n, c in corpora) if p), None)
+        if problem:  # a recipe's list of numbers would fail only once the source is loaded
+            raise ValueError(f"xpert config: domain {problem}; a domain's corpus is a name, a text file, a Hub dataset "
+                             "id or a list of strings")

@@ -120,6 +120,11 @@ class XpertGene(UniteGene):
         return ("importance.fisher" if config.format_version < 3 else "importance.commonality"), "importance.frequency"
 
     @classmethod
+    def known_tensors(cls, config: GeneConfig) -> set[str]:
+        return super().known_tensors(config) | {"importance.commonality"} | {
+            f"ffn.{proj}.expert_factor" for proj in config.projections}
+
+    @classmethod
     def _from_tensors(cls, config: GeneConfig, gene_tensors: dict[str, torch.Tensor],
                       source_tensors: dict[str, torch.Tensor]) -> "XpertGene":
         if config.format_version < 3:  # format 2: read the commonality from where it was, and no Fisher
