@@ -48,15 +48,3 @@ def test_refit_grid_runs_every_variant_and_control_on_a_tiny_source(tmp_path):
     # a budget is a ceiling on what the grown target's FFN holds
     assert all(0 < r["ffn_parameter_fraction"] <= 0.25 for r in grid)
     assert "| moefied | concat+ridge | 0.25 |" in stdout and "margin over random" in stdout
-
-
-@needs_data
-def test_lm_probe_runs_and_reports_the_separation(tmp_path):
-    out = tmp_path / "probe.json"
-    stdout = _run("bench_lm_probe.py", "--tiny", "--seeds", "0", "1", "--steps", "2", "--eval-every", "1", "--rank", "8",
-                  "--train-windows", "8", "--held-out-windows", "2", "--seq-len", "16", "--fisher-sequences", "2",
-                  "--json", str(out), "--work-dir", str(tmp_path / "runs"), tmp_path=tmp_path)
-    data = json.loads(out.read_text())
-    assert set(data["summary"]) == {"kept+inherited", "paper (random cores)", "copy-only", "random"}
-    assert all(set(per) == {"0", "1", "2"} for per in data["summary"].values())
-    assert "standard errors" in stdout
