@@ -115,6 +115,7 @@ def test_script_experiments_run_their_tiny_commands_under_the_work_folder(tmp_pa
     run_bench(tmp_path / "out", "smoke", work_dir=tmp_path / "work", tiny=True, experiments=("retention", "lm_probe"),
               command="unite-hf bench --profile smoke --tiny --experiments retention lm_probe")
     assert json.loads((tmp_path / "work" / "retention_tiny.json").read_text())["runs"]
-    assert "kept+inherited" in json.loads((tmp_path / "work" / "lm_probe_tiny.json").read_text())["summary"]
+    summary = json.loads((tmp_path / "work" / "lm_probe_tiny.json").read_text())["summary"]  # depth -> init -> ...
+    assert summary and all("kept+inherited" in per_depth for per_depth in summary.values())
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["meta"]["commands"][-1]["experiments"] == ["retention", "lm_probe"]
