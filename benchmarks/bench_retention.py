@@ -348,7 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         results = {"runs": [run for path in args.json for run in json.loads(Path(path).read_text())["runs"]]}
     else:
         results = run_budgets(args) if args.budgets else run(args)
-    budget_grid = args.budgets or any("budget" in row for row in results["runs"])
+    kinds = {"budget" in row for row in results["runs"]}
+    if len(kinds) > 1:
+        raise SystemExit("--json mixes the rank grid and the refit grid (--budgets); render them separately")
+    budget_grid = bool(args.budgets) or kinds == {True}
     table = render_budgets(results) if budget_grid else render(results)
     print(table)
     if args.markdown:
