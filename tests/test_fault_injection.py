@@ -601,3 +601,109 @@ def test_cli_write_failure_is_one_line_exit_2_and_keeps_the_old_gene(refs, tmp_p
     error_lines = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and "could not write" in error_lines[0] and "File too large" in error_lines[0]
     assert which_gene(tmp_path / "gene", refs) == "B"
+
+
+# -- targets: a reader loading while another process saves (issue 21, item 4) ---------------------------
+
+TARGET_RACE_SECONDS = 12  # the reader's loop; the writer saves A and B alternately meanwhile
+
+# the writer: loads target A (1 layer) and B (2 layers), saves each once as the reference, then saves them
+# alternately into one folder until told to stop
+TARGET_WRITER = r'''
+import os, sys, torch
+torch.set_num_threads(1)
+from unite_hf import UniteForCausalLM
+grown_a, grown_b, a, b, path, stop = sys.argv[1:7]
+models = [UniteForCausalLM.from_pretrained(grown) for grown in (grown_a, grown_b)]
+for model, ref in zip(models, (a, b)):
+    model.save_pretrained(ref)
+models[0].save_pretrained(path)
+print("ready", flush=True)
+saves = 1
+while not os.path.exists(stop):
+    models[saves % 2].save_pretrained(path)
+    saves += 1
+print(saves, flush=True)
+'''
+
+# the reader: loads the folder in a loop; each load must equal A or B exactly (config and every tensor)
+TARGET_READER = r'''
+import json, sys, time, torch
+torch.set_num_threads(1)
+import unite_hf
+import transformers
+from unite_hf import UniteForCausalLM
+transformers.logging.set_verbosity_error()  # a mixed load shows only as a warning: the counts tell
+a, b, path, seconds = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+
+def fingerprint(model):
+    config = {k: v for k, v in model.config.to_dict().items() if k != "_name_or_path"}
+    return config, model.state_dict()
+
+refs = {name: fingerprint(UniteForCausalLM.from_pretrained(ref)) for name, ref in (("A", a), ("B", b))}
+
+def same(left, right):
+    return left[0] == right[0] and left[1].keys() == right[1].keys() and all(
+        torch.equal(left[1][k], right[1][k]) for k in left[1])
+
+counts, errors, deadline = {"A": 0, "B": 0, "mixed": 0, "error": 0}, [], time.monotonic() + seconds
+while time.monotonic() < deadline:
+    try:
+        loaded = fingerprint(UniteForCausalLM.from_pretrained(path))
+    except Exception as err:
+        counts["error"] += 1
+        errors.append(f"{type(err).__name__}: {err}"[:300])
+        continue
+    matches = [name for name, ref in refs.items() if same(loaded, ref)]
+    counts[matches[0] if matches else "mixed"] += 1
+print(json.dumps({"counts": counts, "errors": sorted(set(errors))}), flush=True)
+'''
+
+
+@pytest.fixture(scope="module")
+def gene_for_targets():
+    return extract_universal_knowledge(tiny_moe("mixtral"), calibration=CALIBRATION, show_progress=False)
+
+
+@pytest.mark.parametrize("locks", ["shared", "separate"])
+def test_a_target_loaded_while_another_process_saves_it_is_whole_or_a_clear_error(gene_for_targets, tmp_path, locks):
+    """Regression: 271 of 897 loads got one save's config with the other save's weights (layers re-initialised
+    at random, only transformers' warning). A writer process saves target A (1 layer) and B (2 layers)
+    alternately into one folder, back to back, while a reader process loads it in a loop: every load equals A
+    or B exactly. With the writer's lock folder shared (same user, same host) the last attempt of a load holds
+    the write lock, so no load fails; with separate lock folders (a writer of another user) a load may fail,
+    with the error that names the folder changing, and never returns a mix."""
+    from unite_hf.io import LOCK_DIR_ENV
+
+    from unite_hf import UniteForCausalLM
+
+    grown = [tmp_path / "grown" / name for name in ("A", "B")]
+    for folder, layers in zip(grown, (1, 2)):
+        UniteForCausalLM.from_gene(gene_for_targets, num_hidden_layers=layers, rank=4).save_pretrained(folder)
+    path, stop = tmp_path / "race" / "target", tmp_path / "stop"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writer_env = env if locks == "shared" else {**env, LOCK_DIR_ENV: str(tmp_path / "writer-locks")}
+    refs = [str(tmp_path / "A" / "target"), str(tmp_path / "B" / "target")]  # saved by the writer: same names
+    log = open(tmp_path / "writer.log", "w")  # noqa: SIM115 - the writer's progress bars, not a pipe it could fill
+    writer = subprocess.Popen([sys.executable, "-c", TARGET_WRITER, *map(str, grown), *refs, str(path), str(stop)],
+                              stdout=subprocess.PIPE, stderr=log, text=True, env=writer_env, cwd=tmp_path)
+    try:
+        assert writer.stdout.readline().strip() == "ready", (tmp_path / "writer.log").read_text()[-3000:]
+        reader = subprocess.run([sys.executable, "-c", TARGET_READER, *refs, str(path), str(TARGET_RACE_SECONDS)],
+                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    finally:
+        stop.touch()
+        saves = writer.communicate(timeout=120)[0].strip()
+        log.close()
+    assert writer.returncode == 0 and reader.returncode == 0, reader.stderr[-3000:]
+    result = json.loads(reader.stdout.strip().splitlines()[-1])
+    counts = result["counts"]
+    print(f"\ntarget race, {locks} locks: {saves} saves, {sum(counts.values())} loads: {counts}; "
+          f"errors: {result['errors']}")
+    assert counts["mixed"] == 0 and counts["A"] > 0 and counts["B"] > 0, result
+    assert all("kept changing while it was loaded" in error for error in result["errors"]), result
+    if locks == "shared":
+        assert counts["error"] == 0, result
+    # the folder holds A or B file for file, and no leftovers
+    assert folder_hashes(path) in (folder_hashes(tmp_path / "A" / "target"), folder_hashes(tmp_path / "B" / "target"))
+    assert leftovers(path.parent, "target") == []

@@ -865,3 +865,135 @@ def test_unite_hf_info_on_a_hostile_gene_is_one_line_exit_2(saved, tmp_path):
                             ('{"files": [1, 2]}', "does not hold a readable gene")):
         (saved / "gene_config.json").write_text(config)
         _one_line_exit_2(_cli("info", str(saved), cwd=tmp_path), message)
+
+
+# -- targets: a load reads what the save recorded, or fails (issue 21, items 5-8) -----------------------------
+
+def _shifted(model, by: float = 0.25):
+    """``model`` with every parameter moved by ``by``: other weights of the same shapes."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(by)
+    return model
+
+
+def _record(path: Path) -> dict:
+    return json.loads((path / TARGET_CHECKSUMS_NAME).read_text())
+
+
+def _flip_a_weight_bit(path: Path) -> None:
+    data = bytearray((path / "model.safetensors").read_bytes())
+    data[-3] ^= 0x01  # one bit of one weight: safetensors itself loads it
+    (path / "model.safetensors").write_bytes(bytes(data))
+
+
+def _same_weights(model, other) -> bool:
+    theirs = other.state_dict()
+    return all(torch.equal(tensor, theirs[name]) for name, tensor in model.state_dict().items())
+
+
+def test_an_unrecorded_model_safetensors_beside_the_shards_is_refused(gene, tmp_path):
+    """Regression: transformers prefers model.safetensors to shards, so a stray one beside a sharded target
+    loaded in its place, unverified. verify=False still loads it (with a warning): what was refused."""
+    sharded = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    sharded.save_pretrained(tmp_path / "target", max_shard_size="20KB")
+    assert "model.safetensors.index.json" in _record(tmp_path / "target")["files"]
+    stray = _shifted(UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4))
+    stray.save_pretrained(tmp_path / "stray")
+    (tmp_path / "target" / "model.safetensors").write_bytes((tmp_path / "stray" / "model.safetensors").read_bytes())
+    for cls in (UniteForCausalLM, transformers.AutoModelForCausalLM):
+        with pytest.raises(CorruptedFileError, match=r"holds \['model.safetensors'\], which its unite_checksums.json "
+                                                     r"does not record.*save the target again"):
+            cls.from_pretrained(tmp_path / "target")
+    with pytest.warns(UserWarning, match="verify=False"):
+        assert _same_weights(UniteForCausalLM.from_pretrained(tmp_path / "target", verify=False), stray)
+    sharded.save_pretrained(tmp_path / "target")  # the advice holds: the save replaces it
+    assert _same_weights(UniteForCausalLM.from_pretrained(tmp_path / "target"), sharded)
+
+
+@pytest.mark.parametrize("where", ["beside the weights", "in place of the weights"])
+def test_an_unrecorded_pytorch_model_bin_is_refused(target, where):
+    """Regression: a pytorch_model.bin put in place of the weights (their record removed with them) loaded."""
+    model, path = target
+    torch.save({name: tensor + 0.25 for name, tensor in model.state_dict().items()}, path / "pytorch_model.bin")
+    if where == "in place of the weights":
+        (path / "model.safetensors").unlink()
+        record = _record(path)
+        del record["files"]["model.safetensors"]
+        (path / TARGET_CHECKSUMS_NAME).write_text(json.dumps(record))
+    with pytest.raises(CorruptedFileError, match=r"holds \['pytorch_model.bin'\], which its unite_checksums.json"):
+        transformers.AutoModelForCausalLM.from_pretrained(path)
+
+
+RECORD_CASES = {  # what happened to unite_checksums.json -> what the refusal says
+    "deleted": (lambda record: None, 'model_type "unite"\\) without its unite_checksums.json.*verify=False'),
+    "emptied": (lambda record: {**record, "files": {}},
+                r"\['config.json', 'configuration_unite.py', 'generation_config.json', 'model.safetensors', "
+                r"'model_structure.py', 'modeling_unite.py'\], which its unite_checksums.json does not record"),
+    "thinned": (lambda record: {**record, "files": {k: v for k, v in record["files"].items() if k != "model.safetensors"}},
+                r"holds \['model.safetensors'\], which"),
+    "format_version 999": (lambda record: {**record, "format_version": 999}, "format_version 999.*upgrade unite_hf"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECORD_CASES))
+def test_corrupted_target_weights_are_refused_whatever_became_of_the_record(target, case):
+    """Regression: a flipped weight bit loaded silently once the record was deleted, emptied, thinned or had an
+    unknown format_version."""
+    from unite_hf.io import TargetFormatError
+
+    model, path = target
+    change, message = RECORD_CASES[case]
+    _flip_a_weight_bit(path)
+    record = change(_record(path))
+    if record is None:
+        (path / TARGET_CHECKSUMS_NAME).unlink()
+    else:
+        (path / TARGET_CHECKSUMS_NAME).write_text(json.dumps(record))
+    error = TargetFormatError if case == "format_version 999" else CorruptedFileError
+    for cls in (UniteForCausalLM, transformers.AutoModelForCausalLM):
+        with pytest.raises(error, match=message):
+            cls.from_pretrained(path)
+
+
+def test_verify_false_loads_a_target_that_lost_its_record_with_a_warning(target):
+    model, path = target
+    (path / TARGET_CHECKSUMS_NAME).unlink()
+    with pytest.warns(UserWarning, match="loaded without checking its files"):
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(path, verify=False)
+    assert _same_weights(loaded, model)
+    loaded.save_pretrained(path)  # a save records it again
+    assert _same_weights(UniteForCausalLM.from_pretrained(path), model)
+
+
+def test_a_hub_target_without_its_record_or_with_stray_weights_is_refused(gene, local_hub):  # noqa: F811
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    model.push_to_hub("me/unrecorded", max_shard_size="20KB")
+    stray = _shifted(UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4))
+    stray.push_to_hub("me/stray")
+    local_hub.commit("me/unrecorded", {"model.safetensors": local_hub.file("me/stray", "model.safetensors")})
+    with pytest.raises(CorruptedFileError, match=r"the Hub repo me/unrecorded mixes two pushes: push the target again"):
+        UniteForCausalLM.from_pretrained("me/unrecorded")
+    local_hub.commit("me/unrecorded", deletions=[TARGET_CHECKSUMS_NAME])
+    with pytest.raises(CorruptedFileError, match="the Hub repo me/unrecorded holds a UNITE target"):
+        UniteForCausalLM.from_pretrained("me/unrecorded")
+    with pytest.warns(UserWarning, match="verify=False"):
+        assert _same_weights(UniteForCausalLM.from_pretrained("me/unrecorded", verify=False), stray)
+
+
+def test_saves_of_a_target_into_folders_of_one_name_give_the_same_bytes(gene, tmp_path):
+    """Regression: the card was titled with the hidden staging folder (`# .target.tmp-21743-773be006`, also in
+    its from_pretrained snippet), so README.md and unite_checksums.json changed with every save. Saved twice,
+    over itself, and through save_model_folder (finetune's path: a staging folder inside another one)."""
+    from unite_hf.io import save_model_folder
+
+    model = UniteForCausalLM.from_gene(gene, num_hidden_layers=1, rank=4)
+    model.save_pretrained(tmp_path / "a" / "target")
+    model.save_pretrained(tmp_path / "b" / "target")
+    model.save_pretrained(tmp_path / "b" / "target")
+    save_model_folder(tmp_path / "c" / "target", model)
+    card = (tmp_path / "a" / "target" / "README.md").read_text()
+    assert "\n# target\n" in card and 'from_pretrained("target")' in card and ".tmp-" not in card
+    assert folder_hashes(tmp_path / "a" / "target") == folder_hashes(tmp_path / "b" / "target") == \
+        folder_hashes(tmp_path / "c" / "target")
+

@@ -35,6 +35,7 @@ import re
 import secrets
 import shutil
 import struct
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
@@ -42,6 +43,8 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from ._version import __version__
 
 T = TypeVar("T")
 
@@ -52,6 +55,10 @@ class CorruptedFileError(ValueError):
 
 class ArtifactWriteError(OSError):
     """Writing an artifact failed (disk full, file-size limit, read-only folder); the old content is intact."""
+
+
+class TargetFormatError(ValueError):
+    """A target's checksum record has a format this version of unite_hf cannot read: a newer one wrote it."""
 
 
 def sha256_of(path: str | os.PathLike) -> str:
@@ -693,6 +700,87 @@ def _swap_in(staging: Path, path: Path) -> None:
     _remove(old)
 
 
+_STAGING_NAME = re.compile(r"^\.(.+)\.tmp-\d+-[0-9a-f]+$")
+
+
+def destination_name(folder: str | os.PathLike) -> str:
+    """The name of the folder a save ends up in: ``folder``'s own name, or for a staging folder of
+    :func:`write_folder_atomically` (``.{name}.tmp-{pid}-{token}``, staged inside another one too) ``name``:
+    what a card written into the staging folder is titled with, so that a save's bytes depend on the
+    destination's name only."""
+    name = os.path.basename(os.path.normpath(os.fspath(folder)))
+    while (match := _STAGING_NAME.match(name)) is not None:
+        name = match.group(1)
+    return name
+
+
+#: how many times a load of a folder runs while saves keep swapping the folder in under it
+LOAD_ATTEMPTS = 5
+
+
+def folder_identity(directory: str | os.PathLike) -> tuple[int, int, int] | None:
+    """(device, inode, ctime) of a folder: a save swaps a new folder in, so this changes with every save
+    (the ctime too, so that a new folder that reuses a removed one's inode number is still told apart)."""
+    try:
+        stat = os.stat(directory)
+    except OSError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
+
+
+@contextmanager
+def _saves_held(directories: list[str]) -> Iterator[None]:
+    """Hold the write locks of ``directories`` (:func:`lock_path`), so that unite_hf saves of them by this
+    user on this host wait meanwhile; a lock that cannot be taken (no lock folder) is skipped."""
+    from filelock import FileLock
+
+    held = []
+    try:
+        for directory in directories:
+            try:
+                lock = FileLock(str(lock_path(os.path.realpath(directory) if os.path.islink(directory) else directory)))
+                lock.acquire()
+            except OSError:
+                continue
+            held.append(lock)
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
+
+
+def load_unchanged(directories: Iterable[str | os.PathLike], load: Callable[[], T],
+                   attempts: int = LOAD_ATTEMPTS) -> T:
+    """``load()``, run again when a save swapped one of ``directories`` in while it ran (a load that read
+    one save's config and another's weights, or failed on a file that went): the result is always one
+    save's whole content. The last attempt holds the folders' write locks, so unite_hf saves wait for it
+    rather than make it fail too. Raises what ``load`` raised if the folders did not change meanwhile, and
+    :class:`CorruptedFileError` if they changed during every one of ``attempts`` loads (writers that do not
+    take unite_hf's locks: another user's, another host's)."""
+    directories = [os.fspath(directory) for directory in directories]
+
+    def identities() -> list[tuple[int, int, int] | None]:
+        return [folder_identity(directory) for directory in directories]
+
+    changing = CorruptedFileError(f"{directories[0]} kept changing while it was loaded ({attempts} attempts): other "
+                                  "processes save it over and over; load it when they are done")
+    for attempt in range(attempts):
+        last = attempt == attempts - 1
+        with _saves_held(directories) if last else contextlib.nullcontext():
+            before = identities()
+            try:
+                result = load()
+            except Exception as err:  # noqa: BLE001 - any failure, if the folder changed under it
+                if identities() == before:
+                    raise
+                if last:
+                    raise changing from err
+                continue
+            if identities() == before:
+                return result
+    raise changing
+
+
 # -- targets (transformers checkpoints saved by unite_hf) ---------------------------------------------
 
 #: the size and SHA-256 of every file a unite_hf target save wrote, verified by ``from_pretrained``
@@ -704,6 +792,16 @@ TARGET_CHECKSUMS_NAME = "unite_checksums.json"
 _CHECKPOINT_NAMES = re.compile(r"^(config\.json|generation_config\.json|model(-\d{5}-of-\d{5})?\.safetensors"
                                r"|pytorch_model(-\d{5}-of-\d{5})?\.bin|(model\.safetensors|pytorch_model\.bin)\.index\.json"
                                r"|" + re.escape(TARGET_CHECKSUMS_NAME) + r"|\..+\.tmp)$")
+#: the format of :data:`TARGET_CHECKSUMS_NAME` written and read here; a record of a newer one is refused
+TARGET_RECORD_FORMAT = 1
+# The files from_pretrained may read from a target folder: config, weights and shards of any variant
+# (model.fp16-00001-of-00002.safetensors), their indexes, and the remote code a target save writes. A target's
+# record must list each one the folder holds: an unrecorded one would load unverified (transformers prefers an
+# unsharded model.safetensors to the shards, and reads a pytorch_model.bin where the safetensors are gone).
+_TARGET_LOADED_NAMES = re.compile(r"^(config\.json|generation_config\.json"
+                                  r"|(model|pytorch_model|tf_model|flax_model)([.-][\w.-]*)?\.(safetensors|bin|h5|msgpack)"
+                                  r"|(model\.safetensors|pytorch_model\.bin)\.index(\.[\w-]+)?\.json"
+                                  r"|(configuration|modeling)_unite\.py|model_structure\.py)$")
 
 
 #: how the files a tokenizer's ``save_pretrained`` writes begin (tokenizer.json, tokenizer_config.json,
@@ -782,7 +880,8 @@ def save_model_folder(path: str | os.PathLike, model: Any, tokenizer: Any = None
 def record_target_checksums(directory: str | os.PathLike) -> None:
     """Write :data:`TARGET_CHECKSUMS_NAME`: the size and SHA-256 of every other file of the folder."""
     records = file_records(directory, exclude=(TARGET_CHECKSUMS_NAME,))
-    (Path(directory) / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": 1, "files": records}))
+    (Path(directory) / TARGET_CHECKSUMS_NAME).write_bytes(json_bytes({"format_version": TARGET_RECORD_FORMAT,
+                                                                      "files": records}))
 
 
 def target_record_files(directory: str | os.PathLike) -> list[str]:
@@ -792,37 +891,81 @@ def target_record_files(directory: str | os.PathLike) -> list[str]:
 
 
 def verify_target_download(repo_id: str, kwargs: dict[str, Any]) -> bool:
-    """Verify the files of a Hub target that ``from_pretrained`` downloaded (those in the local snapshot)
-    against its :data:`TARGET_CHECKSUMS_NAME`; False when the repo records none."""
+    """Verify the files of a UNITE target that ``from_pretrained`` downloaded from the Hub (those in the local
+    snapshot) as :func:`verify_target_folder` verifies a folder; a repo without a
+    :data:`TARGET_CHECKSUMS_NAME` is refused (:class:`CorruptedFileError`) as a folder is."""
     from transformers.utils import cached_file
 
     hub = {key: kwargs[key] for key in ("revision", "cache_dir", "token", "local_files_only", "subfolder")
            if kwargs.get(key) is not None}
     manifest = cached_file(repo_id, TARGET_CHECKSUMS_NAME, _raise_exceptions_for_missing_entries=False,
                            _raise_exceptions_for_connection_errors=False, **hub)
-    return manifest is not None and verify_target_folder(Path(manifest).parent, present_only=True)
+    if manifest is None:
+        raise CorruptedFileError(_no_record(f"the Hub repo {repo_id}", "Push it again with unite_hf installed"))
+    return verify_target_folder(Path(manifest).parent, present_only=True, repo_id=repo_id)
 
 
-def verify_target_folder(directory: str | os.PathLike, present_only: bool = False) -> bool:
-    """Check every file recorded in :data:`TARGET_CHECKSUMS_NAME` (the card excepted: it may be edited
-    on the Hub); raise :class:`CorruptedFileError` on a mismatch. ``present_only``: skip recorded files
-    that are absent (a Hub snapshot holds only what was downloaded). False when the folder records
-    none (saved without unite_hf, or by an older version)."""
+def _no_record(where: str, again: str) -> str:
+    return (f"{where} holds a UNITE target (config.json: model_type \"unite\") without its {TARGET_CHECKSUMS_NAME}: "
+            "every unite_hf save and push writes that record, so it was lost (deleted, or the files copied in part) "
+            "or the target was saved where unite_hf was not installed, and nothing vouches for its weights. "
+            f"{again}, or pass verify=False to from_pretrained to load it unchecked.")
+
+
+def _is_unite_target(directory: Path) -> bool:
+    try:
+        return json.loads((directory / "config.json").read_text(encoding="utf-8")).get("model_type") == "unite"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def verify_target_folder(directory: str | os.PathLike, present_only: bool = False,
+                         repo_id: str | None = None) -> bool:
+    """Check a target folder against its :data:`TARGET_CHECKSUMS_NAME` before ``from_pretrained`` reads it:
+    every recorded file matches its size and SHA-256 (the card excepted: it may be edited on the Hub), and
+    every file ``from_pretrained`` may read (config, weights and shards of any variant, their indexes, the
+    target's code: :data:`_TARGET_LOADED_NAMES`) is recorded, so that none loads unverified (an unrecorded
+    ``model.safetensors`` beside the shards would load instead of them). Raises :class:`CorruptedFileError`,
+    and :class:`TargetFormatError` for a record of a newer unite_hf ("upgrade unite_hf"). A folder without a
+    record is refused when its config.json says model_type "unite" (every unite_hf save writes one); False
+    for any other folder. ``present_only``: skip recorded files that are absent (a Hub snapshot holds only
+    what was downloaded); ``repo_id``: the folder is a snapshot of that Hub repo (the advice is a push)."""
     directory = Path(directory)
     manifest = directory / TARGET_CHECKSUMS_NAME
     if not manifest.is_file():
+        if _is_unite_target(directory):
+            raise CorruptedFileError(_no_record(str(directory), "Save it again with unite_hf installed"))
         return False
     try:
-        files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+        files, version = data["files"], data.get("format_version")
         # the card may be edited on the Hub; a tokenizer is recorded (a save owns and pushes what it wrote) but
         # not checked: from_pretrained does not read it, and Trainer (or any `tokenizer.save_pretrained(folder)`
         # after the model's save) writes its own tokenizer over the target's
         records = {name: record for name, record in files.items() if name != "README.md" and not is_tokenizer_file(name)}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:  # RecursionError: nested deep
         raise CorruptedFileError(f"{manifest} is not a valid checksum record: {err!r}") from err
+    if type(version) is not int or version < 1:
+        raise CorruptedFileError(f"{manifest} is not a valid checksum record: format_version {version!r}")
+    if version > TARGET_RECORD_FORMAT:
+        raise TargetFormatError(f"{manifest} has format_version {version}, written by a newer unite_hf; this one "
+                                f"({__version__}) reads up to {TARGET_RECORD_FORMAT}: upgrade unite_hf to load it")
     malformed = [name for name, record in records.items() if not (isinstance(record, dict) and {"size", "sha256"} <= set(record))]
     if malformed:
         raise CorruptedFileError(f"{manifest}: the records of {malformed} lack a size or a sha256")
+    unrecorded = sorted(entry.name for entry in directory.iterdir()
+                        if entry.name not in files and _TARGET_LOADED_NAMES.match(entry.name) and entry.is_file())
+    if unrecorded:
+        if repo_id is not None:
+            advice = (f"the Hub repo {repo_id} mixes two pushes: push the target again (a push deletes the weights "
+                      "and configs it does not upload)")
+        elif all(_CHECKPOINT_NAMES.match(name) for name in unrecorded):
+            advice = "they are left from another save or were put there: save the target again (a save replaces them)"
+        else:
+            advice = "move them out of the folder (a save keeps them: they are not under transformers' checkpoint names)"
+        raise CorruptedFileError(f"{directory} holds {unrecorded}, which its {TARGET_CHECKSUMS_NAME} does not record: "
+                                 "from_pretrained would read them unverified, in place of or mixed with the saved "
+                                 f"target; {advice}.")
     for name, record in records.items():
         path = record_path(directory, name)  # a name outside the folder is refused before it is looked at
         if not (present_only and not path.exists()):

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 
 import torch
 from torch import nn
@@ -266,7 +267,8 @@ class UnitePreTrainedModel(PreTrainedModel):
             cards, io = importlib.import_module("unite_hf.cards"), importlib.import_module("unite_hf.io")
         except ImportError:
             return False
-        model_id = repo_id or os.path.basename(os.path.normpath(os.fspath(save_directory)))
+        # the destination's name, not the staging folder's (.target.tmp-123-ab12): same name, same bytes
+        model_id = repo_id or io.destination_name(save_directory)
         io.atomic_write_text(cards.target_card(self, model_id, tags), os.path.join(save_directory, "README.md"))
         return True
 
@@ -330,17 +332,46 @@ class UnitePreTrainedModel(PreTrainedModel):
         return result
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """``PreTrainedModel.from_pretrained``; with unite_hf installed, the recorded checksums
-        (``unite_checksums.json``) are verified: a local folder's before loading, a Hub download's
-        before the model is returned. Without unite_hf (remote code) nothing extra is checked."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, verify: bool = True, **kwargs):
+        """``PreTrainedModel.from_pretrained``; with unite_hf installed, every load is whole or fails clearly:
+
+        - the target's ``unite_checksums.json`` is checked (``unite_hf.io.verify_target_folder``): a local
+          folder's before loading, a Hub download's before the model is returned. Every recorded file must
+          match its size and SHA-256 (``CorruptedFileError``), and every file transformers may load (config,
+          weights, shards, indexes, ``pytorch_model*.bin``) must be recorded: an unrecorded one (an old
+          ``model.safetensors`` beside new shards) is refused. A target (config.json: model_type ``"unite"``)
+          without its record is refused, since every unite_hf save and push writes one; so is a record of a
+          newer unite_hf (``unite_hf.io.TargetFormatError``: upgrade unite_hf);
+        - a local folder that a save swaps in while it loads is loaded again, so a load never pairs one
+          save's config with another save's weights (``unite_hf.io.load_unchanged``: the fifth attempt holds
+          the folder's write lock, so unite_hf saves by this user on this host wait for it; a
+          ``CorruptedFileError`` if writers that do not share that lock kept swapping it in).
+
+        ``verify=False`` skips the checksum checks, with a warning (the retry stays): the way to load a
+        target whose record was lost, or one saved where unite_hf was not installed (remote code, i.e.
+        transformers' own save or push: no record is written there, so unite_hf refuses it until then).
+        Without unite_hf (remote code) nothing beyond transformers' own loading is checked."""
         io = _unite_io()
-        local = pretrained_model_name_or_path is not None and os.path.isdir(pretrained_model_name_or_path)
-        if io and local:
-            io.verify_target_folder(os.path.join(pretrained_model_name_or_path, kwargs.get("subfolder") or ""))
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        if io and not local and pretrained_model_name_or_path is not None:
-            io.verify_target_download(str(pretrained_model_name_or_path), kwargs)
+        load = super().from_pretrained
+        if io is None:
+            return load(pretrained_model_name_or_path, *args, **kwargs)
+        if not verify:
+            warnings.warn(f"verify=False: {pretrained_model_name_or_path} is loaded without checking its files against "
+                          "its unite_checksums.json; corrupted, mixed or unrecorded weights load silently",
+                          UserWarning, stacklevel=2)
+        path = pretrained_model_name_or_path
+        if path is not None and os.path.isdir(path):
+            directory = os.path.join(path, kwargs.get("subfolder") or "")
+
+            def load_once():
+                if verify:
+                    io.verify_target_folder(directory)
+                return load(path, *args, **kwargs)
+
+            return io.load_unchanged(dict.fromkeys(map(os.path.normpath, (path, directory))), load_once)
+        model = load(path, *args, **kwargs)
+        if verify and path is not None:
+            io.verify_target_download(str(path), kwargs)
         return model
 
     def push_to_hub(self, repo_id: str, *, commit_message: str | None = "Upload UNITE target",
