@@ -997,3 +997,30 @@ def test_saves_of_a_target_into_folders_of_one_name_give_the_same_bytes(gene, tm
     assert folder_hashes(tmp_path / "a" / "target") == folder_hashes(tmp_path / "b" / "target") == \
         folder_hashes(tmp_path / "c" / "target")
 
+
+SOURCE_CONFIG_CASES = {  # a change of source_config -> the field the refusal names
+    "NaN rms_norm_eps": (lambda s: {**s, "rms_norm_eps": float("nan")}, r"source_config\['rms_norm_eps'\] is nan"),
+    "Inf rms_norm_eps": (lambda s: {**s, "rms_norm_eps": float("inf")}, r"source_config\['rms_norm_eps'\] is inf"),
+    "zero rms_norm_eps": (lambda s: {**s, "rms_norm_eps": 0.0}, r"source_config\['rms_norm_eps'\] is 0.0, outside \(0, 1\)"),
+    "rms_norm_eps of 10": (lambda s: {**s, "rms_norm_eps": 10.0}, r"source_config\['rms_norm_eps'\] is 10.0"),
+    "negative rope_theta": (lambda s: {**s, "rope_parameters": {**s["rope_parameters"], "rope_theta": -1.0}},
+                            r"source_config\['rope_parameters'\]\['rope_theta'\] is -1.0"),
+    "NaN initializer_range": (lambda s: {**s, "initializer_range": float("nan")}, "'initializer_range'"),
+    "dropout of 2": (lambda s: {**s, "attention_dropout": 2.0}, r"'attention_dropout'\] is 2.0, outside \[0, 1\]"),
+    "Inf in a list": (lambda s: {**s, "rope_parameters": {**s["rope_parameters"], "short_factor": [1.0, float("inf")]}},
+                      r"\['short_factor'\]\[1\] is inf"),
+    "NaN of an unknown key": (lambda s: {**s, "new_scale": float("nan")}, r"\['new_scale'\] is nan"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SOURCE_CONFIG_CASES))
+def test_a_non_finite_or_out_of_range_number_in_source_config_is_refused(saved, case):
+    """Regression: a NaN rms_norm_eps in the gene's source_config grew a target that output NaN."""
+    change, message = SOURCE_CONFIG_CASES[case]
+    config = _config(saved)
+    config["source_config"] = change(config["source_config"])
+    _write_config(saved, config)  # json writes NaN and Infinity, and reads them back
+    with pytest.raises(GeneFormatError, match=message):
+        UniteGene.from_pretrained(saved)
+    with pytest.raises(GeneFormatError, match=message):
+        UniteForCausalLM.from_gene(saved, num_hidden_layers=1, rank=4)

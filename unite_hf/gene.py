@@ -413,6 +413,7 @@ class Gene:
     @classmethod
     def validate_config(cls, config: GeneConfig) -> None:
         """Raise :class:`GeneFormatError` where the config's values disagree with each other."""
+        check_source_config_floats(config.source_config)
         if config.num_layers < 1:
             raise GeneFormatError(f"{CONFIG_NAME}: num_layers must be at least 1, got {config.num_layers}")
         for key in ("moe_layers", "dense_layers"):
@@ -885,3 +886,41 @@ def _energy_rows(config: GeneConfig) -> str:
         + " |"
         for proj in config.projections
     )
+
+
+# The floats of source_config that a grown target uses as they are, by key (nested configs and lists
+# included): (key pattern, low, high, low allowed, high allowed). Out of range, the target computes NaN or
+# Inf (rms_norm_eps NaN or 0: every norm of a zero vector; rope_theta or a RoPE factor 0: infinite frequencies).
+_SOURCE_FLOAT_RANGES = (
+    (re.compile(r".*_(eps|epsilon)"), 0.0, 1.0, False, False),  # rms_norm_eps, layer_norm_eps, norm_epsilon
+    (re.compile(r".*(dropout|pdrop)"), 0.0, 1.0, True, True),
+    (re.compile(r"rope_theta|.*factor|logits_scaling|.*softcapping"), 0.0, float("inf"), False, False),
+    (re.compile(r"initializer_range"), 0.0, float("inf"), True, False),
+)
+
+
+def check_source_config_floats(source_config: Any) -> None:
+    """Raise :class:`GeneFormatError` naming the first number of ``source_config`` that is NaN or infinite, or
+    out of its range (a norm epsilon outside (0, 1), a dropout rate outside [0, 1], ``rope_theta``, a RoPE
+    ``factor`` or a logit scale not positive, a negative ``initializer_range``): a target grown from it would
+    compute NaN. Only the numbers' values: sizes and their agreement with the weights are checked elsewhere."""
+    import math
+
+    stack: list[tuple[str, str, Any]] = [("", "", source_config)]
+    while stack:
+        where, key, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend((f"{where}[{k!r}]", str(k), v) for k, v in reversed(list(value.items())))
+        elif isinstance(value, list):
+            stack.extend((f"{where}[{i}]", key, v) for i, v in reversed(list(enumerate(value))))
+        elif type(value) in (int, float):
+            if not math.isfinite(value):
+                raise GeneFormatError(f"{CONFIG_NAME}: source_config{where} is {value}; it must be a finite number "
+                                      "(a target grown from it would compute NaN)")
+            for pattern, low, high, low_ok, high_ok in _SOURCE_FLOAT_RANGES:
+                if pattern.fullmatch(key):
+                    if not ((low <= value if low_ok else low < value) and (value <= high if high_ok else value < high)):
+                        bounds = f"{'[' if low_ok else '('}{low:g}, {high:g}{']' if high_ok else ')'}"
+                        raise GeneFormatError(f"{CONFIG_NAME}: source_config{where} is {value}, outside {bounds} (a "
+                                              "target grown from it would compute NaN or Inf)")
+                    break
