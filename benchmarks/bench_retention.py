@@ -41,7 +41,7 @@ BUDGET_VARIANTS = {  # name -> (fusion, decomposition, extraction options); each
     "concat+distill": ("concat", "tucker_hidden", {"refit": "distill"}),
     "control:random+ridge": ("random_neurons", "tucker_hidden", {"refit": "ridge"}),
 }
-"""The refit grid (issue 20): the controls beside the variants at the same budget. ``control:linear`` (a
+"""The refit grid: the controls beside the variants at the same budget. ``control:linear`` (a
 least-squares map ``y = A x``, not a gene) is measured once per source with --budget-variants naming it."""
 CONTROL = "control:random+ridge"
 

